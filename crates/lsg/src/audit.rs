@@ -1,0 +1,896 @@
+//! The audit trail: the write-ahead log of an LSG.
+//!
+//! Appenders encode their record into an in-memory batch under one short lock and get its LSN.
+//! Durability is by **group flush** with a leader: a caller of [`AuditTrail::wait_durable`] that
+//! finds no flush running takes the whole batch, writes it with `pwrite`, syncs it, and wakes
+//! everyone it made durable; callers that arrive meanwhile wait for that flush or lead the next.
+//! No thread hop sits on the path of a lone committer (each hop costs tens of microseconds on
+//! these machines), and one sync serves every record written before it.
+//!
+//! Segments are preallocated (zero-filled) by a background thread one ahead of need. A batch that
+//! spans two segments syncs the older one before writing the newer, so data found in a later
+//! segment proves the earlier one whole. That, and batches bounded by `max_batch_bytes`, is what
+//! lets recovery tell a torn tail (cut off) from corruption inside durable data (reported): see
+//! [`AuditTrail::open`] and `docs/storage-format.md`.
+
+use std::collections::BTreeMap;
+use std::ops::ControlFlow;
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use tracing::{debug, warn};
+
+use crate::error::{Corruption, LsgError, Result};
+use crate::manifest::{self, Manifest};
+use crate::record::{self, Decoded, RecordFlags, RecordType, RecordView};
+use crate::segment::{self, SEGMENT_HEADER_BYTES, SegmentKind};
+use crate::store::{Store, StoreFile};
+use crate::{LsgConfig, LsgId, Lsn, OwnerEpoch};
+
+pub(crate) const AUDIT_DIR: &str = "audit";
+
+/// One record read from the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    pub lsn: Lsn,
+    pub record_type: RecordType,
+    pub flags: RecordFlags,
+    pub payload: Vec<u8>,
+}
+
+/// Counters of the trail since it was opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AuditStats {
+    /// Flushes that made records durable (each one write pass and its syncs).
+    pub flushes: u64,
+    pub bytes_flushed: u64,
+}
+
+/// The owner's epoch and the manifest to compare it with before every flush; truncation
+/// updates the manifest through it too.
+#[derive(Debug)]
+pub(crate) struct Fence<F> {
+    pub(crate) file: F,
+    pub(crate) epoch: OwnerEpoch,
+    pub(crate) manifest: Mutex<Manifest>,
+}
+
+/// Bytes appended but not yet handed to a flush, all in one segment and contiguous.
+#[derive(Debug)]
+struct Chunk {
+    segment: u64,
+    offset: u64,
+    bytes: Vec<u8>,
+}
+
+/// A position in the trail: segment number and byte offset in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Position {
+    segment: u64,
+    offset: u64,
+}
+
+#[derive(Debug)]
+struct State<F> {
+    next_lsn: Lsn,
+    /// Where the next record will be encoded.
+    tail: Position,
+    pending: Vec<Chunk>,
+    pending_bytes: usize,
+    flushing: bool,
+    /// Every record up to this LSN is on stable storage.
+    durable_lsn: Lsn,
+    /// The byte position just after the durable records; readers never look past it.
+    durable_end: Position,
+    /// A write or sync failed in a way that retrying cannot fix; nothing more is accepted.
+    failure: Option<String>,
+    files: BTreeMap<u64, Arc<F>>,
+    /// The LSN of the first record of each segment that has one.
+    first_lsns: BTreeMap<u64, Lsn>,
+    preallocated_up_to: u64,
+    stats: AuditStats,
+}
+
+#[derive(Debug)]
+struct Shared<S: Store> {
+    store: Arc<S>,
+    lsg_id: LsgId,
+    config: LsgConfig,
+    fence: Option<Fence<S::File>>,
+    state: Mutex<State<S::File>>,
+    changed: Condvar,
+    /// Serialises segment creation between the flusher and the preallocator.
+    creating: Mutex<()>,
+}
+
+/// The audit trail of one LSG. Cheap to share: clone the [`Arc`] around it.
+#[derive(Debug)]
+pub struct AuditTrail<S: Store> {
+    shared: Arc<Shared<S>>,
+    preallocator: Option<(mpsc::Sender<u64>, JoinHandle<()>)>,
+}
+
+/// A segment to read from: its file, where its durable bytes end, and whether the durable end
+/// of the whole trail lies in it.
+struct Readable<F> {
+    file: Arc<F>,
+    end: u64,
+    is_tail: bool,
+}
+
+/// What the tail scan of one segment found.
+#[derive(Debug)]
+struct TailScan {
+    last_lsn: Option<Lsn>,
+    end_offset: u64,
+    bad: Option<(u64, Corruption)>,
+    /// Offset just past the last non-zero byte of the segment.
+    written_end: u64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Holders only run plain bookkeeping; a panic there leaves consistent data.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl<S: Store> AuditTrail<S> {
+    /// Creates the first segment of a new, empty trail.
+    pub(crate) fn create(
+        store: Arc<S>,
+        lsg_id: LsgId,
+        config: LsgConfig,
+        fence: Fence<S::File>,
+    ) -> Result<Self> {
+        store.create_dir(AUDIT_DIR)?;
+        segment::create(
+            &*store,
+            AUDIT_DIR,
+            SegmentKind::AuditTrail,
+            lsg_id,
+            1,
+            config.audit_segment_bytes,
+            true,
+        )?;
+        Self::open(store, lsg_id, 1, config, Some(fence))
+    }
+
+    /// Opens the trail and finds the end of its valid log.
+    ///
+    /// From the newest segment backwards, the first segment holding records is scanned to its
+    /// end. An invalid record at offset X is a **torn tail** when nothing was written at or beyond
+    /// X + `max_batch_bytes` in that segment and no later segment starts with a valid record: it
+    /// can only be the unfinished last flush, which nobody was told is durable. Otherwise a later
+    /// flush completed after it, so X was durable: that is **corruption**, reported with file,
+    /// offset and what was found. With `fence` (opening for writing) the torn bytes are zeroed so
+    /// nothing after the tail can ever be taken for a record; without it nothing is changed.
+    pub(crate) fn open(
+        store: Arc<S>,
+        lsg_id: LsgId,
+        first_segment: u64,
+        config: LsgConfig,
+        fence: Option<Fence<S::File>>,
+    ) -> Result<Self> {
+        let writable = fence.is_some();
+        let mut numbers = segment::list(&*store, AUDIT_DIR)?;
+        // Segments below the first retained one are leftovers of an interrupted truncation.
+        let leftovers: Vec<u64> = numbers
+            .iter()
+            .copied()
+            .filter(|&n| n < first_segment)
+            .collect();
+        numbers.retain(|&n| n >= first_segment);
+        if writable {
+            for n in leftovers {
+                store.remove(&segment::segment_name(AUDIT_DIR, n))?;
+            }
+        }
+        let missing = numbers
+            .iter()
+            .zip(first_segment..)
+            .find(|(have, want)| **have != *want)
+            .map(|(_, want)| want)
+            .or_else(|| numbers.is_empty().then_some(first_segment));
+        if let Some(n) = missing {
+            return Err(LsgError::Missing {
+                path: store.root().join(segment::segment_name(AUDIT_DIR, n)),
+                what: "audit trail segment",
+            });
+        }
+        let mut files = BTreeMap::new();
+        let mut first_lsns = BTreeMap::new();
+        let max_payload = config.max_record_bytes;
+        let window = config.torn_window_bytes();
+        for &n in &numbers {
+            let file = segment::open(&*store, AUDIT_DIR, SegmentKind::AuditTrail, lsg_id, n)?;
+            let end = file.len_bytes();
+            let first = match read_record(&file, SEGMENT_HEADER_BYTES, end, max_payload)? {
+                Slot::Record(r) => Some(r.lsn),
+                Slot::Zero | Slot::Invalid(_) => None,
+            };
+            if let Some(lsn) = first {
+                first_lsns.insert(n, lsn);
+            }
+            files.insert(n, Arc::new(file));
+        }
+
+        let mut tail = None;
+        for &n in numbers.iter().rev() {
+            let file = &files[&n];
+            let scan = scan_tail(&**file, max_payload)?;
+            if let Some((offset, what)) = &scan.bad {
+                if scan.written_end > offset.saturating_add(window) {
+                    return Err(LsgError::Corrupt {
+                        path: file.path().to_path_buf(),
+                        offset: *offset,
+                        what: what.clone(),
+                    });
+                }
+                warn!(
+                    path = %file.path().display(),
+                    offset,
+                    %what,
+                    "audit trail: torn tail cut off at the last whole record"
+                );
+            }
+            if writable && scan.written_end > scan.end_offset {
+                zero_range(&**file, scan.end_offset, scan.written_end)?;
+            }
+            if let Some(last) = scan.last_lsn {
+                tail = Some((n, last, scan.end_offset));
+                break;
+            }
+            first_lsns.remove(&n);
+        }
+        let (tail_segment, last_lsn, end) = match tail {
+            Some(t) => t,
+            None => (numbers[0], Lsn(0), SEGMENT_HEADER_BYTES),
+        };
+        let tail_pos = Position {
+            segment: tail_segment,
+            offset: end,
+        };
+        let next_lsn = Lsn(last_lsn.0 + 1);
+        debug!(%next_lsn, segment = tail_segment, offset = end, "audit trail opened");
+        let preallocated_up_to = numbers.last().copied().unwrap_or(tail_segment);
+        let shared = Arc::new(Shared {
+            store,
+            lsg_id,
+            config,
+            fence,
+            state: Mutex::new(State {
+                next_lsn,
+                tail: tail_pos,
+                pending: Vec::new(),
+                pending_bytes: 0,
+                flushing: false,
+                durable_lsn: last_lsn,
+                durable_end: tail_pos,
+                failure: None,
+                files,
+                first_lsns,
+                preallocated_up_to,
+                stats: AuditStats::default(),
+            }),
+            changed: Condvar::new(),
+            creating: Mutex::new(()),
+        });
+        let preallocator = if writable {
+            let (tx, rx) = mpsc::channel::<u64>();
+            let weak = Arc::downgrade(&shared);
+            let handle = std::thread::Builder::new()
+                .name("audit-prealloc".into())
+                .spawn(move || {
+                    while let Ok(number) = rx.recv() {
+                        let Some(shared) = weak.upgrade() else { break };
+                        if let Err(e) = shared.segment_file(number) {
+                            warn!(number, error = %e, "audit trail: preallocating segment failed; the flusher will retry");
+                        }
+                    }
+                })
+                .map_err(|e| LsgError::io("spawn preallocator for", AUDIT_DIR, e))?;
+            let _ = tx.send(tail_segment + 1);
+            Some((tx, handle))
+        } else {
+            None
+        };
+        Ok(AuditTrail {
+            shared,
+            preallocator,
+        })
+    }
+
+    /// Appends a record to the in-memory batch and returns its LSN. It is durable once
+    /// [`wait_durable`](Self::wait_durable) for that LSN (or a later one) returns.
+    pub fn append(
+        &self,
+        record_type: RecordType,
+        flags: RecordFlags,
+        payload: &[u8],
+    ) -> Result<Lsn> {
+        let shared = &*self.shared;
+        if shared.fence.is_none() {
+            return Err(LsgError::ReadOnly {
+                op: "append to",
+                path: shared.store.root().join(AUDIT_DIR),
+            });
+        }
+        let limit = shared.config.max_record_bytes;
+        if payload.len() > limit {
+            return Err(LsgError::RecordTooLarge {
+                length: payload.len(),
+                limit,
+            });
+        }
+        let len = record::encoded_len(payload.len());
+        let mut st = lock(&shared.state);
+        let mut rounds = 0u32;
+        loop {
+            if let Some(f) = &st.failure {
+                return Err(LsgError::Failed(f.clone()));
+            }
+            if st.pending_bytes == 0 || st.pending_bytes + len <= shared.config.max_batch_bytes {
+                break;
+            }
+            // Backpressure: the batch is full; flush it (or wait for the flush under way).
+            let upto = Lsn(st.next_lsn.0 - 1);
+            st = shared.flush_locked(st, upto)?;
+            rounds += 1;
+            debug_assert!(
+                rounds < 1_000_000,
+                "append backpressure loop did not converge"
+            );
+        }
+        if st.tail.offset + len as u64 > shared.config.audit_segment_bytes {
+            st.tail = Position {
+                segment: st.tail.segment + 1,
+                offset: SEGMENT_HEADER_BYTES,
+            };
+        }
+        let lsn = st.next_lsn;
+        st.next_lsn = Lsn(lsn.0 + 1);
+        let at = st.tail;
+        if at.offset == SEGMENT_HEADER_BYTES {
+            st.first_lsns.insert(at.segment, lsn);
+        }
+        let extend = matches!(st.pending.last(), Some(c) if c.segment == at.segment
+            && c.offset + c.bytes.len() as u64 == at.offset);
+        if !extend {
+            let capacity = shared.config.max_batch_bytes.min(1 << 20).max(len);
+            st.pending.push(Chunk {
+                segment: at.segment,
+                offset: at.offset,
+                bytes: Vec::with_capacity(capacity),
+            });
+        }
+        if let Some(chunk) = st.pending.last_mut() {
+            record::encode_into(&mut chunk.bytes, lsn, record_type, flags, payload);
+        }
+        st.tail.offset += len as u64;
+        st.pending_bytes += len;
+        Ok(lsn)
+    }
+
+    /// Blocks until every record up to `lsn` is on stable storage. One flush serves every record
+    /// written before it.
+    pub fn wait_durable(&self, lsn: Lsn) -> Result<()> {
+        let shared = &*self.shared;
+        let st = lock(&shared.state);
+        if lsn >= st.next_lsn {
+            return Err(LsgError::LsnNotAppended {
+                lsn,
+                next: st.next_lsn,
+            });
+        }
+        shared.flush_locked(st, lsn).map(drop)
+    }
+
+    /// Appends one record and waits until it is durable.
+    pub fn append_durable(
+        &self,
+        record_type: RecordType,
+        flags: RecordFlags,
+        payload: &[u8],
+    ) -> Result<Lsn> {
+        let lsn = self.append(record_type, flags, payload)?;
+        self.wait_durable(lsn)?;
+        Ok(lsn)
+    }
+
+    /// Makes everything appended so far durable; returns the last durable LSN.
+    pub fn flush(&self) -> Result<Lsn> {
+        let shared = &*self.shared;
+        let st = lock(&shared.state);
+        let upto = Lsn(st.next_lsn.0 - 1);
+        let st = shared.flush_locked(st, upto)?;
+        Ok(st.durable_lsn)
+    }
+
+    /// The LSN the next append will get.
+    pub fn next_lsn(&self) -> Lsn {
+        lock(&self.shared.state).next_lsn
+    }
+
+    /// Every record up to this LSN is on stable storage.
+    pub fn durable_lsn(&self) -> Lsn {
+        lock(&self.shared.state).durable_lsn
+    }
+
+    pub fn stats(&self) -> AuditStats {
+        lock(&self.shared.state).stats
+    }
+
+    /// The first retained LSN (records below it were truncated), or the next LSN if none is.
+    pub fn first_lsn(&self) -> Lsn {
+        let st = lock(&self.shared.state);
+        st.first_lsns
+            .values()
+            .next()
+            .copied()
+            .unwrap_or(st.next_lsn)
+    }
+
+    /// Reads durable records in LSN order, from `from` on. The reader sees records that become
+    /// durable while it runs.
+    pub fn reader(&self, from: Lsn) -> Result<AuditReader<S>> {
+        let pos = self.shared.locate(from)?;
+        Ok(AuditReader {
+            shared: Arc::clone(&self.shared),
+            pos,
+            expected: None,
+            skip_below: from,
+            done: false,
+        })
+    }
+
+    /// Calls `f` on every durable record from `from` on, in place (no copies): the recovery scan.
+    /// Returns the last LSN seen. `f` must not call into this LSG.
+    pub fn scan(
+        &self,
+        from: Lsn,
+        mut f: impl FnMut(RecordView<'_>) -> ControlFlow<()>,
+    ) -> Result<Option<Lsn>> {
+        let shared = &*self.shared;
+        let mut pos = shared.locate(from)?;
+        let max_payload = shared.config.max_record_bytes;
+        let mut last: Option<Lsn> = None;
+        for _ in 0..=u32::MAX {
+            let Some(Readable { file, end, is_tail }) = shared.readable(pos)? else {
+                return Ok(last);
+            };
+            let start = pos.offset;
+            let mut stop = false;
+            let outcome = file.with_bytes(start, (end - start) as usize, |bytes| {
+                let mut at = 0usize;
+                while at < bytes.len() {
+                    match record::decode(&bytes[at..], max_payload) {
+                        Decoded::Record(v) => {
+                            if let Some(prev) = last
+                                && v.lsn.0 != prev.0 + 1
+                            {
+                                let what = Corruption::LsnOutOfSequence {
+                                    expected: Lsn(prev.0 + 1),
+                                    found: v.lsn,
+                                };
+                                return Err((start + at as u64, what));
+                            }
+                            last = Some(v.lsn);
+                            at += v.encoded_len();
+                            if v.lsn >= from && f(v).is_break() {
+                                stop = true;
+                                break;
+                            }
+                        }
+                        Decoded::Zero => break,
+                        Decoded::Invalid(what) => return Err((start + at as u64, what)),
+                    }
+                }
+                Ok(start + at as u64)
+            })?;
+            let offset = outcome.map_err(|(offset, what)| LsgError::Corrupt {
+                path: file.path().to_path_buf(),
+                offset,
+                what,
+            })?;
+            if stop || (is_tail && offset == end) {
+                return Ok(last);
+            }
+            if is_tail {
+                return Err(zeros_inside(&*file, offset));
+            }
+            pos = Position {
+                segment: pos.segment + 1,
+                offset: SEGMENT_HEADER_BYTES,
+            };
+        }
+        Ok(last)
+    }
+
+    /// Deletes the segments that hold only records below `lsn`: archived, or older than the
+    /// penultimate checkpoint. A segment goes only when the first record of the segment after it
+    /// is durable, so the trail never loses track of its next LSN. Returns how many were deleted.
+    pub fn truncate_below(&self, lsn: Lsn) -> Result<usize> {
+        let shared = &*self.shared;
+        let victims: Vec<(u64, Arc<S::File>)> = {
+            let st = lock(&shared.state);
+            let limit = lsn.min(Lsn(st.durable_lsn.0 + 1));
+            let firsts: Vec<(u64, Lsn)> = st.first_lsns.iter().map(|(&s, &l)| (s, l)).collect();
+            firsts
+                .windows(2)
+                .take_while(|w| w[1].1 <= limit && w[1].0 <= st.durable_end.segment)
+                .filter_map(|w| st.files.get(&w[0].0).map(|f| (w[0].0, Arc::clone(f))))
+                .collect()
+        };
+        let Some(&(last_victim, _)) = victims.last() else {
+            return Ok(0);
+        };
+        let fence = shared.fence.as_ref().ok_or_else(|| LsgError::ReadOnly {
+            op: "truncate",
+            path: shared.store.root().join(AUDIT_DIR),
+        })?;
+        {
+            let mut current = lock(&fence.manifest);
+            let next = Manifest {
+                first_segment: last_victim + 1,
+                ..*current
+            };
+            *current = manifest::write(&fence.file, &current, next)?;
+        }
+        for (number, _) in &victims {
+            shared
+                .store
+                .remove(&segment::segment_name(AUDIT_DIR, *number))?;
+            let mut st = lock(&shared.state);
+            st.files.remove(number);
+            st.first_lsns.remove(number);
+        }
+        Ok(victims.len())
+    }
+}
+
+impl<S: Store> Drop for AuditTrail<S> {
+    fn drop(&mut self) {
+        if let Some((tx, handle)) = self.preallocator.take() {
+            drop(tx);
+            let _ = handle.join();
+        }
+    }
+}
+
+impl<S: Store> Shared<S> {
+    /// The file holding `pos` and the end of its durable bytes, and whether it is the segment
+    /// the durable end lies in; `None` when `pos` is at or past the durable end.
+    fn readable(&self, pos: Position) -> Result<Option<Readable<S::File>>> {
+        let st = lock(&self.state);
+        if pos >= st.durable_end {
+            return Ok(None);
+        }
+        let is_tail = pos.segment == st.durable_end.segment;
+        let end = if is_tail {
+            st.durable_end.offset
+        } else {
+            self.config.audit_segment_bytes
+        };
+        match st.files.get(&pos.segment) {
+            Some(f) => Ok(Some(Readable {
+                file: Arc::clone(f),
+                end,
+                is_tail,
+            })),
+            None => Err(LsgError::Missing {
+                path: self
+                    .store
+                    .root()
+                    .join(segment::segment_name(AUDIT_DIR, pos.segment)),
+                what: "audit segment deleted while being read",
+            }),
+        }
+    }
+
+    /// Makes records up to `lsn` durable, leading a flush or waiting for the one under way.
+    fn flush_locked<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State<S::File>>,
+        lsn: Lsn,
+    ) -> Result<MutexGuard<'a, State<S::File>>> {
+        loop {
+            if let Some(f) = &st.failure {
+                return Err(LsgError::Failed(f.clone()));
+            }
+            if st.durable_lsn >= lsn {
+                return Ok(st);
+            }
+            if st.flushing {
+                st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            let batch = std::mem::take(&mut st.pending);
+            let batch_bytes = std::mem::replace(&mut st.pending_bytes, 0);
+            let batch_last = Lsn(st.next_lsn.0 - 1);
+            let batch_end = st.tail;
+            st.flushing = true;
+            drop(st);
+            let _span =
+                tracing::trace_span!("audit_flush", bytes = batch_bytes, upto = %batch_last)
+                    .entered();
+            let result = self.write_batch(&batch);
+            st = lock(&self.state);
+            st.flushing = false;
+            match result {
+                Ok(()) => {
+                    st.durable_lsn = batch_last;
+                    st.durable_end = batch_end;
+                    st.stats.flushes += 1;
+                    st.stats.bytes_flushed += batch_bytes as u64;
+                    self.changed.notify_all();
+                }
+                Err(e) if e.is_retriable() => {
+                    // Nothing is lost: the batch goes back in front of what came since; a later
+                    // flush rewrites the same bytes at the same offsets.
+                    let mut batch = batch;
+                    batch.append(&mut st.pending);
+                    st.pending = batch;
+                    st.pending_bytes += batch_bytes;
+                    self.changed.notify_all();
+                    return Err(e);
+                }
+                Err(e) => {
+                    st.failure = Some(e.to_string());
+                    self.changed.notify_all();
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    fn write_batch(&self, batch: &[Chunk]) -> Result<()> {
+        if let Some(fence) = &self.fence {
+            let found = manifest::read(&fence.file)?.owner_epoch;
+            if found > fence.epoch {
+                return Err(LsgError::Fenced {
+                    path: self.store.root().to_path_buf(),
+                    ours: fence.epoch.0,
+                    found: found.0,
+                });
+            }
+        }
+        for (i, chunk) in batch.iter().enumerate() {
+            let file = self.segment_file(chunk.segment)?;
+            file.write_at(chunk.offset, &chunk.bytes)?;
+            let last_in_segment = batch.get(i + 1).is_none_or(|n| n.segment != chunk.segment);
+            if last_in_segment {
+                file.sync()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The file of segment `number`, created (preallocated) if it does not exist yet.
+    fn segment_file(self: &Shared<S>, number: u64) -> Result<Arc<S::File>> {
+        if let Some(f) = lock(&self.state).files.get(&number) {
+            return Ok(Arc::clone(f));
+        }
+        let _creating = lock(&self.creating);
+        if let Some(f) = lock(&self.state).files.get(&number) {
+            return Ok(Arc::clone(f));
+        }
+        let file = Arc::new(segment::create(
+            &*self.store,
+            AUDIT_DIR,
+            SegmentKind::AuditTrail,
+            self.lsg_id,
+            number,
+            self.config.audit_segment_bytes,
+            true,
+        )?);
+        debug!(number, "audit trail: segment created");
+        let mut st = lock(&self.state);
+        st.files.insert(number, Arc::clone(&file));
+        st.preallocated_up_to = st.preallocated_up_to.max(number);
+        Ok(file)
+    }
+
+    /// Where the record `from` is, or the durable end if `from` is not durable yet.
+    fn locate(&self, from: Lsn) -> Result<Position> {
+        let st = lock(&self.state);
+        let first = st
+            .first_lsns
+            .values()
+            .next()
+            .copied()
+            .unwrap_or(st.next_lsn);
+        if from < first && from.0 > 0 {
+            return Err(LsgError::LsnTruncated { lsn: from, first });
+        }
+        let segment = st
+            .first_lsns
+            .range(..)
+            .rev()
+            .find(|(_, l)| **l <= from)
+            .map(|(s, _)| *s)
+            .unwrap_or_else(|| st.files.keys().next().copied().unwrap_or(st.tail.segment));
+        Ok(Position {
+            segment,
+            offset: SEGMENT_HEADER_BYTES,
+        })
+    }
+}
+
+/// Iterates durable audit records from an LSN on, copying each out.
+#[derive(Debug)]
+pub struct AuditReader<S: Store> {
+    shared: Arc<Shared<S>>,
+    pos: Position,
+    expected: Option<Lsn>,
+    skip_below: Lsn,
+    done: bool,
+}
+
+impl<S: Store> AuditReader<S> {
+    fn next_record(&mut self) -> Result<Option<AuditRecord>> {
+        let max_payload = self.shared.config.max_record_bytes;
+        // At most one segment boundary is crossed per record.
+        for _ in 0..2 {
+            let Some(Readable { file, end, is_tail }) = self.shared.readable(self.pos)? else {
+                return Ok(None);
+            };
+            let at = self.pos.offset;
+            let rec = match read_record(&*file, at, end, max_payload)? {
+                Slot::Record(rec) => rec,
+                Slot::Zero if !is_tail => {
+                    self.pos = Position {
+                        segment: self.pos.segment + 1,
+                        offset: SEGMENT_HEADER_BYTES,
+                    };
+                    continue;
+                }
+                Slot::Zero => return Err(zeros_inside(&*file, at)),
+                Slot::Invalid(what) => {
+                    return Err(LsgError::Corrupt {
+                        path: file.path().to_path_buf(),
+                        offset: at,
+                        what,
+                    });
+                }
+            };
+            if let Some(expected) = self.expected
+                && rec.lsn != expected
+            {
+                return Err(LsgError::Corrupt {
+                    path: file.path().to_path_buf(),
+                    offset: at,
+                    what: Corruption::LsnOutOfSequence {
+                        expected,
+                        found: rec.lsn,
+                    },
+                });
+            }
+            self.expected = Some(Lsn(rec.lsn.0 + 1));
+            self.pos.offset += record::encoded_len(rec.payload.len()) as u64;
+            return Ok(Some(rec));
+        }
+        Ok(None)
+    }
+}
+
+impl<S: Store> Iterator for AuditReader<S> {
+    type Item = Result<AuditRecord>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while !self.done {
+            match self.next_record() {
+                Ok(Some(rec)) if rec.lsn < self.skip_below => continue,
+                Ok(Some(rec)) => return Some(Ok(rec)),
+                Ok(None) => return None,
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+        None
+    }
+}
+
+/// What one record position of a file holds, copied out.
+enum Slot {
+    Record(AuditRecord),
+    Zero,
+    Invalid(Corruption),
+}
+
+/// Reads the record at `at`, whose file's readable bytes end at `end`: the header first, then
+/// exactly the record, so nothing past it is touched.
+fn read_record<F: StoreFile>(file: &F, at: u64, end: u64, max_payload: usize) -> Result<Slot> {
+    let available = end.saturating_sub(at) as usize;
+    let header_len = available.min(record::RECORD_HEADER_BYTES);
+    let payload_len = file.with_bytes(at, header_len, |h| {
+        if h.iter().all(|&b| b == 0) {
+            None
+        } else if h.len() < record::RECORD_HEADER_BYTES {
+            Some(usize::MAX)
+        } else {
+            Some(u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize)
+        }
+    })?;
+    let Some(payload_len) = payload_len else {
+        return Ok(Slot::Zero);
+    };
+    let take = record::encoded_len(payload_len.min(max_payload)).min(available);
+    file.with_bytes(at, take, |b| match record::decode(b, max_payload) {
+        Decoded::Record(v) => Slot::Record(AuditRecord {
+            lsn: v.lsn,
+            record_type: v.record_type,
+            flags: v.flags,
+            payload: v.payload.to_vec(),
+        }),
+        Decoded::Zero => Slot::Zero,
+        Decoded::Invalid(c) => Slot::Invalid(c),
+    })
+}
+
+fn zeros_inside<F: StoreFile>(file: &F, offset: u64) -> LsgError {
+    LsgError::Corrupt {
+        path: file.path().to_path_buf(),
+        offset,
+        what: Corruption::Malformed("zeros inside the durable audit trail"),
+    }
+}
+
+/// Scans one segment from its first record to the end of its valid records.
+fn scan_tail<F: StoreFile>(file: &F, max_payload: usize) -> Result<TailScan> {
+    let start = SEGMENT_HEADER_BYTES;
+    let len = (file.len_bytes() - start) as usize;
+    file.with_bytes(start, len, |bytes| {
+        let mut at = 0usize;
+        let mut last: Option<Lsn> = None;
+        let mut bad = None;
+        while at < bytes.len() {
+            match record::decode(&bytes[at..], max_payload) {
+                Decoded::Record(v) => {
+                    if let Some(prev) = last
+                        && v.lsn.0 != prev.0 + 1
+                    {
+                        bad = Some((
+                            start + at as u64,
+                            Corruption::LsnOutOfSequence {
+                                expected: Lsn(prev.0 + 1),
+                                found: v.lsn,
+                            },
+                        ));
+                        break;
+                    }
+                    last = Some(v.lsn);
+                    at += v.encoded_len();
+                }
+                Decoded::Zero => break,
+                Decoded::Invalid(what) => {
+                    bad = Some((start + at as u64, what));
+                    break;
+                }
+            }
+        }
+        let written_end = bytes
+            .iter()
+            .rposition(|&b| b != 0)
+            .map_or(start, |i| start + i as u64 + 1);
+        TailScan {
+            last_lsn: last,
+            end_offset: start + at as u64,
+            bad,
+            written_end: written_end.max(start + at as u64),
+        }
+    })
+}
+
+/// Overwrites `from..to` with zeros and syncs.
+fn zero_range<F: StoreFile>(file: &F, from: u64, to: u64) -> Result<()> {
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(zeros.len() as u64) as usize;
+        file.write_at(at, &zeros[..n])?;
+        at += n as u64;
+    }
+    file.sync()
+}

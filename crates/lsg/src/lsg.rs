@@ -1,0 +1,239 @@
+//! A log storage group: the manifest, the ownership lock, the audit trail and the data volumes
+//! of one directory, opened together.
+//!
+//! Opening for writing takes the exclusive lock (released by the kernel when the process dies),
+//! then raises the owner epoch and the boot sequence in the manifest. The audit trail checks the
+//! manifest before every flush and refuses to write once it sees a higher epoch than its own.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use tracing::info;
+
+use crate::audit::{AUDIT_DIR, AuditTrail, Fence};
+use crate::error::{LsgError, Result};
+use crate::manifest::{self, MANIFEST_NAME, Manifest};
+use crate::store::{FileStore, Store};
+use crate::volume::{DataVolume, VOLUMES_DIR};
+use crate::{LsgConfig, LsgId, OwnerEpoch};
+
+const LOCK_NAME: &str = "LOCK";
+
+/// How to open an existing LSG.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Take ownership now, or fail with [`LsgError::OwnedBy`].
+    Write,
+    /// Take ownership, blocking until the current owner releases it or dies.
+    WriteWaiting,
+    /// Read what is there without taking ownership or changing a byte.
+    ReadOnly,
+}
+
+/// One LSG, open for writing (owned) or read-only.
+#[derive(Debug)]
+pub struct LogStorageGroup<S: Store = FileStore> {
+    store: Arc<S>,
+    config: LsgConfig,
+    manifest: Manifest,
+    mode: OpenMode,
+    audit: AuditTrail<S>,
+    volumes: BTreeMap<String, Arc<DataVolume<S>>>,
+    // Dropped last: ownership outlives every handle that writes.
+    _lock: Option<S::Lock>,
+}
+
+impl LogStorageGroup<FileStore> {
+    /// Creates a new LSG in `dir` (created if missing; must not hold an LSG) and owns it.
+    pub fn create(dir: impl AsRef<Path>, lsg_id: LsgId, config: LsgConfig) -> Result<Self> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|e| LsgError::io("create directory", dir, e))?;
+        Self::create_in(FileStore::new(dir), lsg_id, config)
+    }
+
+    /// Opens the LSG in `dir`.
+    pub fn open(dir: impl AsRef<Path>, config: LsgConfig, mode: OpenMode) -> Result<Self> {
+        let dir = dir.as_ref();
+        let store = match mode {
+            OpenMode::ReadOnly => FileStore::without_maps(dir),
+            OpenMode::Write | OpenMode::WriteWaiting => FileStore::new(dir),
+        };
+        Self::open_in(store, config, mode)
+    }
+}
+
+impl<S: Store> LogStorageGroup<S> {
+    pub fn create_in(store: S, lsg_id: LsgId, config: LsgConfig) -> Result<Self> {
+        config.validate()?;
+        let store = Arc::new(store);
+        if store.exists(MANIFEST_NAME)? {
+            return Err(LsgError::AlreadyExists {
+                path: store.root().to_path_buf(),
+            });
+        }
+        let lock = store
+            .lock(LOCK_NAME, false)?
+            .ok_or_else(|| LsgError::OwnedBy {
+                path: store.root().to_path_buf(),
+                epoch: 0,
+            })?;
+        let (manifest_file, manifest) = manifest::create(&*store, lsg_id)?;
+        let fence = Fence {
+            file: manifest_file,
+            epoch: manifest.owner_epoch,
+            manifest: Mutex::new(manifest),
+        };
+        let audit = AuditTrail::create(Arc::clone(&store), lsg_id, config, fence)?;
+        store.create_dir(VOLUMES_DIR)?;
+        info!(lsg = %lsg_id, path = %store.root().display(), "LSG created");
+        Ok(LogStorageGroup {
+            store,
+            config,
+            manifest,
+            mode: OpenMode::Write,
+            audit,
+            volumes: BTreeMap::new(),
+            _lock: Some(lock),
+        })
+    }
+
+    pub fn open_in(store: S, config: LsgConfig, mode: OpenMode) -> Result<Self> {
+        config.validate()?;
+        let store = Arc::new(store);
+        if !store.exists(MANIFEST_NAME)? {
+            return Err(LsgError::Missing {
+                path: store.root().join(MANIFEST_NAME),
+                what: "no LSG here (manifest not found)",
+            });
+        }
+        let lock = match mode {
+            OpenMode::ReadOnly => None,
+            OpenMode::Write | OpenMode::WriteWaiting => {
+                match store.lock(LOCK_NAME, mode == OpenMode::WriteWaiting)? {
+                    Some(lock) => Some(lock),
+                    None => {
+                        let file = store.open(MANIFEST_NAME)?;
+                        let epoch = manifest::read(&file)?.owner_epoch.0;
+                        return Err(LsgError::OwnedBy {
+                            path: store.root().to_path_buf(),
+                            epoch,
+                        });
+                    }
+                }
+            }
+        };
+        let manifest_file = store.open(MANIFEST_NAME)?;
+        let mut manifest = manifest::read(&manifest_file)?;
+        let fence = if lock.is_some() {
+            let next = Manifest {
+                owner_epoch: OwnerEpoch(manifest.owner_epoch.0 + 1),
+                boot_sequence: manifest.boot_sequence + 1,
+                ..manifest
+            };
+            manifest = manifest::write(&manifest_file, &manifest, next)?;
+            Some(Fence {
+                file: manifest_file,
+                epoch: manifest.owner_epoch,
+                manifest: Mutex::new(manifest),
+            })
+        } else {
+            None
+        };
+        let writable = fence.is_some();
+        let audit = AuditTrail::open(
+            Arc::clone(&store),
+            manifest.lsg_id,
+            manifest.first_segment,
+            config,
+            fence,
+        )?;
+        let mut volumes = BTreeMap::new();
+        for name in store.list(VOLUMES_DIR)? {
+            let v = DataVolume::open(Arc::clone(&store), manifest.lsg_id, config, &name, writable)?;
+            volumes.insert(name, Arc::new(v));
+        }
+        info!(
+            lsg = %manifest.lsg_id,
+            epoch = %manifest.owner_epoch,
+            boot = manifest.boot_sequence,
+            next_lsn = %audit.next_lsn(),
+            ?mode,
+            "LSG opened"
+        );
+        Ok(LogStorageGroup {
+            store,
+            config,
+            manifest,
+            mode,
+            audit,
+            volumes,
+            _lock: lock,
+        })
+    }
+
+    pub fn lsg_id(&self) -> LsgId {
+        self.manifest.lsg_id
+    }
+
+    /// The epoch this handle owns the LSG with (the manifest's epoch when read-only).
+    pub fn owner_epoch(&self) -> OwnerEpoch {
+        self.manifest.owner_epoch
+    }
+
+    pub fn boot_sequence(&self) -> u64 {
+        self.manifest.boot_sequence
+    }
+
+    pub fn mode(&self) -> OpenMode {
+        self.mode
+    }
+
+    pub fn config(&self) -> &LsgConfig {
+        &self.config
+    }
+
+    pub fn audit(&self) -> &AuditTrail<S> {
+        &self.audit
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Adds an empty data volume.
+    pub fn create_volume(&mut self, name: &str) -> Result<Arc<DataVolume<S>>> {
+        if self.mode == OpenMode::ReadOnly {
+            return Err(LsgError::ReadOnly {
+                op: "create volume in",
+                path: self.store.root().to_path_buf(),
+            });
+        }
+        let v = Arc::new(DataVolume::create(
+            Arc::clone(&self.store),
+            self.manifest.lsg_id,
+            self.config,
+            name,
+        )?);
+        self.volumes.insert(name.to_string(), Arc::clone(&v));
+        Ok(v)
+    }
+
+    pub fn volume(&self, name: &str) -> Result<Arc<DataVolume<S>>> {
+        self.volumes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| LsgError::UnknownVolume {
+                name: name.to_string(),
+            })
+    }
+
+    pub fn volume_names(&self) -> Vec<String> {
+        self.volumes.keys().cloned().collect()
+    }
+
+    /// Where the audit trail's segments are, for tools and tests.
+    pub fn audit_dir(&self) -> std::path::PathBuf {
+        self.store.root().join(AUDIT_DIR)
+    }
+}

@@ -1,0 +1,684 @@
+//! The storage boundary: an LSG's files behind one small trait, with two implementations.
+//!
+//! [`FileStore`] is the real thing: files in a directory, `pwrite` + `fdatasync` for durable
+//! writes (measured faster than map + `msync` on these machines, see `docs/storage-format.md`), and
+//! read-only memory maps for reads. [`SimStore`] keeps files in memory and models a crash: only
+//! what was synced survives, and the last unsynced write of a file may be torn. Later issues crash
+//! storage inside deterministic whole-cluster simulations through it.
+//!
+//! Names are relative to the LSG's root, with `/` separating directories (`audit/…seg`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::{LsgError, Result};
+
+/// A directory of files: the LSG's stable storage.
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    type File: StoreFile;
+    type Lock: Send + Sync + std::fmt::Debug + 'static;
+
+    /// Where this store lives, for error messages.
+    fn root(&self) -> &Path;
+    /// Creates `name` durably (file and directory entry): `initial` at offset 0, zeros up to
+    /// `size_bytes`. With `preallocate` the zeros are written, so later writes overwrite allocated
+    /// blocks (no unwritten extents to convert on the durable path). Fails if `name` exists.
+    fn create(
+        &self,
+        name: &str,
+        initial: &[u8],
+        size_bytes: u64,
+        preallocate: bool,
+    ) -> Result<Self::File>;
+    fn open(&self, name: &str) -> Result<Self::File>;
+    fn exists(&self, name: &str) -> Result<bool>;
+    /// Names of the files directly inside directory `dir` ("" for the root), sorted.
+    fn list(&self, dir: &str) -> Result<Vec<String>>;
+    /// Removes `name` durably. Open handles (and maps) of it stay valid.
+    fn remove(&self, name: &str) -> Result<()>;
+    fn create_dir(&self, dir: &str) -> Result<()>;
+    /// Takes the exclusive ownership lock `name`, released when the guard drops or the process
+    /// dies. Without `wait`, returns `None` if another owner holds it.
+    fn lock(&self, name: &str, wait: bool) -> Result<Option<Self::Lock>>;
+}
+
+/// One fixed-size file of a [`Store`].
+pub trait StoreFile: Send + Sync + std::fmt::Debug + 'static {
+    fn path(&self) -> &Path;
+    fn len_bytes(&self) -> u64;
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()>;
+    /// Makes every completed write of this file durable.
+    fn sync(&self) -> Result<()>;
+    /// Copies bytes out (a system call on real files): safe against concurrent writers anywhere.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// Lends the bytes `offset..offset + len` without copying where the store can. Callers only ask
+    /// for ranges that no one writes while they look (below the durable tail of an append-only file).
+    fn with_bytes<R>(&self, offset: u64, len: usize, f: impl FnOnce(&[u8]) -> R) -> Result<R>;
+}
+
+fn check_range(path: &Path, offset: u64, len: usize, file_len: u64) -> Result<()> {
+    let end = offset.checked_add(len as u64);
+    match end {
+        Some(end) if end <= file_len => Ok(()),
+        _ => Err(LsgError::Corrupt {
+            path: path.to_path_buf(),
+            offset,
+            what: crate::error::Corruption::Truncated {
+                needed: len as u64,
+                available: file_len.saturating_sub(offset),
+            },
+        }),
+    }
+}
+
+const SECTOR_BYTES: usize = 512;
+
+/// Real files in a directory.
+#[derive(Debug, Clone)]
+pub struct FileStore {
+    root: PathBuf,
+    maps: bool,
+}
+
+impl FileStore {
+    /// A store that writes and serves reads from memory maps.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        FileStore {
+            root: root.into(),
+            maps: true,
+        }
+    }
+
+    /// A store that reads with `pread` only: for looking at an LSG another process may be writing,
+    /// where a map could observe bytes mid-write.
+    pub fn without_maps(root: impl Into<PathBuf>) -> Self {
+        FileStore {
+            root: root.into(),
+            maps: false,
+        }
+    }
+
+    fn path_of(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    fn sync_dir(&self, dir: &Path) -> Result<()> {
+        let d = File::open(dir).map_err(|e| LsgError::io("open directory", dir, e))?;
+        d.sync_all()
+            .map_err(|e| LsgError::io("fsync directory", dir, e))
+    }
+
+    fn open_path(&self, path: PathBuf, write: bool) -> Result<RealFile> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(&path)
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => LsgError::Missing {
+                    path: path.clone(),
+                    what: "file not found",
+                },
+                _ => LsgError::io("open", &path, e),
+            })?;
+        let len = file
+            .metadata()
+            .map_err(|e| LsgError::io("stat", &path, e))?
+            .len();
+        Ok(RealFile {
+            file,
+            path,
+            len,
+            map: OnceLock::new(),
+            maps: self.maps,
+        })
+    }
+}
+
+impl Store for FileStore {
+    type File = RealFile;
+    type Lock = FileLock;
+
+    fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn create(
+        &self,
+        name: &str,
+        initial: &[u8],
+        size_bytes: u64,
+        preallocate: bool,
+    ) -> Result<RealFile> {
+        let path = self.path_of(name);
+        if path.exists() {
+            return Err(LsgError::AlreadyExists { path });
+        }
+        let tmp = path.with_extension("tmp");
+        let result = (|| {
+            let mut f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)
+                .map_err(|e| LsgError::io("create", &tmp, e))?;
+            f.write_all(initial)
+                .map_err(|e| LsgError::io("write", &tmp, e))?;
+            if preallocate {
+                let zeros = vec![0u8; 1 << 20];
+                let mut at = initial.len() as u64;
+                while at < size_bytes {
+                    let n = (size_bytes - at).min(zeros.len() as u64) as usize;
+                    f.write_all(&zeros[..n])
+                        .map_err(|e| LsgError::io("preallocate", &tmp, e))?;
+                    at += n as u64;
+                }
+            } else {
+                f.set_len(size_bytes)
+                    .map_err(|e| LsgError::io("set length of", &tmp, e))?;
+            }
+            f.sync_all().map_err(|e| LsgError::io("fsync", &tmp, e))?;
+            fs::rename(&tmp, &path).map_err(|e| LsgError::io("rename", &tmp, e))?;
+            self.sync_dir(path.parent().unwrap_or(&self.root))
+        })();
+        if let Err(e) = result {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        self.open_path(path, true)
+    }
+
+    fn open(&self, name: &str) -> Result<RealFile> {
+        let path = self.path_of(name);
+        match self.open_path(path.clone(), true) {
+            Err(LsgError::ReadOnly { .. }) => self.open_path(path, false),
+            other => other,
+        }
+    }
+
+    fn exists(&self, name: &str) -> Result<bool> {
+        let path = self.path_of(name);
+        path.try_exists().map_err(|e| LsgError::io("stat", path, e))
+    }
+
+    fn list(&self, dir: &str) -> Result<Vec<String>> {
+        let path = self.path_of(dir);
+        let entries = match fs::read_dir(&path) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(LsgError::io("list", &path, e)),
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| LsgError::io("list", &path, e))?;
+            if let Some(name) = entry.file_name().to_str() {
+                names.push(name.to_string());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    fn remove(&self, name: &str) -> Result<()> {
+        let path = self.path_of(name);
+        fs::remove_file(&path).map_err(|e| LsgError::io("remove", &path, e))?;
+        self.sync_dir(path.parent().unwrap_or(&self.root))
+    }
+
+    fn create_dir(&self, dir: &str) -> Result<()> {
+        let path = self.path_of(dir);
+        fs::create_dir_all(&path).map_err(|e| LsgError::io("create directory", &path, e))?;
+        self.sync_dir(path.parent().unwrap_or(&self.root))
+    }
+
+    fn lock(&self, name: &str, wait: bool) -> Result<Option<FileLock>> {
+        let path = self.path_of(name);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| LsgError::io("open lock file", &path, e))?;
+        if wait {
+            file.lock().map_err(|e| LsgError::io("lock", &path, e))?;
+        } else {
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(fs::TryLockError::WouldBlock) => return Ok(None),
+                Err(fs::TryLockError::Error(e)) => return Err(LsgError::io("lock", &path, e)),
+            }
+        }
+        Ok(Some(FileLock { _file: file, path }))
+    }
+}
+
+/// An exclusive `flock` on a file of the LSG; the kernel drops it when the process dies.
+#[derive(Debug)]
+pub struct FileLock {
+    _file: File,
+    path: PathBuf,
+}
+
+impl FileLock {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// A file of a [`FileStore`]. Writes go through `pwrite`; zero-copy reads through a read-only
+/// shared map of the whole (fixed-size) file, made on first use.
+#[derive(Debug)]
+pub struct RealFile {
+    file: File,
+    path: PathBuf,
+    len: u64,
+    map: OnceLock<memmap2::Mmap>,
+    maps: bool,
+}
+
+impl RealFile {
+    #[allow(unsafe_code)]
+    fn map(&self) -> Result<&memmap2::Mmap> {
+        if let Some(m) = self.map.get() {
+            return Ok(m);
+        }
+        // SAFETY: `Mmap::map` is unsafe because the mapped bytes may change underneath the
+        // program. Duplex files are fixed-size and append-only: the owner process writes only
+        // above the durable tail and callers of `with_bytes` only read below it, so no byte is
+        // written while a slice over it is alive. Files are never shortened by Duplex while
+        // mapped (removal unlinks; the mapping keeps the inode). If another process truncates a
+        // mapped file anyway, touching the lost pages raises SIGBUS and this process dies; its
+        // backup takes over and the bytes still on disk are unaffected (docs/storage-format.md).
+        let map = unsafe { memmap2::MmapOptions::new().map(&self.file) }
+            .map_err(|e| LsgError::io("mmap", &self.path, e))?;
+        Ok(self.map.get_or_init(|| map))
+    }
+}
+
+impl StoreFile for RealFile {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn len_bytes(&self) -> u64 {
+        self.len
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        check_range(&self.path, offset, data.len(), self.len)?;
+        self.file
+            .write_all_at(data, offset)
+            .map_err(|e| LsgError::io("write", &self.path, e))
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(|e| LsgError::io("fdatasync", &self.path, e))
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        check_range(&self.path, offset, buf.len(), self.len)?;
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|e| LsgError::io("read", &self.path, e))
+    }
+
+    fn with_bytes<R>(&self, offset: u64, len: usize, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
+        check_range(&self.path, offset, len, self.len)?;
+        if !self.maps {
+            let mut buf = vec![0u8; len];
+            self.read_at(offset, &mut buf)?;
+            return Ok(f(&buf));
+        }
+        let map = self.map()?;
+        let start = offset as usize;
+        Ok(f(&map[start..start + len]))
+    }
+}
+
+/// An in-memory store whose files survive a simulated crash only as far as they were synced.
+///
+/// Every handle belongs to one incarnation of the simulated process; after [`SimStore::crash`]
+/// old handles fail with [`LsgError::Crashed`], locks are free, and each file holds what its
+/// last sync made durable, plus possibly a torn prefix of its last unsynced write.
+#[derive(Debug, Clone)]
+pub struct SimStore {
+    root: PathBuf,
+    inner: Arc<Mutex<SimInner>>,
+}
+
+#[derive(Debug)]
+struct SimInner {
+    files: BTreeMap<String, SimFileData>,
+    dirs: BTreeSet<String>,
+    locks: BTreeSet<String>,
+    incarnation: u64,
+    capacity_bytes: Option<u64>,
+    /// Writes left before the simulated process dies right after one (see `crash_after_writes`).
+    writes_until_death: Option<u64>,
+    dead: bool,
+    rng: ChaCha8Rng,
+}
+
+#[derive(Debug)]
+struct SimFileData {
+    durable: Vec<u8>,
+    current: Vec<u8>,
+    /// Writes since the last sync, oldest first: (offset, length).
+    unsynced: Vec<(u64, usize)>,
+}
+
+impl SimStore {
+    /// A new empty store; `seed` decides how crashes tear unsynced writes.
+    pub fn new(seed: u64) -> Self {
+        SimStore {
+            root: PathBuf::from(format!("sim://{seed}")),
+            inner: Arc::new(Mutex::new(SimInner {
+                files: BTreeMap::new(),
+                dirs: BTreeSet::new(),
+                locks: BTreeSet::new(),
+                incarnation: 0,
+                capacity_bytes: None,
+                writes_until_death: None,
+                dead: false,
+                rng: ChaCha8Rng::seed_from_u64(seed),
+            })),
+        }
+    }
+
+    fn inner(&self) -> MutexGuard<'_, SimInner> {
+        // A panic while holding this lock leaves plain data behind; the state is still usable.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Limits the total size of all files: creating past it fails with "disk full".
+    pub fn set_capacity_bytes(&self, capacity: Option<u64>) {
+        self.inner().capacity_bytes = capacity;
+    }
+
+    /// Arms a crash in the middle of I/O: the `n`-th write from now lands (unsynced) and then the
+    /// simulated process is dead, every later operation failing with [`LsgError::Crashed`] until
+    /// [`crash`](Self::crash) is called.
+    pub fn crash_after_writes(&self, n: u64) {
+        self.inner().writes_until_death = Some(n.max(1));
+    }
+
+    /// Simulates the crash of the process (and of the machine's volatile caches): unsynced writes
+    /// are lost, except that the last unsynced write of each file may survive torn: each of its
+    /// 512-byte sectors independently survives or not, as a disk may write them in any order.
+    pub fn crash(&self) {
+        let mut inner = self.inner();
+        inner.incarnation += 1;
+        inner.locks.clear();
+        inner.dead = false;
+        inner.writes_until_death = None;
+        let SimInner { files, rng, .. } = &mut *inner;
+        for data in files.values_mut() {
+            if let Some(&(offset, len)) = data.unsynced.last() {
+                let end = offset as usize + len;
+                let mut start = offset as usize;
+                while start < end {
+                    let sector_end = ((start / SECTOR_BYTES) + 1) * SECTOR_BYTES;
+                    let stop = sector_end.min(end);
+                    if rng.random_bool(0.5) {
+                        let kept = data.current[start..stop].to_vec();
+                        data.durable[start..stop].copy_from_slice(&kept);
+                    }
+                    start = stop;
+                }
+            }
+            data.current = data.durable.clone();
+            data.unsynced.clear();
+        }
+    }
+
+    /// Flips one bit of a file as it is on "disk": for corruption tests.
+    pub fn flip_bit(&self, name: &str, offset: u64, bit: u8) -> Result<()> {
+        let mut inner = self.inner();
+        let path = self.root.join(name);
+        let data = inner.files.get_mut(name).ok_or(LsgError::Missing {
+            path,
+            what: "file not found",
+        })?;
+        let i = offset as usize;
+        if i < data.current.len() {
+            data.current[i] ^= 1 << (bit % 8);
+            data.durable[i] ^= 1 << (bit % 8);
+        }
+        Ok(())
+    }
+
+    /// Whether an armed [`crash_after_writes`](Self::crash_after_writes) has fired.
+    pub fn is_dead(&self) -> bool {
+        self.inner().dead
+    }
+
+    fn used_bytes(inner: &SimInner) -> u64 {
+        inner.files.values().map(|f| f.current.len() as u64).sum()
+    }
+}
+
+impl Store for SimStore {
+    type File = SimFile;
+    type Lock = SimLock;
+
+    fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn create(
+        &self,
+        name: &str,
+        initial: &[u8],
+        size_bytes: u64,
+        _preallocate: bool,
+    ) -> Result<SimFile> {
+        let mut inner = self.inner();
+        let path = self.root.join(name);
+        if inner.files.contains_key(name) {
+            return Err(LsgError::AlreadyExists { path });
+        }
+        if let Some(cap) = inner.capacity_bytes
+            && Self::used_bytes(&inner) + size_bytes > cap
+        {
+            return Err(LsgError::DiskFull { op: "create", path });
+        }
+        let mut bytes = vec![0u8; size_bytes.max(initial.len() as u64) as usize];
+        bytes[..initial.len()].copy_from_slice(initial);
+        inner.files.insert(
+            name.to_string(),
+            SimFileData {
+                durable: bytes.clone(),
+                current: bytes,
+                unsynced: Vec::new(),
+            },
+        );
+        Ok(SimFile {
+            store: self.clone(),
+            name: name.to_string(),
+            path,
+            len: size_bytes.max(initial.len() as u64),
+            incarnation: inner.incarnation,
+        })
+    }
+
+    fn open(&self, name: &str) -> Result<SimFile> {
+        let inner = self.inner();
+        let path = self.root.join(name);
+        let data = inner.files.get(name).ok_or(LsgError::Missing {
+            path: path.clone(),
+            what: "file not found",
+        })?;
+        Ok(SimFile {
+            store: self.clone(),
+            name: name.to_string(),
+            path,
+            len: data.current.len() as u64,
+            incarnation: inner.incarnation,
+        })
+    }
+
+    fn exists(&self, name: &str) -> Result<bool> {
+        let inner = self.inner();
+        Ok(inner.files.contains_key(name) || inner.dirs.contains(name))
+    }
+
+    fn list(&self, dir: &str) -> Result<Vec<String>> {
+        let inner = self.inner();
+        let prefix = if dir.is_empty() {
+            String::new()
+        } else {
+            format!("{dir}/")
+        };
+        let mut names: Vec<String> = inner
+            .files
+            .keys()
+            .chain(inner.dirs.iter())
+            .filter_map(|n| n.strip_prefix(&prefix))
+            .filter(|rest| !rest.is_empty() && !rest.contains('/'))
+            .map(str::to_string)
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
+    fn remove(&self, name: &str) -> Result<()> {
+        let mut inner = self.inner();
+        match inner.files.remove(name) {
+            Some(_) => Ok(()),
+            None => Err(LsgError::Missing {
+                path: self.root.join(name),
+                what: "file not found",
+            }),
+        }
+    }
+
+    fn create_dir(&self, dir: &str) -> Result<()> {
+        let mut inner = self.inner();
+        let mut at = String::new();
+        for part in dir.split('/') {
+            if !at.is_empty() {
+                at.push('/');
+            }
+            at.push_str(part);
+            inner.dirs.insert(at.clone());
+        }
+        Ok(())
+    }
+
+    fn lock(&self, name: &str, _wait: bool) -> Result<Option<SimLock>> {
+        let mut inner = self.inner();
+        if !inner.locks.insert(name.to_string()) {
+            return Ok(None);
+        }
+        Ok(Some(SimLock {
+            store: self.clone(),
+            name: name.to_string(),
+            incarnation: inner.incarnation,
+        }))
+    }
+}
+
+/// The ownership lock of a [`SimStore`]; a crash releases it.
+#[derive(Debug)]
+pub struct SimLock {
+    store: SimStore,
+    name: String,
+    incarnation: u64,
+}
+
+impl Drop for SimLock {
+    fn drop(&mut self) {
+        let mut inner = self.store.inner();
+        if inner.incarnation == self.incarnation {
+            inner.locks.remove(&self.name);
+        }
+    }
+}
+
+/// A file of a [`SimStore`].
+#[derive(Debug)]
+pub struct SimFile {
+    store: SimStore,
+    name: String,
+    path: PathBuf,
+    len: u64,
+    incarnation: u64,
+}
+
+impl SimFile {
+    fn data<'a>(&self, inner: &'a mut SimInner) -> Result<&'a mut SimFileData> {
+        if inner.incarnation != self.incarnation || inner.dead {
+            return Err(LsgError::Crashed);
+        }
+        inner.files.get_mut(&self.name).ok_or(LsgError::Missing {
+            path: self.path.clone(),
+            what: "file removed",
+        })
+    }
+}
+
+impl StoreFile for SimFile {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn len_bytes(&self) -> u64 {
+        self.len
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        check_range(&self.path, offset, data.len(), self.len)?;
+        let mut inner = self.store.inner();
+        let file = self.data(&mut inner)?;
+        let start = offset as usize;
+        file.current[start..start + data.len()].copy_from_slice(data);
+        file.unsynced.push((offset, data.len()));
+        match inner.writes_until_death {
+            Some(1) => {
+                inner.writes_until_death = None;
+                inner.dead = true;
+                Err(LsgError::Crashed)
+            }
+            Some(n) => {
+                inner.writes_until_death = Some(n - 1);
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn sync(&self) -> Result<()> {
+        let mut inner = self.store.inner();
+        let file = self.data(&mut inner)?;
+        for &(offset, len) in &file.unsynced {
+            let start = offset as usize;
+            file.durable[start..start + len].copy_from_slice(&file.current[start..start + len]);
+        }
+        file.unsynced.clear();
+        Ok(())
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let len = buf.len();
+        self.with_bytes(offset, len, |bytes| buf.copy_from_slice(bytes))
+    }
+
+    fn with_bytes<R>(&self, offset: u64, len: usize, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
+        check_range(&self.path, offset, len, self.len)?;
+        let mut inner = self.store.inner();
+        let file = self.data(&mut inner)?;
+        let start = offset as usize;
+        Ok(f(&file.current[start..start + len]))
+    }
+}

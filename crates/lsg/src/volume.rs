@@ -1,0 +1,527 @@
+//! Data volumes: key → value records, each with the LSN (generation) of the change that last
+//! wrote it, so redo is idempotent and a fuzzy copy can later be filtered by generation.
+//!
+//! A volume is a log-structured record store: every put or delete appends a record (the same
+//! frame as the audit trail, `record.rs`) to the volume's segment files, and an ordered in-memory
+//! index maps each key to its newest record. Values stay on disk and are read through the memory
+//! maps, so the page cache holds the working set and the rest stays on disk; the index (keys plus
+//! 32 bytes each) must fit in memory. That is the decision for this version, written down in
+//! `docs/storage-format.md`, with space reclamation (compaction) still to come.
+//!
+//! Writes follow the steal/no-force rule of the audit trail: a volume's records reach disk when
+//! the page cache or [`DataVolume::flush`] writes them. A flush records a checkpoint: the position
+//! up to which the files are durable and the LSN below which every change is in them. Records
+//! before that position must be valid at open (else corruption is reported); after it, the first
+//! invalid record ends the volume, and redo from the audit trail restores the rest.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::{Bound, RangeBounds};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use tracing::warn;
+
+use crate::error::{Corruption, LsgError, Result};
+use crate::record::{self, Decoded, RecordFlags, RecordType};
+use crate::segment::{self, SEGMENT_HEADER_BYTES, SegmentKind};
+use crate::slots;
+use crate::store::{Store, StoreFile};
+use crate::{LsgConfig, LsgId, Lsn};
+
+pub(crate) const VOLUMES_DIR: &str = "volumes";
+const CHECKPOINT_NAME: &str = "CHECKPOINT";
+const CHECKPOINT_MAGIC: [u8; 8] = *b"DPLXVCP1";
+const KEY_LEN_BYTES: usize = 2;
+
+/// A key's newest value and the LSN of the change that wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeRecord {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    pub lsn: Lsn,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Location {
+    segment: u64,
+    /// Offset of the value's first byte in the segment file.
+    value_offset: u64,
+    value_len: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    lsn: Lsn,
+    /// `None`: deleted (kept so that an older put replayed by redo stays deleted).
+    value: Option<Location>,
+}
+
+#[derive(Debug)]
+struct Inner<F> {
+    index: BTreeMap<Vec<u8>, Entry>,
+    live_keys: usize,
+    files: BTreeMap<u64, Arc<F>>,
+    tail_segment: u64,
+    tail_offset: u64,
+    dirty: BTreeSet<u64>,
+    checkpoint_file: F,
+    checkpoint_sequence: u64,
+    checkpoint_lsn: Lsn,
+}
+
+/// One data volume of an LSG.
+#[derive(Debug)]
+pub struct DataVolume<S: Store> {
+    name: String,
+    dir: String,
+    store: Arc<S>,
+    lsg_id: LsgId,
+    config: LsgConfig,
+    writable: bool,
+    inner: RwLock<Inner<S::File>>,
+}
+
+/// Volume names become directory names: keep them plain.
+pub(crate) fn validate_name(name: &str) -> Result<()> {
+    let why = if name.is_empty() || name.len() > 64 {
+        Some("must be 1 to 64 characters")
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        Some("may hold only ASCII letters, digits, '-' and '_'")
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(LsgError::InvalidName {
+            name: name.to_string(),
+            why,
+        }),
+        None => Ok(()),
+    }
+}
+
+impl<S: Store> DataVolume<S> {
+    pub(crate) fn create(
+        store: Arc<S>,
+        lsg_id: LsgId,
+        config: LsgConfig,
+        name: &str,
+    ) -> Result<Self> {
+        validate_name(name)?;
+        let dir = format!("{VOLUMES_DIR}/{name}");
+        if store.exists(&format!("{dir}/{CHECKPOINT_NAME}"))? {
+            return Err(LsgError::AlreadyExists {
+                path: store.root().join(&dir),
+            });
+        }
+        store.create_dir(&dir)?;
+        segment::create(
+            &*store,
+            &dir,
+            SegmentKind::DataVolume,
+            lsg_id,
+            1,
+            config.volume_segment_bytes,
+            false,
+        )?;
+        slots::create(
+            &*store,
+            &format!("{dir}/{CHECKPOINT_NAME}"),
+            &CHECKPOINT_MAGIC,
+            &slots::body_of(&[0, 1, SEGMENT_HEADER_BYTES]),
+        )?;
+        Self::open(store, lsg_id, config, name, true)
+    }
+
+    /// Opens a volume and rebuilds its index from its records.
+    pub(crate) fn open(
+        store: Arc<S>,
+        lsg_id: LsgId,
+        config: LsgConfig,
+        name: &str,
+        writable: bool,
+    ) -> Result<Self> {
+        validate_name(name)?;
+        let dir = format!("{VOLUMES_DIR}/{name}");
+        let checkpoint_file = store.open(&format!("{dir}/{CHECKPOINT_NAME}"))?;
+        let (checkpoint_sequence, body) = slots::read(&checkpoint_file, &CHECKPOINT_MAGIC)?;
+        let [checkpoint_lsn, synced_segment, synced_offset] =
+            slots::u64s::<3>(&body, checkpoint_file.path())?;
+        let synced = (synced_segment, synced_offset);
+        let numbers = segment::list(&*store, &dir)?;
+        if numbers.is_empty() {
+            return Err(LsgError::Missing {
+                path: store.root().join(&dir),
+                what: "no volume segments",
+            });
+        }
+        let max_payload = config.max_volume_payload_bytes();
+        let mut index = BTreeMap::new();
+        let mut files = BTreeMap::new();
+        let mut tail = None;
+        for &n in &numbers {
+            let file = Arc::new(segment::open(
+                &*store,
+                &dir,
+                SegmentKind::DataVolume,
+                lsg_id,
+                n,
+            )?);
+            files.insert(n, Arc::clone(&file));
+            if tail.is_some() {
+                // After a torn end everything is redone from the audit trail.
+                continue;
+            }
+            let start = SEGMENT_HEADER_BYTES;
+            let len = (file.len_bytes() - start) as usize;
+            let scanned = file.with_bytes(start, len, |bytes| {
+                let mut at = 0usize;
+                while at < bytes.len() {
+                    let offset = start + at as u64;
+                    match record::decode(&bytes[at..], max_payload) {
+                        Decoded::Record(v) => {
+                            apply_to_index(&mut index, n, offset, &v).map_err(|c| (offset, c))?;
+                            at += v.encoded_len();
+                        }
+                        Decoded::Zero => return Ok((offset, None)),
+                        Decoded::Invalid(what) => return Ok((offset, Some(what))),
+                    }
+                }
+                Ok((start + at as u64, None))
+            })?;
+            let (end, bad) = scanned.map_err(|(offset, what)| LsgError::Corrupt {
+                path: file.path().to_path_buf(),
+                offset,
+                what,
+            })?;
+            let before_synced = (n, end) < synced;
+            let last = n == numbers[numbers.len() - 1];
+            match bad {
+                Some(what) if before_synced => {
+                    return Err(LsgError::Corrupt {
+                        path: file.path().to_path_buf(),
+                        offset: end,
+                        what,
+                    });
+                }
+                Some(what) => {
+                    warn!(path = %file.path().display(), offset = end, %what,
+                        "data volume: torn end after its checkpoint cut off; redo restores it");
+                    tail = Some((n, end));
+                }
+                None if last && before_synced => {
+                    return Err(LsgError::Corrupt {
+                        path: file.path().to_path_buf(),
+                        offset: end,
+                        what: Corruption::Malformed("volume ends before its checkpoint position"),
+                    });
+                }
+                None if last => tail = Some((n, end)),
+                None => {}
+            }
+        }
+        let (tail_segment, tail_offset) = tail.unwrap_or((numbers[numbers.len() - 1], synced.1));
+        if writable {
+            // Nothing after the tail may ever be taken for a record: zero it, drop later files.
+            let file = &files[&tail_segment];
+            let written_end = file.with_bytes(0, file.len_bytes() as usize, |b| {
+                b.iter().rposition(|&x| x != 0).map_or(0, |i| i as u64 + 1)
+            })?;
+            if written_end > tail_offset {
+                let zeros = vec![0u8; (written_end - tail_offset) as usize];
+                file.write_at(tail_offset, &zeros)?;
+                file.sync()?;
+            }
+            let later: Vec<u64> = files.range(tail_segment + 1..).map(|(&n, _)| n).collect();
+            for n in later {
+                store.remove(&segment::segment_name(&dir, n))?;
+                files.remove(&n);
+            }
+        }
+        let live_keys = index
+            .values()
+            .filter(|e: &&Entry| e.value.is_some())
+            .count();
+        Ok(DataVolume {
+            name: name.to_string(),
+            dir,
+            store,
+            lsg_id,
+            config,
+            writable,
+            inner: RwLock::new(Inner {
+                index,
+                live_keys,
+                files,
+                tail_segment,
+                tail_offset,
+                dirty: BTreeSet::new(),
+                checkpoint_file,
+                checkpoint_sequence,
+                checkpoint_lsn: Lsn(checkpoint_lsn),
+            }),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Inner<S::File>> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Inner<S::File>> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check_key(&self, key: &[u8]) -> Result<()> {
+        let limit = self.config.max_key_bytes;
+        if key.len() > limit {
+            return Err(LsgError::KeyTooLarge {
+                length: key.len(),
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(LsgError::ReadOnly {
+                op: "write to volume",
+                path: self.store.root().join(&self.dir),
+            })
+        }
+    }
+
+    /// Writes `key` = `value` as the change with LSN `lsn`. Returns `false` and changes nothing
+    /// if the volume already holds a change to `key` at `lsn` or later (redo is idempotent).
+    pub fn put(&self, key: &[u8], value: &[u8], lsn: Lsn) -> Result<bool> {
+        self.check_writable()?;
+        self.check_key(key)?;
+        let limit = self.config.max_value_bytes;
+        if value.len() > limit {
+            return Err(LsgError::ValueTooLarge {
+                length: value.len(),
+                limit,
+            });
+        }
+        self.write_record(key, Some(value), lsn)
+    }
+
+    /// Deletes `key` as the change with LSN `lsn`; idempotent like [`put`](Self::put).
+    pub fn delete(&self, key: &[u8], lsn: Lsn) -> Result<bool> {
+        self.check_writable()?;
+        self.check_key(key)?;
+        self.write_record(key, None, lsn)
+    }
+
+    fn write_record(&self, key: &[u8], value: Option<&[u8]>, lsn: Lsn) -> Result<bool> {
+        let mut inner = self.write();
+        if inner.index.get(key).is_some_and(|e| e.lsn >= lsn) {
+            return Ok(false);
+        }
+        let mut payload =
+            Vec::with_capacity(KEY_LEN_BYTES + key.len() + value.map_or(0, <[u8]>::len));
+        payload.extend_from_slice(&(key.len() as u16).to_le_bytes());
+        payload.extend_from_slice(key);
+        let record_type = match value {
+            Some(v) => {
+                payload.extend_from_slice(v);
+                RecordType::VolumePut
+            }
+            None => RecordType::VolumeDelete,
+        };
+        let mut buf = Vec::with_capacity(record::encoded_len(payload.len()));
+        record::encode_into(&mut buf, lsn, record_type, RecordFlags::NONE, &payload);
+        if inner.tail_offset + buf.len() as u64 > self.config.volume_segment_bytes {
+            let next = inner.tail_segment + 1;
+            let file = segment::create(
+                &*self.store,
+                &self.dir,
+                SegmentKind::DataVolume,
+                self.lsg_id,
+                next,
+                self.config.volume_segment_bytes,
+                false,
+            )?;
+            inner.files.insert(next, Arc::new(file));
+            inner.tail_segment = next;
+            inner.tail_offset = SEGMENT_HEADER_BYTES;
+        }
+        let (segment, offset) = (inner.tail_segment, inner.tail_offset);
+        let file = inner
+            .files
+            .get(&segment)
+            .cloned()
+            .ok_or_else(|| LsgError::Missing {
+                path: self
+                    .store
+                    .root()
+                    .join(segment::segment_name(&self.dir, segment)),
+                what: "volume tail segment",
+            })?;
+        file.write_at(offset, &buf)?;
+        inner.tail_offset += buf.len() as u64;
+        inner.dirty.insert(segment);
+        let value = value.map(|v| Location {
+            segment,
+            value_offset: offset + (record::RECORD_HEADER_BYTES + KEY_LEN_BYTES + key.len()) as u64,
+            value_len: v.len() as u32,
+        });
+        let was_live = inner
+            .index
+            .insert(key.to_vec(), Entry { lsn, value })
+            .is_some_and(|e| e.value.is_some());
+        match (was_live, value.is_some()) {
+            (false, true) => inner.live_keys += 1,
+            (true, false) => inner.live_keys -= 1,
+            _ => {}
+        }
+        Ok(true)
+    }
+
+    /// The value of `key` and the LSN that wrote it, or `None` if absent or deleted.
+    pub fn get(&self, key: &[u8]) -> Result<Option<VolumeRecord>> {
+        self.check_key(key)?;
+        let inner = self.read();
+        let Some(entry) = inner.index.get(key) else {
+            return Ok(None);
+        };
+        let Some(loc) = entry.value else {
+            return Ok(None);
+        };
+        let value = self.read_value(&inner, loc)?;
+        Ok(Some(VolumeRecord {
+            key: key.to_vec(),
+            value,
+            lsn: entry.lsn,
+        }))
+    }
+
+    /// The generation of `key`: the LSN of the last change to it, deletes included.
+    pub fn generation(&self, key: &[u8]) -> Option<Lsn> {
+        self.read().index.get(key).map(|e| e.lsn)
+    }
+
+    fn read_value(&self, inner: &Inner<S::File>, loc: Location) -> Result<Vec<u8>> {
+        let file = inner
+            .files
+            .get(&loc.segment)
+            .ok_or_else(|| LsgError::Missing {
+                path: self
+                    .store
+                    .root()
+                    .join(segment::segment_name(&self.dir, loc.segment)),
+                what: "volume segment of an indexed record",
+            })?;
+        file.with_bytes(loc.value_offset, loc.value_len as usize, <[u8]>::to_vec)
+    }
+
+    /// Up to `limit` live records with keys in `range`, in key order. Callers page through a
+    /// large range by starting the next call after the last key returned.
+    pub fn scan(
+        &self,
+        range: (Bound<&[u8]>, Bound<&[u8]>),
+        limit: usize,
+    ) -> Result<Vec<VolumeRecord>> {
+        let inner = self.read();
+        let mut out = Vec::new();
+        for (key, entry) in inner.index.range::<[u8], _>(range) {
+            if out.len() >= limit {
+                break;
+            }
+            if let Some(loc) = entry.value {
+                out.push(VolumeRecord {
+                    key: key.clone(),
+                    value: self.read_value(&inner, loc)?,
+                    lsn: entry.lsn,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Like [`scan`](Self::scan) for any `RangeBounds` over byte strings.
+    pub fn scan_range<'k>(
+        &self,
+        range: impl RangeBounds<&'k [u8]>,
+        limit: usize,
+    ) -> Result<Vec<VolumeRecord>> {
+        let start = range.start_bound().map(|k| *k);
+        let end = range.end_bound().map(|k| *k);
+        self.scan((start, end), limit)
+    }
+
+    /// Live keys in the volume.
+    pub fn len(&self) -> usize {
+        self.read().live_keys
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The LSN recorded by the last flush: every change at or below it is in the volume's files.
+    pub fn checkpoint_lsn(&self) -> Lsn {
+        self.read().checkpoint_lsn
+    }
+
+    /// Makes every record written so far durable and records `checkpoint_lsn`: the caller
+    /// vouches that every change with an LSN at or below it has been applied to this volume.
+    pub fn flush(&self, checkpoint_lsn: Lsn) -> Result<()> {
+        self.check_writable()?;
+        let mut inner = self.write();
+        let dirty: Vec<u64> = std::mem::take(&mut inner.dirty).into_iter().collect();
+        for n in &dirty {
+            if let Some(file) = inner.files.get(n) {
+                file.sync()?;
+            }
+        }
+        let lsn = checkpoint_lsn.max(inner.checkpoint_lsn);
+        let body = slots::body_of(&[lsn.0, inner.tail_segment, inner.tail_offset]);
+        let next = slots::write(
+            &inner.checkpoint_file,
+            &CHECKPOINT_MAGIC,
+            inner.checkpoint_sequence,
+            &body,
+        )?;
+        inner.checkpoint_sequence = next;
+        inner.checkpoint_lsn = lsn;
+        Ok(())
+    }
+}
+
+/// Applies one record read back from a volume file to the index.
+fn apply_to_index(
+    index: &mut BTreeMap<Vec<u8>, Entry>,
+    segment: u64,
+    offset: u64,
+    v: &record::RecordView<'_>,
+) -> std::result::Result<(), Corruption> {
+    let p = v.payload;
+    if p.len() < KEY_LEN_BYTES {
+        return Err(Corruption::Malformed("volume record without a key length"));
+    }
+    let key_len = u16::from_le_bytes([p[0], p[1]]) as usize;
+    let Some(key) = p.get(KEY_LEN_BYTES..KEY_LEN_BYTES + key_len) else {
+        return Err(Corruption::Malformed(
+            "volume record key longer than its payload",
+        ));
+    };
+    let value = match v.record_type {
+        RecordType::VolumePut => Some(Location {
+            segment,
+            value_offset: offset + (record::RECORD_HEADER_BYTES + KEY_LEN_BYTES + key_len) as u64,
+            value_len: (p.len() - KEY_LEN_BYTES - key_len) as u32,
+        }),
+        RecordType::VolumeDelete => None,
+        _ => return Err(Corruption::UnknownRecordType(v.record_type as u8)),
+    };
+    index.insert(key.to_vec(), Entry { lsn: v.lsn, value });
+    Ok(())
+}
