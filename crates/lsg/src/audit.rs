@@ -217,7 +217,7 @@ impl<S: Store> AuditTrail<S> {
         let mut tail = None;
         for &n in numbers.iter().rev() {
             let file = &files[&n];
-            let scan = scan_tail(&**file, max_payload)?;
+            let scan = scan_tail(&**file, max_payload, window)?;
             if let Some((offset, what)) = &scan.bad {
                 if scan.written_end > offset.saturating_add(window) {
                     return Err(LsgError::Corrupt {
@@ -837,8 +837,11 @@ fn zeros_inside<F: StoreFile>(file: &F, offset: u64) -> LsgError {
     }
 }
 
-/// Scans one segment from its first record to the end of its valid records.
-fn scan_tail<F: StoreFile>(file: &F, max_payload: usize) -> Result<TailScan> {
+/// Scans one segment from its first record to the end of its valid records, and finds how far
+/// bytes were written past that end. A flush writes at most `window` bytes, so after a clean end
+/// only the next `window` bytes can hold leftovers of a torn flush; after an invalid record the
+/// whole rest of the segment is searched, since data far beyond it proves corruption.
+fn scan_tail<F: StoreFile>(file: &F, max_payload: usize, window: u64) -> Result<TailScan> {
     let start = SEGMENT_HEADER_BYTES;
     let len = (file.len_bytes() - start) as usize;
     file.with_bytes(start, len, |bytes| {
@@ -870,15 +873,20 @@ fn scan_tail<F: StoreFile>(file: &F, max_payload: usize) -> Result<TailScan> {
                 }
             }
         }
-        let written_end = bytes
+        let search_end = if bad.is_some() {
+            bytes.len()
+        } else {
+            bytes.len().min(at.saturating_add(window as usize))
+        };
+        let written_end = bytes[at..search_end]
             .iter()
             .rposition(|&b| b != 0)
-            .map_or(start, |i| start + i as u64 + 1);
+            .map_or(at, |i| at + i + 1);
         TailScan {
             last_lsn: last,
             end_offset: start + at as u64,
             bad,
-            written_end: written_end.max(start + at as u64),
+            written_end: start + written_end as u64,
         }
     })
 }

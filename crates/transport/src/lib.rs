@@ -1,1 +1,24 @@
-//! placeholder
+//! The Duplex cluster transport: how every CPU talks to every other, and how each learns that
+//! another is gone.
+//!
+//! - `wire`: the frame layout and protocol versions, shared by everything below.
+//! - `detector`: failure detection as a sans-IO state machine (keep-alives, main/failsafe paths).
+//! - `transport`: the `Transport` trait, its events and errors.
+//! - `sim`: the simulated twin, a seeded in-memory network with a virtual clock.
+//! - `quic`: the real implementation on quinn with mutual TLS, reconnects and fault injection.
+//! - `certs`: the cluster CA and node certificates.
+
+pub mod addr;
+pub mod certs;
+pub mod detector;
+pub mod quic;
+pub mod sim;
+pub mod transport;
+pub mod wire;
+
+pub use addr::{EndpointId, Path, PeerAddrs};
+pub use detector::{DetectorConfig, FailureDetector, PeerEvent, PeerStatus};
+pub use quic::{FaultInjector, QuicConfig, QuicError, QuicTransport};
+pub use sim::{SimConfig, SimNetwork, SimTransport};
+pub use transport::{Event, RequestId, Transport, TransportError};
+pub use wire::{Frame, FrameDecoder, FrameError, Hello, PROTOCOL_VERSION, StreamId};

@@ -1,0 +1,78 @@
+//! Addresses: every CPU of the cluster is an endpoint named by (node, CPU), reachable over a
+//! main path and, optionally, a failsafe path (seed 001). Callers never see socket addresses
+//! beyond configuration; everything else speaks `EndpointId`.
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// One CPU of the cluster: one OS process with its own transport endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct EndpointId {
+    pub node: u16,
+    pub cpu: u16,
+}
+
+impl EndpointId {
+    pub const fn new(node: u16, cpu: u16) -> Self {
+        EndpointId { node, cpu }
+    }
+}
+
+impl fmt::Display for EndpointId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.node, self.cpu)
+    }
+}
+
+/// Which of a peer's two links a frame travelled on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Path {
+    Main,
+    Failsafe,
+}
+
+impl Path {
+    pub const ALL: [Path; 2] = [Path::Main, Path::Failsafe];
+
+    pub(crate) fn to_byte(self) -> u8 {
+        match self {
+            Path::Main => 0,
+            Path::Failsafe => 1,
+        }
+    }
+
+    pub(crate) fn from_byte(b: u8) -> Option<Path> {
+        match b {
+            0 => Some(Path::Main),
+            1 => Some(Path::Failsafe),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Path {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Path::Main => f.write_str("main"),
+            Path::Failsafe => f.write_str("failsafe"),
+        }
+    }
+}
+
+/// Where a peer listens: always a main address, optionally a failsafe one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerAddrs {
+    pub main: SocketAddr,
+    pub failsafe: Option<SocketAddr>,
+}
+
+impl PeerAddrs {
+    pub fn get(&self, path: Path) -> Option<SocketAddr> {
+        match path {
+            Path::Main => Some(self.main),
+            Path::Failsafe => self.failsafe,
+        }
+    }
+}

@@ -1,0 +1,338 @@
+//! Failure detection as a plain state machine: frames heard and clock ticks go in, keep-alives
+//! to send and up/down events come out, and `now` is always passed in. The QUIC driver and the
+//! simulated network both run this same code, so a detection bug shows up in simulation.
+//!
+//! Model (seed 001): every peer has a main path and maybe a failsafe path. Any frame heard on a
+//! path proves that path alive; a path is down after `detection_time_ms` of silence. The peer is
+//! down only when all its paths are down. A path that goes down or up while the peer stays up
+//! is a link event, not a peer event: a cut main link is a link failure, not a node failure.
+//! Peers start down and come up at the first frame heard.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+use crate::addr::{EndpointId, Path};
+
+/// Timing of failure detection. Defaults suit loopback: down after 300 ms of silence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DetectorConfig {
+    /// How often a keep-alive goes out on every path of every peer.
+    pub keepalive_interval_ms: u64,
+    /// Silence after which a path is declared down.
+    pub detection_time_ms: u64,
+}
+
+impl Default for DetectorConfig {
+    fn default() -> Self {
+        DetectorConfig { keepalive_interval_ms: 50, detection_time_ms: 300 }
+    }
+}
+
+impl DetectorConfig {
+    /// A detection time with keep-alives six times as frequent, so that a few lost
+    /// keep-alives never cause a false down.
+    pub fn with_detection_time_ms(detection_time_ms: u64) -> Self {
+        DetectorConfig {
+            keepalive_interval_ms: (detection_time_ms / 6).max(1),
+            detection_time_ms: detection_time_ms.max(1),
+        }
+    }
+}
+
+/// What the detector tells the rest of the system about a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PeerEvent {
+    /// The first path of a down peer was heard.
+    Up { peer: EndpointId },
+    /// Every path of the peer has been silent for the detection time.
+    Down { peer: EndpointId },
+    /// One path went silent while another still hears the peer: a link failure.
+    LinkDown { peer: EndpointId, path: Path },
+    /// A path came back while the peer was up.
+    LinkUp { peer: EndpointId, path: Path },
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DetectorAction {
+    SendKeepAlive { peer: EndpointId, path: Path },
+    Report(PeerEvent),
+}
+
+/// Bound on queued actions; a driver that stops polling cannot grow memory without limit.
+pub const ACTION_QUEUE_MAX: usize = 4096;
+
+#[derive(Debug, Clone, Copy)]
+struct PathState {
+    last_heard: Option<Duration>,
+    last_keepalive_sent: Option<Duration>,
+    up: bool,
+}
+
+#[derive(Debug, Clone)]
+struct PeerState {
+    paths: BTreeMap<Path, PathState>,
+    up: bool,
+}
+
+/// The observed state of one peer, for status pages and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub up: bool,
+    pub paths_up: Vec<Path>,
+}
+
+#[derive(Debug)]
+pub struct FailureDetector {
+    config: DetectorConfig,
+    peers: BTreeMap<EndpointId, PeerState>,
+    actions: VecDeque<DetectorAction>,
+}
+
+impl FailureDetector {
+    pub fn new(config: DetectorConfig) -> Self {
+        FailureDetector { config, peers: BTreeMap::new(), actions: VecDeque::new() }
+    }
+
+    pub fn config(&self) -> DetectorConfig {
+        self.config
+    }
+
+    /// Starts watching a peer on the given paths. Watching a known peer again adds paths.
+    pub fn add_peer(&mut self, peer: EndpointId, paths: &[Path]) {
+        let state = self
+            .peers
+            .entry(peer)
+            .or_insert_with(|| PeerState { paths: BTreeMap::new(), up: false });
+        for &path in paths {
+            state.paths.entry(path).or_insert(PathState {
+                last_heard: None,
+                last_keepalive_sent: None,
+                up: false,
+            });
+        }
+    }
+
+    pub fn remove_peer(&mut self, peer: EndpointId) {
+        self.peers.remove(&peer);
+    }
+
+    pub fn peers(&self) -> impl Iterator<Item = EndpointId> + '_ {
+        self.peers.keys().copied()
+    }
+
+    pub fn status(&self, peer: EndpointId) -> Option<PeerStatus> {
+        self.peers.get(&peer).map(|p| PeerStatus {
+            up: p.up,
+            paths_up: p.paths.iter().filter(|(_, s)| s.up).map(|(path, _)| *path).collect(),
+        })
+    }
+
+    fn push(&mut self, action: DetectorAction) {
+        if self.actions.len() >= ACTION_QUEUE_MAX {
+            // Keep-alives are periodic and idempotent; dropping the oldest one loses nothing.
+            if let Some(pos) =
+                self.actions.iter().position(|a| matches!(a, DetectorAction::SendKeepAlive { .. }))
+            {
+                self.actions.remove(pos);
+            } else {
+                self.actions.pop_front();
+            }
+        }
+        self.actions.push_back(action);
+    }
+
+    /// Any frame from `peer` arrived on `path`. Unknown peers are watched from now on.
+    pub fn on_heard(&mut self, peer: EndpointId, path: Path, now: Duration) {
+        self.add_peer(peer, &[path]);
+        let Some(state) = self.peers.get_mut(&peer) else { return };
+        let Some(ps) = state.paths.get_mut(&path) else { return };
+        ps.last_heard = Some(now);
+        if ps.up {
+            return;
+        }
+        ps.up = true;
+        let event = if state.up {
+            PeerEvent::LinkUp { peer, path }
+        } else {
+            state.up = true;
+            PeerEvent::Up { peer }
+        };
+        self.push(DetectorAction::Report(event));
+    }
+
+    /// Advances time: queues the keep-alives that are due and the paths and peers that fell silent.
+    pub fn on_tick(&mut self, now: Duration) {
+        let interval = Duration::from_millis(self.config.keepalive_interval_ms);
+        let detection = Duration::from_millis(self.config.detection_time_ms);
+        let mut out = Vec::new();
+        for (&peer, state) in self.peers.iter_mut() {
+            let mut went_down = Vec::new();
+            for (&path, ps) in state.paths.iter_mut() {
+                let due = ps.last_keepalive_sent.is_none_or(|t| now >= t + interval);
+                if due {
+                    ps.last_keepalive_sent = Some(now);
+                    out.push(DetectorAction::SendKeepAlive { peer, path });
+                }
+                if ps.up && ps.last_heard.is_some_and(|t| now >= t + detection) {
+                    ps.up = false;
+                    went_down.push(path);
+                }
+            }
+            if went_down.is_empty() {
+                continue;
+            }
+            if state.up && state.paths.values().all(|p| !p.up) {
+                state.up = false;
+                out.push(DetectorAction::Report(PeerEvent::Down { peer }));
+            } else if state.up {
+                for path in went_down {
+                    out.push(DetectorAction::Report(PeerEvent::LinkDown { peer, path }));
+                }
+            }
+        }
+        for a in out {
+            self.push(a);
+        }
+    }
+
+    /// The next action the driver must carry out.
+    pub fn poll_action(&mut self) -> Option<DetectorAction> {
+        self.actions.pop_front()
+    }
+
+    /// When `on_tick` next has work to do: the next keep-alive or silence deadline.
+    pub fn next_deadline(&self) -> Option<Duration> {
+        let interval = Duration::from_millis(self.config.keepalive_interval_ms);
+        let detection = Duration::from_millis(self.config.detection_time_ms);
+        let mut next: Option<Duration> = None;
+        for state in self.peers.values() {
+            for ps in state.paths.values() {
+                let keepalive = ps.last_keepalive_sent.map_or(Duration::ZERO, |t| t + interval);
+                next = Some(next.map_or(keepalive, |n| n.min(keepalive)));
+                if ps.up
+                    && let Some(t) = ps.last_heard
+                {
+                    let silence = t + detection;
+                    next = Some(next.map_or(silence, |n| n.min(silence)));
+                }
+            }
+        }
+        next
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: EndpointId = EndpointId::new(1, 0);
+
+    fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+
+    fn events(d: &mut FailureDetector) -> Vec<PeerEvent> {
+        let mut out = Vec::new();
+        while let Some(a) = d.poll_action() {
+            if let DetectorAction::Report(e) = a {
+                out.push(e);
+            }
+        }
+        out
+    }
+
+    fn detector() -> FailureDetector {
+        let mut d = FailureDetector::new(DetectorConfig { keepalive_interval_ms: 50, detection_time_ms: 300 });
+        d.add_peer(A, &Path::ALL);
+        d
+    }
+
+    #[test]
+    fn silent_peer_goes_down_after_detection_time_and_not_before() {
+        let mut d = detector();
+        d.on_heard(A, Path::Main, ms(0));
+        d.on_heard(A, Path::Failsafe, ms(0));
+        assert_eq!(events(&mut d), vec![PeerEvent::Up { peer: A }, PeerEvent::LinkUp { peer: A, path: Path::Failsafe }]);
+        d.on_tick(ms(299));
+        assert_eq!(events(&mut d), vec![]);
+        d.on_tick(ms(300));
+        assert_eq!(events(&mut d), vec![PeerEvent::Down { peer: A }]);
+        assert_eq!(d.status(A), Some(PeerStatus { up: false, paths_up: vec![] }));
+    }
+
+    #[test]
+    fn main_cut_with_failsafe_alive_is_a_link_failure() {
+        let mut d = detector();
+        d.on_heard(A, Path::Main, ms(0));
+        d.on_heard(A, Path::Failsafe, ms(0));
+        events(&mut d);
+        for t in (50..=1000).step_by(50) {
+            d.on_heard(A, Path::Failsafe, ms(t));
+            d.on_tick(ms(t));
+        }
+        assert_eq!(events(&mut d), vec![PeerEvent::LinkDown { peer: A, path: Path::Main }]);
+        d.on_heard(A, Path::Main, ms(1010));
+        assert_eq!(events(&mut d), vec![PeerEvent::LinkUp { peer: A, path: Path::Main }]);
+        assert_eq!(d.status(A), Some(PeerStatus { up: true, paths_up: vec![Path::Main, Path::Failsafe] }));
+    }
+
+    #[test]
+    fn peer_comes_back_up_after_down() {
+        let mut d = detector();
+        d.on_heard(A, Path::Main, ms(0));
+        d.on_tick(ms(400));
+        d.on_heard(A, Path::Main, ms(500));
+        assert_eq!(events(&mut d), vec![PeerEvent::Up { peer: A }, PeerEvent::Down { peer: A }, PeerEvent::Up { peer: A }]);
+    }
+
+    #[test]
+    fn keepalives_go_out_on_every_path_at_the_interval() {
+        let mut d = detector();
+        let mut sent = Vec::new();
+        for t in (0..=200).step_by(10) {
+            d.on_tick(ms(t));
+            while let Some(a) = d.poll_action() {
+                if let DetectorAction::SendKeepAlive { path, .. } = a {
+                    sent.push((t, path));
+                }
+            }
+        }
+        let main: Vec<u64> = sent.iter().filter(|(_, p)| *p == Path::Main).map(|(t, _)| *t).collect();
+        assert_eq!(main, vec![0, 50, 100, 150, 200]);
+        assert_eq!(sent.len(), 10);
+    }
+
+    #[test]
+    fn next_deadline_covers_keepalive_and_silence() {
+        let mut d = detector();
+        assert_eq!(d.next_deadline(), Some(ms(0)));
+        d.on_tick(ms(0));
+        d.on_heard(A, Path::Main, ms(10));
+        assert_eq!(d.next_deadline(), Some(ms(50)));
+        let mut t = ms(0);
+        for _ in 0..100 {
+            let Some(next) = d.next_deadline() else { break };
+            t = next;
+            d.on_tick(t);
+            if events(&mut d).contains(&PeerEvent::Down { peer: A }) {
+                break;
+            }
+        }
+        assert_eq!(t, ms(310));
+    }
+
+    #[test]
+    fn action_queue_is_bounded() {
+        let mut d = FailureDetector::new(DetectorConfig::default());
+        for n in 0..(ACTION_QUEUE_MAX as u16) {
+            d.add_peer(EndpointId::new(n, 0), &Path::ALL);
+        }
+        d.on_tick(ms(0));
+        let mut count = 0;
+        while d.poll_action().is_some() {
+            count += 1;
+        }
+        assert_eq!(count, ACTION_QUEUE_MAX);
+    }
+}
