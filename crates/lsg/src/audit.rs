@@ -79,6 +79,10 @@ struct State<F> {
     pending: Vec<Chunk>,
     pending_bytes: usize,
     flushing: bool,
+    /// Counts flushes started; the one running (if any) has this number.
+    flush_generation: u64,
+    /// The last LSN in the flush running.
+    flushing_upto: Lsn,
     /// Every record up to this LSN is on stable storage.
     durable_lsn: Lsn,
     /// The byte position just after the durable records; readers never look past it.
@@ -99,7 +103,9 @@ struct Shared<S: Store> {
     config: LsgConfig,
     fence: Option<Fence<S::File>>,
     state: Mutex<State<S::File>>,
-    changed: Condvar,
+    /// Waiters of flush generation g sleep on `flushed[g % 2]`: a finished flush wakes its own
+    /// waiters and one waiter of the next batch to lead it, not every appender.
+    flushed: [Condvar; 2],
     /// Serialises segment creation between the flusher and the preallocator.
     creating: Mutex<()>,
 }
@@ -264,6 +270,8 @@ impl<S: Store> AuditTrail<S> {
                 pending: Vec::new(),
                 pending_bytes: 0,
                 flushing: false,
+                flush_generation: 0,
+                flushing_upto: last_lsn,
                 durable_lsn: last_lsn,
                 durable_end: tail_pos,
                 failure: None,
@@ -272,7 +280,7 @@ impl<S: Store> AuditTrail<S> {
                 preallocated_up_to,
                 stats: AuditStats::default(),
             }),
-            changed: Condvar::new(),
+            flushed: [Condvar::new(), Condvar::new()],
             creating: Mutex::new(()),
         });
         let preallocator = if writable {
@@ -601,7 +609,11 @@ impl<S: Store> Shared<S> {
                 return Ok(st);
             }
             if st.flushing {
-                st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+                let g = st.flush_generation;
+                let turn = if lsn <= st.flushing_upto { g } else { g + 1 };
+                st = self.flushed[(turn % 2) as usize]
+                    .wait(st)
+                    .unwrap_or_else(|p| p.into_inner());
                 continue;
             }
             let batch = std::mem::take(&mut st.pending);
@@ -609,6 +621,9 @@ impl<S: Store> Shared<S> {
             let batch_last = Lsn(st.next_lsn.0 - 1);
             let batch_end = st.tail;
             st.flushing = true;
+            st.flush_generation += 1;
+            st.flushing_upto = batch_last;
+            let g = st.flush_generation;
             drop(st);
             let _span =
                 tracing::trace_span!("audit_flush", bytes = batch_bytes, upto = %batch_last)
@@ -622,7 +637,9 @@ impl<S: Store> Shared<S> {
                     st.durable_end = batch_end;
                     st.stats.flushes += 1;
                     st.stats.bytes_flushed += batch_bytes as u64;
-                    self.changed.notify_all();
+                    // The next leader first, so its flush starts before the woken commit.
+                    self.flushed[((g + 1) % 2) as usize].notify_one();
+                    self.flushed[(g % 2) as usize].notify_all();
                 }
                 Err(e) if e.is_retriable() => {
                     // Nothing is lost: the batch goes back in front of what came since; a later
@@ -631,15 +648,21 @@ impl<S: Store> Shared<S> {
                     batch.append(&mut st.pending);
                     st.pending = batch;
                     st.pending_bytes += batch_bytes;
-                    self.changed.notify_all();
+                    self.wake_all();
                     return Err(e);
                 }
                 Err(e) => {
                     st.failure = Some(e.to_string());
-                    self.changed.notify_all();
+                    self.wake_all();
                     return Err(e);
                 }
             }
+        }
+    }
+
+    fn wake_all(&self) {
+        for cv in &self.flushed {
+            cv.notify_all();
         }
     }
 

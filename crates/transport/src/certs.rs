@@ -27,9 +27,15 @@ pub enum CertError {
     #[error("generating {what}: {source}")]
     Generate { what: String, source: rcgen::Error },
     #[error("reading {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("writing {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("parsing {path}: {reason}")]
     Parse { path: PathBuf, reason: String },
     #[error("building TLS configuration: {reason}")]
@@ -42,11 +48,20 @@ pub fn node_server_name(node: u16) -> String {
 }
 
 fn ca_params() -> Result<CertificateParams, CertError> {
-    let mut params = CertificateParams::new(Vec::<String>::new())
-        .map_err(|source| CertError::Generate { what: "CA parameters".into(), source })?;
-    params.distinguished_name.push(DnType::CommonName, "Duplex cluster CA");
+    let mut params =
+        CertificateParams::new(Vec::<String>::new()).map_err(|source| CertError::Generate {
+            what: "CA parameters".into(),
+            source,
+        })?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "Duplex cluster CA");
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     Ok(params)
 }
 
@@ -67,26 +82,54 @@ pub struct NodeCert {
 
 impl ClusterCa {
     pub fn generate() -> Result<Self, CertError> {
-        let key = KeyPair::generate().map_err(|source| CertError::Generate { what: "CA key".into(), source })?;
+        let key = KeyPair::generate().map_err(|source| CertError::Generate {
+            what: "CA key".into(),
+            source,
+        })?;
         let cert = ca_params()?
             .self_signed(&key)
-            .map_err(|source| CertError::Generate { what: "CA certificate".into(), source })?;
-        Ok(ClusterCa { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+            .map_err(|source| CertError::Generate {
+                what: "CA certificate".into(),
+                source,
+            })?;
+        Ok(ClusterCa {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
     }
 
     pub fn issue_node(&self, node: u16) -> Result<NodeCert, CertError> {
         let what = |w: &str| format!("{w} of node {node}");
-        let ca_key = KeyPair::from_pem(&self.key_pem)
-            .map_err(|source| CertError::Generate { what: "loading the CA key".into(), source })?;
+        let ca_key = KeyPair::from_pem(&self.key_pem).map_err(|source| CertError::Generate {
+            what: "loading the CA key".into(),
+            source,
+        })?;
         let issuer = Issuer::new(ca_params()?, ca_key);
-        let key = KeyPair::generate().map_err(|source| CertError::Generate { what: what("key"), source })?;
-        let mut params = CertificateParams::new(vec![node_server_name(node)])
-            .map_err(|source| CertError::Generate { what: what("parameters"), source })?;
-        params.distinguished_name.push(DnType::CommonName, node_server_name(node));
+        let key = KeyPair::generate().map_err(|source| CertError::Generate {
+            what: what("key"),
+            source,
+        })?;
+        let mut params =
+            CertificateParams::new(vec![node_server_name(node)]).map_err(|source| {
+                CertError::Generate {
+                    what: what("parameters"),
+                    source,
+                }
+            })?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, node_server_name(node));
         let cert = params
             .signed_by(&key, &issuer)
-            .map_err(|source| CertError::Generate { what: what("certificate"), source })?;
-        Ok(NodeCert { node, cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+            .map_err(|source| CertError::Generate {
+                what: what("certificate"),
+                source,
+            })?;
+        Ok(NodeCert {
+            node,
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
     }
 }
 
@@ -100,9 +143,15 @@ fn read(path: PathBuf) -> Result<String, CertError> {
 
 /// Creates the CA and the certificates of `nodes` in `dir` unless they already exist.
 pub fn ensure_cluster_certs(dir: &FsPath, nodes: &[u16]) -> Result<(), CertError> {
-    fs::create_dir_all(dir).map_err(|source| CertError::Write { path: dir.to_path_buf(), source })?;
+    fs::create_dir_all(dir).map_err(|source| CertError::Write {
+        path: dir.to_path_buf(),
+        source,
+    })?;
     let ca = if dir.join("ca.pem").exists() {
-        ClusterCa { cert_pem: read(dir.join("ca.pem"))?, key_pem: read(dir.join("ca.key"))? }
+        ClusterCa {
+            cert_pem: read(dir.join("ca.pem"))?,
+            key_pem: read(dir.join("ca.key"))?,
+        }
     } else {
         let ca = ClusterCa::generate()?;
         write(dir.join("ca.key"), &ca.key_pem)?;
@@ -131,14 +180,23 @@ pub struct NodeCredentials {
 
 impl Clone for NodeCredentials {
     fn clone(&self) -> Self {
-        NodeCredentials { node: self.node, ca: self.ca.clone(), cert: self.cert.clone(), key: self.key.clone_key() }
+        NodeCredentials {
+            node: self.node,
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone_key(),
+        }
     }
 }
 
 impl NodeCredentials {
     pub fn from_pem(node: u16, ca_pem: &str, cert: &NodeCert) -> Result<Self, CertError> {
-        let parse = |what: &str, reason: String| CertError::Parse { path: PathBuf::from(what), reason };
-        let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(|e| parse("CA certificate", e.to_string()))?;
+        let parse = |what: &str, reason: String| CertError::Parse {
+            path: PathBuf::from(what),
+            reason,
+        };
+        let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes())
+            .map_err(|e| parse("CA certificate", e.to_string()))?;
         let node_cert = CertificateDer::from_pem_slice(cert.cert_pem.as_bytes())
             .map_err(|e| parse("node certificate", e.to_string()))?;
         let key = match PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()) {
@@ -146,7 +204,12 @@ impl NodeCredentials {
             Ok(_) => return Err(parse("node key", "expected a PKCS#8 key".into())),
             Err(e) => return Err(parse("node key", e.to_string())),
         };
-        Ok(NodeCredentials { node, ca, cert: node_cert, key })
+        Ok(NodeCredentials {
+            node,
+            ca,
+            cert: node_cert,
+            key,
+        })
     }
 
     /// Loads node `node`'s credentials from a cert directory made by `ensure_cluster_certs`.
@@ -158,14 +221,19 @@ impl NodeCredentials {
             key_pem: read(dir.join(format!("node-{node}.key")))?,
         };
         NodeCredentials::from_pem(node, &ca_pem, &cert).map_err(|e| match e {
-            CertError::Parse { reason, path } => CertError::Parse { path: dir.join(path), reason },
+            CertError::Parse { reason, path } => CertError::Parse {
+                path: dir.join(path),
+                reason,
+            },
             other => other,
         })
     }
 }
 
 fn tls_err(e: impl std::fmt::Display) -> CertError {
-    CertError::Tls { reason: e.to_string() }
+    CertError::Tls {
+        reason: e.to_string(),
+    }
 }
 
 /// QUIC timing shared by the transport and the bare-quinn baseline of the benchmark.
@@ -184,34 +252,44 @@ pub fn quinn_configs(
     let mut roots = RootCertStore::empty();
     roots.add(creds.ca.clone()).map_err(tls_err)?;
     let roots = Arc::new(roots);
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::clone(&roots), Arc::clone(&provider))
-        .build()
-        .map_err(tls_err)?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::clone(&roots), Arc::clone(&provider))
+            .build()
+            .map_err(tls_err)?;
     let mut server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(vec![creds.cert.clone()], PrivateKeyDer::Pkcs8(creds.key.clone_key()))
+        .with_single_cert(
+            vec![creds.cert.clone()],
+            PrivateKeyDer::Pkcs8(creds.key.clone_key()),
+        )
         .map_err(tls_err)?;
     server.alpn_protocols = vec![ALPN.to_vec()];
     let mut client = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?
         .with_root_certificates(Arc::clone(&roots))
-        .with_client_auth_cert(vec![creds.cert.clone()], PrivateKeyDer::Pkcs8(creds.key.clone_key()))
+        .with_client_auth_cert(
+            vec![creds.cert.clone()],
+            PrivateKeyDer::Pkcs8(creds.key.clone_key()),
+        )
         .map_err(tls_err)?;
     client.alpn_protocols = vec![ALPN.to_vec()];
 
     let mut transport = quinn::TransportConfig::default();
-    let idle = quinn::IdleTimeout::try_from(Duration::from_millis(timing.idle_timeout_ms)).map_err(tls_err)?;
+    let idle = quinn::IdleTimeout::try_from(Duration::from_millis(timing.idle_timeout_ms))
+        .map_err(tls_err)?;
     transport.max_idle_timeout(Some(idle));
     transport.keep_alive_interval(timing.keep_alive_interval_ms.map(Duration::from_millis));
     let transport = Arc::new(transport);
 
-    let server_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(server).map_err(tls_err)?;
+    let server_crypto =
+        quinn::crypto::rustls::QuicServerConfig::try_from(server).map_err(tls_err)?;
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
     server_config.transport_config(Arc::clone(&transport));
-    let client_crypto = quinn::crypto::rustls::QuicClientConfig::try_from(client).map_err(tls_err)?;
+    let client_crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(client).map_err(tls_err)?;
     let mut client_config = quinn::ClientConfig::new(Arc::new(client_crypto));
     client_config.transport_config(transport);
     Ok((server_config, client_config))
@@ -227,9 +305,22 @@ mod tests {
         ensure_cluster_certs(dir.path(), &[1, 2]).expect("create");
         let before = fs::read_to_string(dir.path().join("ca.pem")).expect("ca");
         ensure_cluster_certs(dir.path(), &[1, 2, 3]).expect("extend");
-        assert_eq!(before, fs::read_to_string(dir.path().join("ca.pem")).expect("ca"));
+        assert_eq!(
+            before,
+            fs::read_to_string(dir.path().join("ca.pem")).expect("ca")
+        );
         let creds = NodeCredentials::load(dir.path(), 3).expect("load");
-        quinn_configs(&creds, QuicTiming { idle_timeout_ms: 1000, keep_alive_interval_ms: None }).expect("configs");
-        assert!(matches!(NodeCredentials::load(dir.path(), 9), Err(CertError::Read { .. })));
+        quinn_configs(
+            &creds,
+            QuicTiming {
+                idle_timeout_ms: 1000,
+                keep_alive_interval_ms: None,
+            },
+        )
+        .expect("configs");
+        assert!(matches!(
+            NodeCredentials::load(dir.path(), 9),
+            Err(CertError::Read { .. })
+        ));
     }
 }

@@ -24,7 +24,10 @@ pub struct DetectorConfig {
 
 impl Default for DetectorConfig {
     fn default() -> Self {
-        DetectorConfig { keepalive_interval_ms: 50, detection_time_ms: 300 }
+        DetectorConfig {
+            keepalive_interval_ms: 50,
+            detection_time_ms: 300,
+        }
     }
 }
 
@@ -91,7 +94,11 @@ pub struct FailureDetector {
 
 impl FailureDetector {
     pub fn new(config: DetectorConfig) -> Self {
-        FailureDetector { config, peers: BTreeMap::new(), actions: VecDeque::new() }
+        FailureDetector {
+            config,
+            peers: BTreeMap::new(),
+            actions: VecDeque::new(),
+        }
     }
 
     pub fn config(&self) -> DetectorConfig {
@@ -100,10 +107,10 @@ impl FailureDetector {
 
     /// Starts watching a peer on the given paths. Watching a known peer again adds paths.
     pub fn add_peer(&mut self, peer: EndpointId, paths: &[Path]) {
-        let state = self
-            .peers
-            .entry(peer)
-            .or_insert_with(|| PeerState { paths: BTreeMap::new(), up: false });
+        let state = self.peers.entry(peer).or_insert_with(|| PeerState {
+            paths: BTreeMap::new(),
+            up: false,
+        });
         for &path in paths {
             state.paths.entry(path).or_insert(PathState {
                 last_heard: None,
@@ -124,15 +131,30 @@ impl FailureDetector {
     pub fn status(&self, peer: EndpointId) -> Option<PeerStatus> {
         self.peers.get(&peer).map(|p| PeerStatus {
             up: p.up,
-            paths_up: p.paths.iter().filter(|(_, s)| s.up).map(|(path, _)| *path).collect(),
+            paths_up: p
+                .paths
+                .iter()
+                .filter(|(_, s)| s.up)
+                .map(|(path, _)| *path)
+                .collect(),
         })
+    }
+
+    /// Whether `path` to `peer` is up; `None` for a peer not watched. Cheap: no allocation,
+    /// because the transports ask on every frame.
+    pub fn path_up(&self, peer: EndpointId, path: Path) -> Option<bool> {
+        self.peers
+            .get(&peer)
+            .map(|p| p.paths.get(&path).is_some_and(|s| s.up))
     }
 
     fn push(&mut self, action: DetectorAction) {
         if self.actions.len() >= ACTION_QUEUE_MAX {
             // Keep-alives are periodic and idempotent; dropping the oldest one loses nothing.
-            if let Some(pos) =
-                self.actions.iter().position(|a| matches!(a, DetectorAction::SendKeepAlive { .. }))
+            if let Some(pos) = self
+                .actions
+                .iter()
+                .position(|a| matches!(a, DetectorAction::SendKeepAlive { .. }))
             {
                 self.actions.remove(pos);
             } else {
@@ -145,8 +167,12 @@ impl FailureDetector {
     /// Any frame from `peer` arrived on `path`. Unknown peers are watched from now on.
     pub fn on_heard(&mut self, peer: EndpointId, path: Path, now: Duration) {
         self.add_peer(peer, &[path]);
-        let Some(state) = self.peers.get_mut(&peer) else { return };
-        let Some(ps) = state.paths.get_mut(&path) else { return };
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        let Some(ps) = state.paths.get_mut(&path) else {
+            return;
+        };
         ps.last_heard = Some(now);
         if ps.up {
             return;
@@ -208,7 +234,9 @@ impl FailureDetector {
         let mut next: Option<Duration> = None;
         for state in self.peers.values() {
             for ps in state.paths.values() {
-                let keepalive = ps.last_keepalive_sent.map_or(Duration::ZERO, |t| t + interval);
+                let keepalive = ps
+                    .last_keepalive_sent
+                    .map_or(Duration::ZERO, |t| t + interval);
                 next = Some(next.map_or(keepalive, |n| n.min(keepalive)));
                 if ps.up
                     && let Some(t) = ps.last_heard
@@ -243,7 +271,10 @@ mod tests {
     }
 
     fn detector() -> FailureDetector {
-        let mut d = FailureDetector::new(DetectorConfig { keepalive_interval_ms: 50, detection_time_ms: 300 });
+        let mut d = FailureDetector::new(DetectorConfig {
+            keepalive_interval_ms: 50,
+            detection_time_ms: 300,
+        });
         d.add_peer(A, &Path::ALL);
         d
     }
@@ -253,12 +284,27 @@ mod tests {
         let mut d = detector();
         d.on_heard(A, Path::Main, ms(0));
         d.on_heard(A, Path::Failsafe, ms(0));
-        assert_eq!(events(&mut d), vec![PeerEvent::Up { peer: A }, PeerEvent::LinkUp { peer: A, path: Path::Failsafe }]);
+        assert_eq!(
+            events(&mut d),
+            vec![
+                PeerEvent::Up { peer: A },
+                PeerEvent::LinkUp {
+                    peer: A,
+                    path: Path::Failsafe
+                }
+            ]
+        );
         d.on_tick(ms(299));
         assert_eq!(events(&mut d), vec![]);
         d.on_tick(ms(300));
         assert_eq!(events(&mut d), vec![PeerEvent::Down { peer: A }]);
-        assert_eq!(d.status(A), Some(PeerStatus { up: false, paths_up: vec![] }));
+        assert_eq!(
+            d.status(A),
+            Some(PeerStatus {
+                up: false,
+                paths_up: vec![]
+            })
+        );
     }
 
     #[test]
@@ -271,10 +317,28 @@ mod tests {
             d.on_heard(A, Path::Failsafe, ms(t));
             d.on_tick(ms(t));
         }
-        assert_eq!(events(&mut d), vec![PeerEvent::LinkDown { peer: A, path: Path::Main }]);
+        assert_eq!(
+            events(&mut d),
+            vec![PeerEvent::LinkDown {
+                peer: A,
+                path: Path::Main
+            }]
+        );
         d.on_heard(A, Path::Main, ms(1010));
-        assert_eq!(events(&mut d), vec![PeerEvent::LinkUp { peer: A, path: Path::Main }]);
-        assert_eq!(d.status(A), Some(PeerStatus { up: true, paths_up: vec![Path::Main, Path::Failsafe] }));
+        assert_eq!(
+            events(&mut d),
+            vec![PeerEvent::LinkUp {
+                peer: A,
+                path: Path::Main
+            }]
+        );
+        assert_eq!(
+            d.status(A),
+            Some(PeerStatus {
+                up: true,
+                paths_up: vec![Path::Main, Path::Failsafe]
+            })
+        );
     }
 
     #[test]
@@ -283,7 +347,14 @@ mod tests {
         d.on_heard(A, Path::Main, ms(0));
         d.on_tick(ms(400));
         d.on_heard(A, Path::Main, ms(500));
-        assert_eq!(events(&mut d), vec![PeerEvent::Up { peer: A }, PeerEvent::Down { peer: A }, PeerEvent::Up { peer: A }]);
+        assert_eq!(
+            events(&mut d),
+            vec![
+                PeerEvent::Up { peer: A },
+                PeerEvent::Down { peer: A },
+                PeerEvent::Up { peer: A }
+            ]
+        );
     }
 
     #[test]
@@ -298,7 +369,11 @@ mod tests {
                 }
             }
         }
-        let main: Vec<u64> = sent.iter().filter(|(_, p)| *p == Path::Main).map(|(t, _)| *t).collect();
+        let main: Vec<u64> = sent
+            .iter()
+            .filter(|(_, p)| *p == Path::Main)
+            .map(|(t, _)| *t)
+            .collect();
         assert_eq!(main, vec![0, 50, 100, 150, 200]);
         assert_eq!(sent.len(), 10);
     }

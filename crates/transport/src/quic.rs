@@ -33,7 +33,10 @@ use crate::addr::{EndpointId, Path, PeerAddrs};
 use crate::certs::{CertError, NodeCredentials, QuicTiming, node_server_name, quinn_configs};
 use crate::detector::{DetectorAction, DetectorConfig, FailureDetector, PeerStatus};
 use crate::transport::{Event, RequestId, Transport, TransportError};
-use crate::wire::{DEFAULT_MAX_FRAME_BYTES, Frame, FrameDecoder, FrameError, Hello, PROTOCOL_VERSION, StreamId, negotiate_version};
+use crate::wire::{
+    DEFAULT_MAX_FRAME_BYTES, Frame, FrameDecoder, FrameError, Hello, PROTOCOL_VERSION, StreamId,
+    negotiate_version,
+};
 
 /// Application close codes, so the other side's log says why its connection ended.
 pub mod close_code {
@@ -89,7 +92,12 @@ impl QuicConfig {
 #[derive(Debug, Error)]
 pub enum QuicError {
     #[error("binding the {path} path of {local} to {addr}: {source}")]
-    Bind { local: EndpointId, path: Path, addr: SocketAddr, source: std::io::Error },
+    Bind {
+        local: EndpointId,
+        path: Path,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Cert(#[from] CertError),
 }
@@ -210,7 +218,10 @@ impl FaultInjector {
         if !self.active.load(Ordering::Acquire) {
             return None;
         }
-        self.lock().delay_ms.get(&peer).map(|ms| Duration::from_millis(*ms))
+        self.lock()
+            .delay_ms
+            .get(&peer)
+            .map(|ms| Duration::from_millis(*ms))
     }
 }
 
@@ -239,7 +250,11 @@ struct PeerEntry {
 
 #[derive(Debug)]
 enum Waiter {
-    Event { to: EndpointId, deadline: Duration, timeout_ms: u64 },
+    Event {
+        to: EndpointId,
+        deadline: Duration,
+        timeout_ms: u64,
+    },
     Call(oneshot::Sender<Bytes>),
 }
 
@@ -283,56 +298,78 @@ impl Inner {
     }
 
     fn max_payload_bytes(&self) -> usize {
-        self.config.max_frame_bytes.saturating_sub(FRAME_OVERHEAD_BYTES)
+        self.config
+            .max_frame_bytes
+            .saturating_sub(FRAME_OVERHEAD_BYTES)
     }
 
     /// The link data should use: main while the detector hears the peer there, else failsafe.
-    fn pick_link(&self, to: EndpointId) -> Result<Link, TransportError> {
-        let status = lock(&self.detector).status(to);
+    fn pick_link(&self, to: EndpointId) -> Result<(Path, Link), TransportError> {
+        let main_up = {
+            let d = lock(&self.detector);
+            let failsafe_only = d.path_up(to, Path::Main) == Some(false)
+                && d.path_up(to, Path::Failsafe) == Some(true);
+            !failsafe_only
+        };
         let peers = lock(&self.peers);
         let Some(entry) = peers.get(&to) else {
-            return Err(TransportError::UnknownPeer { local: self.local(), peer: to });
+            return Err(TransportError::UnknownPeer {
+                local: self.local(),
+                peer: to,
+            });
         };
-        let main_up = status.as_ref().is_none_or(|s| s.paths_up.contains(&Path::Main) || s.paths_up.is_empty());
-        let order = if main_up { [Path::Main, Path::Failsafe] } else { [Path::Failsafe, Path::Main] };
+        let order = if main_up {
+            [Path::Main, Path::Failsafe]
+        } else {
+            [Path::Failsafe, Path::Main]
+        };
         order
             .iter()
-            .find_map(|p| entry.links.get(p).cloned())
+            .find_map(|p| entry.links.get(p).map(|l| (*p, l.clone())))
             .ok_or(TransportError::Unreachable { peer: to })
     }
 
-    fn enqueue(&self, to: EndpointId, link: &Link, path: Path, frame: &Frame) -> Result<(), TransportError> {
+    fn enqueue(
+        &self,
+        to: EndpointId,
+        link: &Link,
+        path: Path,
+        frame: &Frame,
+    ) -> Result<(), TransportError> {
         if self.faults.drops(to, path) {
             debug!(peer = %to, %path, "fault: frame dropped on send");
             return Ok(());
         }
         let mut header = BytesMut::with_capacity(24);
         frame.encode_header(&mut header);
-        let out = Outgoing { header: header.freeze(), payload: frame_payload(frame) };
+        let out = Outgoing {
+            header: header.freeze(),
+            payload: frame_payload(frame),
+        };
         link.tx.try_send(out).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => {
-                TransportError::QueueFull { peer: to, limit: self.config.send_queue_frames }
-            }
+            mpsc::error::TrySendError::Full(_) => TransportError::QueueFull {
+                peer: to,
+                limit: self.config.send_queue_frames,
+            },
             mpsc::error::TrySendError::Closed(_) => TransportError::Unreachable { peer: to },
         })
     }
 
     fn send_frame(&self, to: EndpointId, frame: Frame) -> Result<(), TransportError> {
         if self.closed.load(Ordering::Acquire) {
-            return Err(TransportError::Closed { local: self.local() });
+            return Err(TransportError::Closed {
+                local: self.local(),
+            });
         }
         let size = frame.payload().len();
         if size > self.max_payload_bytes() {
-            return Err(TransportError::TooLarge { peer: to, size_bytes: size, max_bytes: self.max_payload_bytes() });
+            return Err(TransportError::TooLarge {
+                peer: to,
+                size_bytes: size,
+                max_bytes: self.max_payload_bytes(),
+            });
         }
-        let link = self.pick_link(to)?;
-        let path = {
-            let peers = lock(&self.peers);
-            peers
-                .get(&to)
-                .and_then(|e| e.links.iter().find(|(_, l)| l.generation == link.generation).map(|(p, _)| *p))
-                .unwrap_or(Path::Main)
-        };
+        let (path, link) = self.pick_link(to)?;
         self.enqueue(to, &link, path, &frame)
     }
 
@@ -349,7 +386,9 @@ impl Inner {
             let Some(action) = action else { break };
             match action {
                 DetectorAction::SendKeepAlive { peer, path } => {
-                    let link = lock(&self.peers).get(&peer).and_then(|e| e.links.get(&path).cloned());
+                    let link = lock(&self.peers)
+                        .get(&peer)
+                        .and_then(|e| e.links.get(&path).cloned());
                     if let Some(link) = link
                         && let Err(e) = self.enqueue(peer, &link, path, &Frame::KeepAlive)
                     {
@@ -376,12 +415,19 @@ impl Inner {
             let next = lock(&self.detector).next_deadline();
             let next_request = lock(&self.pending)
                 .values()
-                .filter_map(|w| if let Waiter::Event { deadline, .. } = w { Some(*deadline) } else { None })
+                .filter_map(|w| {
+                    if let Waiter::Event { deadline, .. } = w {
+                        Some(*deadline)
+                    } else {
+                        None
+                    }
+                })
                 .min();
             let wake_at = [next, next_request].into_iter().flatten().min();
-            let sleep = wake_at.map_or(Duration::from_millis(self.config.detector.keepalive_interval_ms), |t| {
-                t.saturating_sub(self.now())
-            });
+            let sleep = wake_at.map_or(
+                Duration::from_millis(self.config.detector.keepalive_interval_ms),
+                |t| t.saturating_sub(self.now()),
+            );
             tokio::select! {
                 _ = tokio::time::sleep(sleep) => {}
                 _ = self.detector_wake.notified() => {}
@@ -403,7 +449,11 @@ impl Inner {
                     Some(Waiter::Event { to, timeout_ms, .. }) => Some(Event::RequestFailed {
                         to,
                         id: RequestId(id),
-                        error: TransportError::Timeout { peer: to, id, timeout_ms },
+                        error: TransportError::Timeout {
+                            peer: to,
+                            id,
+                            timeout_ms,
+                        },
                     }),
                     _ => None,
                 })
@@ -416,12 +466,21 @@ impl Inner {
 
     fn hello(&self, path: Path) -> Bytes {
         let mut out = BytesMut::new();
-        Frame::Hello(Hello { version: self.config.protocol_version, from: self.local(), path }).encode(&mut out);
+        Frame::Hello(Hello {
+            version: self.config.protocol_version,
+            from: self.local(),
+            path,
+        })
+        .encode(&mut out);
         out.freeze()
     }
 
     /// Reads frames until the peer's hello; leftover bytes stay in the decoder.
-    async fn read_hello(&self, recv: &mut RecvStream, decoder: &mut FrameDecoder) -> Result<Hello, LinkError> {
+    async fn read_hello(
+        &self,
+        recv: &mut RecvStream,
+        decoder: &mut FrameDecoder,
+    ) -> Result<Hello, LinkError> {
         loop {
             match decoder.next_frame()? {
                 Some(Frame::Hello(h)) => {
@@ -429,7 +488,9 @@ impl Inner {
                     return Ok(h);
                 }
                 Some(other) => {
-                    return Err(LinkError::Handshake(format!("expected hello, found {other:?}")));
+                    return Err(LinkError::Handshake(format!(
+                        "expected hello, found {other:?}"
+                    )));
                 }
                 None => {}
             }
@@ -452,26 +513,37 @@ impl Inner {
     ) -> Result<(), LinkError> {
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(self.config.send_queue_frames);
-        let link = Link { conn: conn.clone(), tx, generation };
+        let link = Link {
+            conn: conn.clone(),
+            tx,
+            generation,
+        };
         let replaced = {
             let mut peers = lock(&self.peers);
             peers.entry(peer).or_default().links.insert(path, link)
         };
         if let Some(old) = replaced {
-            old.conn.close(VarInt::from_u32(close_code::REPLACED), b"replaced by a newer connection");
+            old.conn.close(
+                VarInt::from_u32(close_code::REPLACED),
+                b"replaced by a newer connection",
+            );
         }
         // The peer's hello was the first frame heard on this link.
         lock(&self.detector).on_heard(peer, path, self.now());
         self.detector_wake.notify_one();
         info!(local = %self.local(), %peer, %path, "link established");
         self.run_detector_actions().await;
-        let writer = tokio::spawn(write_loop(send, rx).instrument(info_span!("writer", %peer, %path)));
+        let writer =
+            tokio::spawn(write_loop(send, rx).instrument(info_span!("writer", %peer, %path)));
         let result = self.read_loop(peer, path, &mut recv, &mut decoder).await;
         writer.abort();
         {
             let mut peers = lock(&self.peers);
             if let Some(entry) = peers.get_mut(&peer)
-                && entry.links.get(&path).is_some_and(|l| l.generation == generation)
+                && entry
+                    .links
+                    .get(&path)
+                    .is_some_and(|l| l.generation == generation)
             {
                 entry.links.remove(&path);
             }
@@ -479,7 +551,10 @@ impl Inner {
         match &result {
             Err(LinkError::Frame(e)) => {
                 warn!(local = %self.local(), %peer, %path, "closing connection: bad frame: {e}");
-                conn.close(VarInt::from_u32(close_code::BAD_FRAME), e.to_string().as_bytes());
+                conn.close(
+                    VarInt::from_u32(close_code::BAD_FRAME),
+                    e.to_string().as_bytes(),
+                );
             }
             Err(e) => info!(local = %self.local(), %peer, %path, "link ended: {e}"),
             Ok(()) => {}
@@ -515,7 +590,7 @@ impl Inner {
         }
         let reported = {
             let mut d = lock(&self.detector);
-            let was_up = d.status(from).map(|s| s.paths_up.contains(&path));
+            let was_up = d.path_up(from, path);
             d.on_heard(from, path, self.now());
             was_up != Some(true)
         };
@@ -524,9 +599,17 @@ impl Inner {
         }
         let event = match frame {
             Frame::KeepAlive => None,
-            Frame::Hello(_) => return Err(LinkError::Handshake("second hello on an established link".into())),
+            Frame::Hello(_) => {
+                return Err(LinkError::Handshake(
+                    "second hello on an established link".into(),
+                ));
+            }
             Frame::Message { payload } => Some(Event::Message { from, payload }),
-            Frame::Request { id, payload, .. } => Some(Event::Request { from, id: RequestId(id), payload }),
+            Frame::Request { id, payload, .. } => Some(Event::Request {
+                from,
+                id: RequestId(id),
+                payload,
+            }),
             Frame::Response { id, payload } => {
                 let waiter = lock(&self.pending).remove(&id);
                 match waiter {
@@ -534,14 +617,27 @@ impl Inner {
                         let _ = tx.send(payload);
                         None
                     }
-                    Some(Waiter::Event { .. }) => Some(Event::Response { from, id: RequestId(id), payload }),
+                    Some(Waiter::Event { .. }) => Some(Event::Response {
+                        from,
+                        id: RequestId(id),
+                        payload,
+                    }),
                     None => {
                         debug!(peer = %from, id, "late response dropped");
                         None
                     }
                 }
             }
-            Frame::Stream { stream, seq, payload } => Some(Event::Stream { from, stream, seq, payload }),
+            Frame::Stream {
+                stream,
+                seq,
+                payload,
+            } => Some(Event::Stream {
+                from,
+                stream,
+                seq,
+                payload,
+            }),
         };
         if let Some(event) = event {
             self.push_event(event).await;
@@ -569,7 +665,11 @@ impl Inner {
         }
     }
 
-    async fn accept_one(self: &Arc<Self>, path: Path, incoming: quinn::Incoming) -> Result<(), LinkError> {
+    async fn accept_one(
+        self: &Arc<Self>,
+        path: Path,
+        incoming: quinn::Incoming,
+    ) -> Result<(), LinkError> {
         let timeout = Duration::from_millis(self.config.handshake_timeout_ms);
         let handshake = async {
             let conn = incoming.await?;
@@ -578,7 +678,11 @@ impl Inner {
             let hello = match self.read_hello(&mut recv, &mut decoder).await {
                 Ok(h) => h,
                 Err(e) => {
-                    let code = if matches!(e, LinkError::Version(_)) { close_code::VERSION_REFUSED } else { close_code::HANDSHAKE_FAILED };
+                    let code = if matches!(e, LinkError::Version(_)) {
+                        close_code::VERSION_REFUSED
+                    } else {
+                        close_code::HANDSHAKE_FAILED
+                    };
                     conn.close(VarInt::from_u32(code), e.to_string().as_bytes());
                     return Err(e);
                 }
@@ -588,20 +692,37 @@ impl Inner {
         };
         let (conn, send, recv, decoder, hello) = tokio::time::timeout(timeout, handshake)
             .await
-            .map_err(|_| LinkError::Handshake(format!("no hello within {} ms", timeout.as_millis())))??;
+            .map_err(|_| {
+            LinkError::Handshake(format!("no hello within {} ms", timeout.as_millis()))
+        })??;
         if hello.path != path {
             debug!(peer = %hello.from, said = %hello.path, %path, "hello names another path; using the socket's");
         }
-        self.run_link(hello.from, path, conn, send, recv, decoder).await
+        self.run_link(hello.from, path, conn, send, recv, decoder)
+            .await
     }
 
-    async fn connect_once(self: &Arc<Self>, peer: EndpointId, path: Path, addr: SocketAddr) -> Result<(), LinkError> {
-        let endpoint = self.endpoints.get(&path).or_else(|| self.endpoints.get(&Path::Main));
-        let Some(endpoint) = endpoint else { return Err(LinkError::Handshake("no local endpoint".into())) };
+    async fn connect_once(
+        self: &Arc<Self>,
+        peer: EndpointId,
+        path: Path,
+        addr: SocketAddr,
+    ) -> Result<(), LinkError> {
+        let endpoint = self
+            .endpoints
+            .get(&path)
+            .or_else(|| self.endpoints.get(&Path::Main));
+        let Some(endpoint) = endpoint else {
+            return Err(LinkError::Handshake("no local endpoint".into()));
+        };
         let timeout = Duration::from_millis(self.config.handshake_timeout_ms);
         let handshake = async {
             let conn = endpoint
-                .connect_with(self.client_config.clone(), addr, &node_server_name(peer.node))?
+                .connect_with(
+                    self.client_config.clone(),
+                    addr,
+                    &node_server_name(peer.node),
+                )?
                 .await?;
             let (mut send, mut recv) = conn.open_bi().await?;
             send.write_all(&self.hello(path)).await?;
@@ -609,19 +730,31 @@ impl Inner {
             let hello = match self.read_hello(&mut recv, &mut decoder).await {
                 Ok(h) => h,
                 Err(e) => {
-                    conn.close(VarInt::from_u32(close_code::HANDSHAKE_FAILED), e.to_string().as_bytes());
+                    conn.close(
+                        VarInt::from_u32(close_code::HANDSHAKE_FAILED),
+                        e.to_string().as_bytes(),
+                    );
                     return Err(e);
                 }
             };
             if hello.from != peer {
-                conn.close(VarInt::from_u32(close_code::HANDSHAKE_FAILED), b"unexpected endpoint");
-                return Err(LinkError::Handshake(format!("dialled {peer} at {addr}, found {}", hello.from)));
+                conn.close(
+                    VarInt::from_u32(close_code::HANDSHAKE_FAILED),
+                    b"unexpected endpoint",
+                );
+                return Err(LinkError::Handshake(format!(
+                    "dialled {peer} at {addr}, found {}",
+                    hello.from
+                )));
             }
             Ok::<_, LinkError>((conn, send, recv, decoder))
         };
-        let (conn, send, recv, decoder) = tokio::time::timeout(timeout, handshake)
-            .await
-            .map_err(|_| LinkError::Handshake(format!("no hello within {} ms", timeout.as_millis())))??;
+        let (conn, send, recv, decoder) =
+            tokio::time::timeout(timeout, handshake)
+                .await
+                .map_err(|_| {
+                    LinkError::Handshake(format!("no hello within {} ms", timeout.as_millis()))
+                })??;
         self.run_link(peer, path, conn, send, recv, decoder).await
     }
 
@@ -692,11 +825,21 @@ impl QuicTransport {
         };
         let (server_config, client_config) = quinn_configs(&config.credentials, timing)?;
         let mut endpoints = BTreeMap::new();
-        let binds = [(Path::Main, Some(config.main_bind)), (Path::Failsafe, config.failsafe_bind)];
+        let binds = [
+            (Path::Main, Some(config.main_bind)),
+            (Path::Failsafe, config.failsafe_bind),
+        ];
         for (path, addr) in binds {
             let Some(addr) = addr else { continue };
-            let endpoint = quinn::Endpoint::server(server_config.clone(), addr)
-                .map_err(|source| QuicError::Bind { local: config.local, path, addr, source })?;
+            let endpoint =
+                quinn::Endpoint::server(server_config.clone(), addr).map_err(|source| {
+                    QuicError::Bind {
+                        local: config.local,
+                        path,
+                        addr,
+                        source,
+                    }
+                })?;
             endpoints.insert(path, endpoint);
         }
         let (events_tx, events_rx) = mpsc::channel(config.event_queue_events.max(1));
@@ -721,15 +864,28 @@ impl QuicTransport {
             tokio::spawn(Arc::clone(&inner).accept_loop(*path, endpoint.clone()));
         }
         let local = inner.local();
-        tokio::spawn(Arc::clone(&inner).detector_loop().instrument(info_span!("detector", %local)));
+        tokio::spawn(
+            Arc::clone(&inner)
+                .detector_loop()
+                .instrument(info_span!("detector", %local)),
+        );
         Ok(QuicTransport { inner })
     }
 
     /// The addresses this endpoint listens on (useful when bound to port 0).
     pub fn local_addrs(&self) -> Result<PeerAddrs, std::io::Error> {
-        let addr = |p: Path| self.inner.endpoints.get(&p).map(|e| e.local_addr()).transpose();
+        let addr = |p: Path| {
+            self.inner
+                .endpoints
+                .get(&p)
+                .map(|e| e.local_addr())
+                .transpose()
+        };
         let main = addr(Path::Main)?.ok_or_else(|| std::io::Error::other("no main endpoint"))?;
-        Ok(PeerAddrs { main, failsafe: addr(Path::Failsafe)? })
+        Ok(PeerAddrs {
+            main,
+            failsafe: addr(Path::Failsafe)?,
+        })
     }
 
     /// Makes `peer` known. If our id is the lower, we dial it on each of its paths we also have.
@@ -742,15 +898,21 @@ impl QuicTransport {
             entry.dialing |= dial;
             dial
         };
-        let paths: Vec<Path> =
-            Path::ALL.into_iter().filter(|p| addrs.get(*p).is_some() && self.inner.endpoints.contains_key(p)).collect();
+        let paths: Vec<Path> = Path::ALL
+            .into_iter()
+            .filter(|p| addrs.get(*p).is_some() && self.inner.endpoints.contains_key(p))
+            .collect();
         lock(&self.inner.detector).add_peer(peer, &paths);
         self.inner.detector_wake.notify_one();
         if start_dial {
             for path in paths {
                 if let Some(addr) = addrs.get(path) {
                     let span = info_span!("dial", local = %self.inner.local(), %peer, %path);
-                    tokio::spawn(Arc::clone(&self.inner).dial_loop(peer, path, addr).instrument(span));
+                    tokio::spawn(
+                        Arc::clone(&self.inner)
+                            .dial_loop(peer, path, addr)
+                            .instrument(span),
+                    );
                 }
             }
         }
@@ -770,23 +932,41 @@ impl QuicTransport {
     }
 
     /// Request and wait for the response, at most `timeout`.
-    pub async fn call(&self, to: EndpointId, payload: Bytes, timeout: Duration) -> Result<Bytes, TransportError> {
+    pub async fn call(
+        &self,
+        to: EndpointId,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, TransportError> {
         let span = info_span!("call", local = %self.inner.local(), peer = %to);
         async {
             let id = self.inner.next_request_id.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = oneshot::channel();
             lock(&self.inner.pending).insert(id, Waiter::Call(tx));
             let timeout_ms = timeout.as_millis().min(u128::from(u32::MAX)) as u32;
-            if let Err(e) = self.inner.send_frame(to, Frame::Request { id, timeout_ms, payload }) {
+            if let Err(e) = self.inner.send_frame(
+                to,
+                Frame::Request {
+                    id,
+                    timeout_ms,
+                    payload,
+                },
+            ) {
                 lock(&self.inner.pending).remove(&id);
                 return Err(e);
             }
             match tokio::time::timeout(timeout, rx).await {
                 Ok(Ok(payload)) => Ok(payload),
-                Ok(Err(_)) => Err(TransportError::Closed { local: self.inner.local() }),
+                Ok(Err(_)) => Err(TransportError::Closed {
+                    local: self.inner.local(),
+                }),
                 Err(_) => {
                     lock(&self.inner.pending).remove(&id);
-                    Err(TransportError::Timeout { peer: to, id, timeout_ms: u64::from(timeout_ms) })
+                    Err(TransportError::Timeout {
+                        peer: to,
+                        id,
+                        timeout_ms: u64::from(timeout_ms),
+                    })
                 }
             }
         }
@@ -813,13 +993,32 @@ impl Transport for QuicTransport {
         self.inner.send_frame(to, Frame::Message { payload })
     }
 
-    fn request(&self, to: EndpointId, payload: Bytes, timeout: Duration) -> Result<RequestId, TransportError> {
+    fn request(
+        &self,
+        to: EndpointId,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<RequestId, TransportError> {
         let id = self.inner.next_request_id.fetch_add(1, Ordering::Relaxed);
         let timeout_ms = timeout.as_millis().min(u128::from(u32::MAX)) as u32;
         let deadline = self.inner.now() + timeout;
-        lock(&self.inner.pending).insert(id, Waiter::Event { to, deadline, timeout_ms: u64::from(timeout_ms) });
+        lock(&self.inner.pending).insert(
+            id,
+            Waiter::Event {
+                to,
+                deadline,
+                timeout_ms: u64::from(timeout_ms),
+            },
+        );
         self.inner.detector_wake.notify_one();
-        if let Err(e) = self.inner.send_frame(to, Frame::Request { id, timeout_ms, payload }) {
+        if let Err(e) = self.inner.send_frame(
+            to,
+            Frame::Request {
+                id,
+                timeout_ms,
+                payload,
+            },
+        ) {
             lock(&self.inner.pending).remove(&id);
             return Err(e);
         }
@@ -827,25 +1026,45 @@ impl Transport for QuicTransport {
     }
 
     fn respond(&self, to: EndpointId, id: RequestId, payload: Bytes) -> Result<(), TransportError> {
-        self.inner.send_frame(to, Frame::Response { id: id.0, payload })
+        self.inner
+            .send_frame(to, Frame::Response { id: id.0, payload })
     }
 
-    fn stream_send(&self, to: EndpointId, stream: StreamId, payload: Bytes) -> Result<u64, TransportError> {
+    fn stream_send(
+        &self,
+        to: EndpointId,
+        stream: StreamId,
+        payload: Bytes,
+    ) -> Result<u64, TransportError> {
         let seq = {
             let mut peers = lock(&self.inner.peers);
             let Some(entry) = peers.get_mut(&to) else {
-                return Err(TransportError::UnknownPeer { local: self.inner.local(), peer: to });
+                return Err(TransportError::UnknownPeer {
+                    local: self.inner.local(),
+                    peer: to,
+                });
             };
             let next = entry.stream_next_seq.entry(stream).or_insert(0);
             let seq = *next;
             *next += 1;
             seq
         };
-        self.inner.send_frame(to, Frame::Stream { stream, seq, payload })?;
+        self.inner.send_frame(
+            to,
+            Frame::Stream {
+                stream,
+                seq,
+                payload,
+            },
+        )?;
         Ok(seq)
     }
 
     fn try_next_event(&self) -> Option<Event> {
-        self.inner.events_rx.try_lock().ok().and_then(|mut rx| rx.try_recv().ok())
+        self.inner
+            .events_rx
+            .try_lock()
+            .ok()
+            .and_then(|mut rx| rx.try_recv().ok())
     }
 }

@@ -57,8 +57,16 @@ impl Default for SimConfig {
 
 #[derive(Debug)]
 enum Scheduled {
-    Deliver { from: EndpointId, to: EndpointId, path: Path, incarnation: u64, frame: Frame },
-    Timer { endpoint: EndpointId },
+    Deliver {
+        from: EndpointId,
+        to: EndpointId,
+        path: Path,
+        incarnation: u64,
+        frame: Frame,
+    },
+    Timer {
+        endpoint: EndpointId,
+    },
 }
 
 #[derive(Debug)]
@@ -112,7 +120,11 @@ fn frame_label(frame: &Frame) -> String {
         Frame::Message { payload } => format!("message len={}", payload.len()),
         Frame::Request { id, payload, .. } => format!("request id={id} len={}", payload.len()),
         Frame::Response { id, payload } => format!("response id={id} len={}", payload.len()),
-        Frame::Stream { stream, seq, payload } => {
+        Frame::Stream {
+            stream,
+            seq,
+            payload,
+        } => {
             format!("stream={} seq={seq} len={}", stream.0, payload.len())
         }
     }
@@ -135,7 +147,9 @@ impl SimState {
     }
 
     fn schedule_timer(&mut self, endpoint: EndpointId) {
-        let Some(node) = self.nodes.get(&endpoint) else { return };
+        let Some(node) = self.nodes.get(&endpoint) else {
+            return;
+        };
         let deadline = node.detector.next_deadline();
         let request_deadline = node.pending.values().map(|(_, d, _)| *d).min();
         let at = match (deadline, request_deadline) {
@@ -157,9 +171,13 @@ impl SimState {
 
     /// Data goes on the main path while the sender hears the peer there, else on the failsafe.
     fn data_path(&self, from: EndpointId, to: EndpointId) -> Path {
-        let Some(node) = self.nodes.get(&from) else { return Path::Main };
+        let Some(node) = self.nodes.get(&from) else {
+            return Path::Main;
+        };
         match node.detector.status(to) {
-            Some(s) if !s.paths_up.contains(&Path::Main) && s.paths_up.contains(&Path::Failsafe) => {
+            Some(s)
+                if !s.paths_up.contains(&Path::Main) && s.paths_up.contains(&Path::Failsafe) =>
+            {
                 Path::Failsafe
             }
             _ => Path::Main,
@@ -169,20 +187,30 @@ impl SimState {
     fn transmit(&mut self, from: EndpointId, to: EndpointId, path: Path, frame: Frame) {
         let label = frame_label(&frame);
         let Some(target) = self.nodes.get(&to) else {
-            self.trace(format_args!("{from}->{to} {path} {label} drop: no such endpoint"));
+            self.trace(format_args!(
+                "{from}->{to} {path} {label} drop: no such endpoint"
+            ));
             return;
         };
         let incarnation = target.incarnation;
         if !target.paths.contains(&path) {
-            self.trace(format_args!("{from}->{to} {path} {label} drop: no such path"));
+            self.trace(format_args!(
+                "{from}->{to} {path} {label} drop: no such path"
+            ));
             return;
         }
         if self.cuts.contains(&(from, to, path)) {
             self.trace(format_args!("{from}->{to} {path} {label} drop: partition"));
             return;
         }
-        let lossy = matches!(frame, Frame::Message { .. } | Frame::Request { .. } | Frame::Response { .. });
-        if lossy && self.config.loss_probability > 0.0 && self.rng.random_bool(self.config.loss_probability) {
+        let lossy = matches!(
+            frame,
+            Frame::Message { .. } | Frame::Request { .. } | Frame::Response { .. }
+        );
+        if lossy
+            && self.config.loss_probability > 0.0
+            && self.rng.random_bool(self.config.loss_probability)
+        {
             self.trace(format_args!("{from}->{to} {path} {label} drop: loss"));
             return;
         }
@@ -195,10 +223,10 @@ impl SimState {
             1
         };
         for copy in 0..copies {
-            let latency_us = self
-                .rng
-                .random_range(self.config.latency_min_us..=self.config.latency_max_us.max(self.config.latency_min_us))
-                + self.extra_delay_us.get(&(from, to)).copied().unwrap_or(0);
+            let latency_us = self.rng.random_range(
+                self.config.latency_min_us
+                    ..=self.config.latency_max_us.max(self.config.latency_min_us),
+            ) + self.extra_delay_us.get(&(from, to)).copied().unwrap_or(0);
             let mut at = self.now + Duration::from_micros(latency_us);
             if let Frame::Stream { stream, .. } = &frame {
                 let tail = self.stream_tail.entry((from, to, *stream)).or_insert(at);
@@ -210,17 +238,34 @@ impl SimState {
                 at.as_micros(),
                 if copy == 1 { " duplicate" } else { "" }
             ));
-            self.schedule(at, Scheduled::Deliver { from, to, path, incarnation, frame: frame.clone() });
+            self.schedule(
+                at,
+                Scheduled::Deliver {
+                    from,
+                    to,
+                    path,
+                    incarnation,
+                    frame: frame.clone(),
+                },
+            );
         }
     }
 
     fn drain_detector(&mut self, endpoint: EndpointId) {
         loop {
-            let Some(node) = self.nodes.get_mut(&endpoint) else { return };
-            let Some(action) = node.detector.poll_action() else { break };
+            let Some(node) = self.nodes.get_mut(&endpoint) else {
+                return;
+            };
+            let Some(action) = node.detector.poll_action() else {
+                break;
+            };
             match action {
                 DetectorAction::SendKeepAlive { peer, path } => {
-                    if self.nodes.get(&peer).is_some_and(|p| p.paths.contains(&path)) {
+                    if self
+                        .nodes
+                        .get(&peer)
+                        .is_some_and(|p| p.paths.contains(&path))
+                    {
                         self.transmit(endpoint, peer, path, Frame::KeepAlive);
                     }
                 }
@@ -249,25 +294,37 @@ impl SimState {
     }
 
     fn step(&mut self) -> bool {
-        let Some(((at, _), item)) = self.queue.pop_first() else { return false };
+        let Some(((at, _), item)) = self.queue.pop_first() else {
+            return false;
+        };
         self.now = at;
         match item {
             Scheduled::Timer { endpoint } => {
-                let Some(node) = self.nodes.get_mut(&endpoint) else { return true };
+                let Some(node) = self.nodes.get_mut(&endpoint) else {
+                    return true;
+                };
                 if !node.alive || node.timer_at != Some(at) {
                     return true;
                 }
                 node.timer_at = None;
                 node.detector.on_tick(at);
-                let expired: Vec<u64> =
-                    node.pending.iter().filter(|(_, (_, d, _))| *d <= at).map(|(id, _)| *id).collect();
+                let expired: Vec<u64> = node
+                    .pending
+                    .iter()
+                    .filter(|(_, (_, d, _))| *d <= at)
+                    .map(|(id, _)| *id)
+                    .collect();
                 let mut failed = Vec::new();
                 for id in expired {
                     if let Some((to, _, timeout_ms)) = node.pending.remove(&id) {
                         failed.push(Event::RequestFailed {
                             to,
                             id: RequestId(id),
-                            error: TransportError::Timeout { peer: to, id, timeout_ms },
+                            error: TransportError::Timeout {
+                                peer: to,
+                                id,
+                                timeout_ms,
+                            },
                         });
                     }
                 }
@@ -277,28 +334,55 @@ impl SimState {
                 }
                 self.drain_detector(endpoint);
             }
-            Scheduled::Deliver { from, to, path, incarnation, frame } => {
+            Scheduled::Deliver {
+                from,
+                to,
+                path,
+                incarnation,
+                frame,
+            } => {
                 let label = frame_label(&frame);
-                let Some(node) = self.nodes.get_mut(&to) else { return true };
+                let Some(node) = self.nodes.get_mut(&to) else {
+                    return true;
+                };
                 if !node.alive || node.incarnation != incarnation {
-                    self.trace(format_args!("{from}->{to} {path} {label} drop: receiver down"));
+                    self.trace(format_args!(
+                        "{from}->{to} {path} {label} drop: receiver down"
+                    ));
                     return true;
                 }
                 node.detector.on_heard(from, path, at);
                 let event = match frame {
                     Frame::Hello(_) | Frame::KeepAlive => None,
                     Frame::Message { payload } => Some(Event::Message { from, payload }),
-                    Frame::Request { id, payload, .. } => {
-                        Some(Event::Request { from, id: RequestId(id), payload })
-                    }
+                    Frame::Request { id, payload, .. } => Some(Event::Request {
+                        from,
+                        id: RequestId(id),
+                        payload,
+                    }),
                     Frame::Response { id, payload } => match node.pending.remove(&id) {
-                        Some(_) => Some(Event::Response { from, id: RequestId(id), payload }),
+                        Some(_) => Some(Event::Response {
+                            from,
+                            id: RequestId(id),
+                            payload,
+                        }),
                         None => {
-                            self.trace(format_args!("{from}->{to} {path} {label} drop: no pending request"));
+                            self.trace(format_args!(
+                                "{from}->{to} {path} {label} drop: no pending request"
+                            ));
                             None
                         }
                     },
-                    Frame::Stream { stream, seq, payload } => Some(Event::Stream { from, stream, seq, payload }),
+                    Frame::Stream {
+                        stream,
+                        seq,
+                        payload,
+                    } => Some(Event::Stream {
+                        from,
+                        stream,
+                        seq,
+                        payload,
+                    }),
                 };
                 if let Some(event) = event {
                     self.trace(format_args!("{from}->{to} {path} {label} deliver"));
@@ -314,7 +398,11 @@ impl SimState {
         // 13 bytes: the largest header after the kind byte plus the kind byte.
         let max_bytes = self.config.max_frame_bytes.saturating_sub(13);
         if payload.len() > max_bytes {
-            return Err(TransportError::TooLarge { peer, size_bytes: payload.len(), max_bytes });
+            return Err(TransportError::TooLarge {
+                peer,
+                size_bytes: payload.len(),
+                max_bytes,
+            });
         }
         Ok(())
     }
@@ -347,7 +435,9 @@ impl SimNetwork {
             trace: String::new(),
         };
         state.trace(format_args!("seed {seed} config {config:?}"));
-        SimNetwork { state: Arc::new(Mutex::new(state)) }
+        SimNetwork {
+            state: Arc::new(Mutex::new(state)),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, SimState> {
@@ -369,10 +459,17 @@ impl SimNetwork {
     pub fn add_endpoint(&self, id: EndpointId, paths: &[Path]) -> SimTransport {
         let mut s = self.lock();
         let mut detector = FailureDetector::new(s.config.detector);
-        let others: Vec<(EndpointId, Vec<Path>)> =
-            s.nodes.iter().map(|(id, n)| (*id, n.paths.clone())).collect();
+        let others: Vec<(EndpointId, Vec<Path>)> = s
+            .nodes
+            .iter()
+            .map(|(id, n)| (*id, n.paths.clone()))
+            .collect();
         for (other, other_paths) in &others {
-            let common: Vec<Path> = paths.iter().copied().filter(|p| other_paths.contains(p)).collect();
+            let common: Vec<Path> = paths
+                .iter()
+                .copied()
+                .filter(|p| other_paths.contains(p))
+                .collect();
             detector.add_peer(*other, &common);
             if let Some(n) = s.nodes.get_mut(other) {
                 n.detector.add_peer(id, &common);
@@ -397,7 +494,10 @@ impl SimNetwork {
         for e in ids {
             s.schedule_timer(e);
         }
-        SimTransport { id, state: Arc::clone(&self.state) }
+        SimTransport {
+            id,
+            state: Arc::clone(&self.state),
+        }
     }
 
     /// The process dies: its queued events, pending requests and frames in flight to it vanish.
@@ -416,14 +516,23 @@ impl SimNetwork {
     pub fn restart(&self, id: EndpointId) {
         let mut s = self.lock();
         let config = s.config.detector;
-        let peers: Vec<(EndpointId, Vec<Path>)> =
-            s.nodes.iter().filter(|(p, _)| **p != id).map(|(p, n)| (*p, n.paths.clone())).collect();
+        let peers: Vec<(EndpointId, Vec<Path>)> = s
+            .nodes
+            .iter()
+            .filter(|(p, _)| **p != id)
+            .map(|(p, n)| (*p, n.paths.clone()))
+            .collect();
         if let Some(n) = s.nodes.get_mut(&id) {
             n.alive = true;
             n.incarnation += 1;
             n.detector = FailureDetector::new(config);
             for (peer, paths) in peers {
-                let common: Vec<Path> = n.paths.iter().copied().filter(|p| paths.contains(p)).collect();
+                let common: Vec<Path> = n
+                    .paths
+                    .iter()
+                    .copied()
+                    .filter(|p| paths.contains(p))
+                    .collect();
                 n.detector.add_peer(peer, &common);
             }
             n.stream_next_seq.clear();
@@ -466,7 +575,11 @@ impl SimNetwork {
     /// Runs everything scheduled up to `deadline`, then sets the clock to it.
     pub fn run_until(&self, deadline: Duration) {
         let mut s = self.lock();
-        while s.queue.first_key_value().is_some_and(|((at, _), _)| *at <= deadline) {
+        while s
+            .queue
+            .first_key_value()
+            .is_some_and(|((at, _), _)| *at <= deadline)
+        {
             s.step();
         }
         s.now = s.now.max(deadline);
@@ -510,7 +623,12 @@ impl Transport for SimTransport {
         Ok(())
     }
 
-    fn request(&self, to: EndpointId, payload: Bytes, timeout: Duration) -> Result<RequestId, TransportError> {
+    fn request(
+        &self,
+        to: EndpointId,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<RequestId, TransportError> {
         let id = {
             let mut s = self.lock();
             s.sender(self.id, to)?;
@@ -527,7 +645,14 @@ impl Transport for SimTransport {
             id
         };
         let timeout_ms = timeout.as_millis().min(u128::from(u32::MAX)) as u32;
-        self.transmit_data(to, Frame::Request { id, timeout_ms, payload });
+        self.transmit_data(
+            to,
+            Frame::Request {
+                id,
+                timeout_ms,
+                payload,
+            },
+        );
         Ok(RequestId(id))
     }
 
@@ -541,7 +666,12 @@ impl Transport for SimTransport {
         Ok(())
     }
 
-    fn stream_send(&self, to: EndpointId, stream: StreamId, payload: Bytes) -> Result<u64, TransportError> {
+    fn stream_send(
+        &self,
+        to: EndpointId,
+        stream: StreamId,
+        payload: Bytes,
+    ) -> Result<u64, TransportError> {
         let seq = {
             let mut s = self.lock();
             s.sender(self.id, to)?;
@@ -554,12 +684,21 @@ impl Transport for SimTransport {
             *next += 1;
             seq
         };
-        self.transmit_data(to, Frame::Stream { stream, seq, payload });
+        self.transmit_data(
+            to,
+            Frame::Stream {
+                stream,
+                seq,
+                payload,
+            },
+        );
         Ok(seq)
     }
 
     fn try_next_event(&self) -> Option<Event> {
         let mut s = self.lock();
-        s.nodes.get_mut(&self.id).and_then(|n| if n.alive { n.inbox.pop_front() } else { None })
+        s.nodes
+            .get_mut(&self.id)
+            .and_then(|n| if n.alive { n.inbox.pop_front() } else { None })
     }
 }

@@ -26,25 +26,57 @@ pub struct RequestId(pub u64);
 /// Everything an endpoint hears.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    Message { from: EndpointId, payload: Bytes },
-    Request { from: EndpointId, id: RequestId, payload: Bytes },
-    Response { from: EndpointId, id: RequestId, payload: Bytes },
+    Message {
+        from: EndpointId,
+        payload: Bytes,
+    },
+    Request {
+        from: EndpointId,
+        id: RequestId,
+        payload: Bytes,
+    },
+    Response {
+        from: EndpointId,
+        id: RequestId,
+        payload: Bytes,
+    },
     /// No response within the request's deadline.
-    RequestFailed { to: EndpointId, id: RequestId, error: TransportError },
-    Stream { from: EndpointId, stream: StreamId, seq: u64, payload: Bytes },
+    RequestFailed {
+        to: EndpointId,
+        id: RequestId,
+        error: TransportError,
+    },
+    Stream {
+        from: EndpointId,
+        stream: StreamId,
+        seq: u64,
+        payload: Bytes,
+    },
     Peer(PeerEvent),
 }
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum TransportError {
-    #[error("peer {peer} is not known to endpoint {local}: no address configured and never connected")]
+    #[error(
+        "peer {peer} is not known to endpoint {local}: no address configured and never connected"
+    )]
     UnknownPeer { local: EndpointId, peer: EndpointId },
-    #[error("payload of {size_bytes} bytes to {peer} exceeds the maximum frame body of {max_bytes} bytes")]
-    TooLarge { peer: EndpointId, size_bytes: usize, max_bytes: usize },
+    #[error(
+        "payload of {size_bytes} bytes to {peer} exceeds the maximum frame body of {max_bytes} bytes"
+    )]
+    TooLarge {
+        peer: EndpointId,
+        size_bytes: usize,
+        max_bytes: usize,
+    },
     #[error("send queue to {peer} is full ({limit} frames)")]
     QueueFull { peer: EndpointId, limit: usize },
     #[error("request {id} to {peer} got no response within {timeout_ms} ms")]
-    Timeout { peer: EndpointId, id: u64, timeout_ms: u64 },
+    Timeout {
+        peer: EndpointId,
+        id: u64,
+        timeout_ms: u64,
+    },
     #[error("peer {peer} is unreachable on every path")]
     Unreachable { peer: EndpointId },
     #[error("endpoint {local} is closed")]
@@ -57,11 +89,21 @@ pub trait Transport {
     /// One-way message.
     fn send(&self, to: EndpointId, payload: Bytes) -> Result<(), TransportError>;
     /// Request with a deadline; the answer comes as `Event::Response` or `Event::RequestFailed`.
-    fn request(&self, to: EndpointId, payload: Bytes, timeout: Duration) -> Result<RequestId, TransportError>;
+    fn request(
+        &self,
+        to: EndpointId,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<RequestId, TransportError>;
     /// Answers a request heard as `Event::Request`.
     fn respond(&self, to: EndpointId, id: RequestId, payload: Bytes) -> Result<(), TransportError>;
     /// Appends to an ordered stream; returns the frame's sequence number on that stream.
-    fn stream_send(&self, to: EndpointId, stream: StreamId, payload: Bytes) -> Result<u64, TransportError>;
+    fn stream_send(
+        &self,
+        to: EndpointId,
+        stream: StreamId,
+        payload: Bytes,
+    ) -> Result<u64, TransportError>;
     /// The next event, if one is ready.
     fn try_next_event(&self) -> Option<Event>;
 }

@@ -58,24 +58,50 @@ pub struct Hello {
 pub enum Frame {
     Hello(Hello),
     KeepAlive,
-    Message { payload: Bytes },
-    Request { id: u64, timeout_ms: u32, payload: Bytes },
-    Response { id: u64, payload: Bytes },
-    Stream { stream: StreamId, seq: u64, payload: Bytes },
+    Message {
+        payload: Bytes,
+    },
+    Request {
+        id: u64,
+        timeout_ms: u32,
+        payload: Bytes,
+    },
+    Response {
+        id: u64,
+        payload: Bytes,
+    },
+    Stream {
+        stream: StreamId,
+        seq: u64,
+        payload: Bytes,
+    },
 }
 
 /// Why a byte sequence is not a valid frame. `offset` counts bytes from the start of the
 /// connection's stream, so a log line points at the exact frame.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum FrameError {
-    #[error("frame at offset {offset}: body of {size_bytes} bytes exceeds the maximum of {max_bytes}")]
-    Oversized { offset: u64, size_bytes: usize, max_bytes: usize },
+    #[error(
+        "frame at offset {offset}: body of {size_bytes} bytes exceeds the maximum of {max_bytes}"
+    )]
+    Oversized {
+        offset: u64,
+        size_bytes: usize,
+        max_bytes: usize,
+    },
     #[error("frame at offset {offset}: empty body, expected at least the kind byte")]
     Empty { offset: u64 },
     #[error("frame at offset {offset}: unknown message kind 0x{found:02x}")]
     UnknownKind { offset: u64, found: u8 },
-    #[error("frame at offset {offset} (kind 0x{kind:02x}): body of {found} bytes, expected {expected}")]
-    BadLength { offset: u64, kind: u8, expected: String, found: usize },
+    #[error(
+        "frame at offset {offset} (kind 0x{kind:02x}): body of {found} bytes, expected {expected}"
+    )]
+    BadLength {
+        offset: u64,
+        kind: u8,
+        expected: String,
+        found: usize,
+    },
     #[error("hello at offset {offset}: magic {found:?}, expected {HELLO_MAGIC:?}")]
     BadMagic { offset: u64, found: [u8; 4] },
     #[error("hello at offset {offset}: unknown path byte {found}")]
@@ -84,7 +110,9 @@ pub enum FrameError {
 
 /// Whether a peer speaking `peer` may talk to us, and which version the session then uses.
 #[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
-#[error("peer speaks protocol version {found}; this endpoint speaks {ours} and accepts {min}..={max}")]
+#[error(
+    "peer speaks protocol version {found}; this endpoint speaks {ours} and accepts {min}..={max}"
+)]
 pub struct VersionError {
     pub found: u16,
     pub ours: u16,
@@ -98,7 +126,12 @@ pub fn negotiate_version(ours: u16, peer: u16) -> Result<u16, VersionError> {
     let min = ours.saturating_sub(1).max(1);
     let max = ours.saturating_add(1);
     if peer < min || peer > max {
-        return Err(VersionError { found: peer, ours, min, max });
+        return Err(VersionError {
+            found: peer,
+            ours,
+            min,
+            max,
+        });
     }
     Ok(ours.min(peer))
 }
@@ -184,14 +217,22 @@ impl Frame {
         }
         let kind = body.get_u8();
         let need = |n: usize, body: &Bytes, exact: bool| -> Result<(), FrameError> {
-            let ok = if exact { body.len() == n } else { body.len() >= n };
+            let ok = if exact {
+                body.len() == n
+            } else {
+                body.len() >= n
+            };
             if ok {
                 Ok(())
             } else {
                 Err(FrameError::BadLength {
                     offset,
                     kind,
-                    expected: if exact { format!("{}", n + 1) } else { format!("at least {}", n + 1) },
+                    expected: if exact {
+                        format!("{}", n + 1)
+                    } else {
+                        format!("at least {}", n + 1)
+                    },
                     found: total,
                 })
             }
@@ -202,15 +243,24 @@ impl Frame {
                 let mut magic = [0u8; 4];
                 body.copy_to_slice(&mut magic);
                 if magic != HELLO_MAGIC {
-                    return Err(FrameError::BadMagic { offset, found: magic });
+                    return Err(FrameError::BadMagic {
+                        offset,
+                        found: magic,
+                    });
                 }
                 let version = body.get_u16_le();
                 let node = body.get_u16_le();
                 let cpu = body.get_u16_le();
                 let path_byte = body.get_u8();
-                let path = Path::from_byte(path_byte)
-                    .ok_or(FrameError::BadPath { offset, found: path_byte })?;
-                Ok(Frame::Hello(Hello { version, from: EndpointId { node, cpu }, path }))
+                let path = Path::from_byte(path_byte).ok_or(FrameError::BadPath {
+                    offset,
+                    found: path_byte,
+                })?;
+                Ok(Frame::Hello(Hello {
+                    version,
+                    from: EndpointId { node, cpu },
+                    path,
+                }))
             }
             KIND_KEEP_ALIVE => {
                 need(0, &body, true)?;
@@ -221,7 +271,11 @@ impl Frame {
                 need(12, &body, false)?;
                 let id = body.get_u64_le();
                 let timeout_ms = body.get_u32_le();
-                Ok(Frame::Request { id, timeout_ms, payload: body })
+                Ok(Frame::Request {
+                    id,
+                    timeout_ms,
+                    payload: body,
+                })
             }
             KIND_RESPONSE => {
                 need(8, &body, false)?;
@@ -232,7 +286,11 @@ impl Frame {
                 need(12, &body, false)?;
                 let stream = StreamId(body.get_u32_le());
                 let seq = body.get_u64_le();
-                Ok(Frame::Stream { stream, seq, payload: body })
+                Ok(Frame::Stream {
+                    stream,
+                    seq,
+                    payload: body,
+                })
             }
             found => Err(FrameError::UnknownKind { offset, found }),
         }
@@ -300,7 +358,9 @@ pub fn encode_payload<T: serde::Serialize>(value: &T) -> Result<Bytes, postcard:
 }
 
 /// Decodes a frame payload into a user message (postcard).
-pub fn decode_payload<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, postcard::Error> {
+pub fn decode_payload<T: serde::de::DeserializeOwned>(
+    payload: &[u8],
+) -> Result<T, postcard::Error> {
     postcard::from_bytes(payload)
 }
 
@@ -326,20 +386,39 @@ mod tests {
             path: Path::Failsafe,
         }));
         roundtrip(Frame::KeepAlive);
-        roundtrip(Frame::Message { payload: Bytes::from_static(b"abc") });
-        roundtrip(Frame::Request { id: 9, timeout_ms: 250, payload: Bytes::new() });
-        roundtrip(Frame::Response { id: u64::MAX, payload: Bytes::from_static(b"x") });
-        roundtrip(Frame::Stream { stream: StreamId(4), seq: 77, payload: Bytes::from_static(b"yz") });
+        roundtrip(Frame::Message {
+            payload: Bytes::from_static(b"abc"),
+        });
+        roundtrip(Frame::Request {
+            id: 9,
+            timeout_ms: 250,
+            payload: Bytes::new(),
+        });
+        roundtrip(Frame::Response {
+            id: u64::MAX,
+            payload: Bytes::from_static(b"x"),
+        });
+        roundtrip(Frame::Stream {
+            stream: StreamId(4),
+            seq: 77,
+            payload: Bytes::from_static(b"yz"),
+        });
     }
 
     #[test]
     fn hello_layout_is_byte_exact() {
         let mut out = BytesMut::new();
-        Frame::Hello(Hello { version: 1, from: EndpointId::new(2, 1), path: Path::Main })
-            .encode(&mut out);
+        Frame::Hello(Hello {
+            version: 1,
+            from: EndpointId::new(2, 1),
+            path: Path::Main,
+        })
+        .encode(&mut out);
         assert_eq!(
             &out[..],
-            &[12, 0, 0, 0, 0x01, b'D', b'P', b'L', b'X', 1, 0, 2, 0, 1, 0, 0]
+            &[
+                12, 0, 0, 0, 0x01, b'D', b'P', b'L', b'X', 1, 0, 2, 0, 1, 0, 0
+            ]
         );
     }
 
@@ -349,7 +428,11 @@ mod tests {
         dec.push(&17u32.to_le_bytes());
         assert_eq!(
             dec.next_frame(),
-            Err(FrameError::Oversized { offset: 0, size_bytes: 17, max_bytes: 16 })
+            Err(FrameError::Oversized {
+                offset: 0,
+                size_bytes: 17,
+                max_bytes: 16
+            })
         );
     }
 
@@ -361,14 +444,28 @@ mod tests {
         out.put_slice(&[1, 0, 0, 0, 0x7f]);
         dec.push(&out);
         assert_eq!(dec.next_frame(), Ok(Some(Frame::KeepAlive)));
-        assert_eq!(dec.next_frame(), Err(FrameError::UnknownKind { offset: 5, found: 0x7f }));
+        assert_eq!(
+            dec.next_frame(),
+            Err(FrameError::UnknownKind {
+                offset: 5,
+                found: 0x7f
+            })
+        );
     }
 
     #[test]
     fn short_request_header_is_malformed() {
         let mut dec = FrameDecoder::new(64);
         dec.push(&[3, 0, 0, 0, KIND_REQUEST, 1, 2]);
-        assert!(matches!(dec.next_frame(), Err(FrameError::BadLength { offset: 0, kind: 4, found: 3, .. })));
+        assert!(matches!(
+            dec.next_frame(),
+            Err(FrameError::BadLength {
+                offset: 0,
+                kind: 4,
+                found: 3,
+                ..
+            })
+        ));
     }
 
     #[test]

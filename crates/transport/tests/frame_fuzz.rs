@@ -12,20 +12,32 @@ const MAX_FRAME_BYTES: usize = 4096;
 fn arb_frame() -> impl Strategy<Value = Frame> {
     let payload = proptest::collection::vec(any::<u8>(), 0..512).prop_map(Bytes::from);
     prop_oneof![
-        (any::<u16>(), any::<u16>(), any::<u16>(), any::<bool>()).prop_map(|(version, node, cpu, f)| {
-            Frame::Hello(Hello {
-                version,
-                from: EndpointId::new(node, cpu),
-                path: if f { Path::Failsafe } else { Path::Main },
-            })
-        }),
+        (any::<u16>(), any::<u16>(), any::<u16>(), any::<bool>()).prop_map(
+            |(version, node, cpu, f)| {
+                Frame::Hello(Hello {
+                    version,
+                    from: EndpointId::new(node, cpu),
+                    path: if f { Path::Failsafe } else { Path::Main },
+                })
+            }
+        ),
         Just(Frame::KeepAlive),
-        payload.clone().prop_map(|payload| Frame::Message { payload }),
-        (any::<u64>(), any::<u32>(), payload.clone())
-            .prop_map(|(id, timeout_ms, payload)| Frame::Request { id, timeout_ms, payload }),
+        payload
+            .clone()
+            .prop_map(|payload| Frame::Message { payload }),
+        (any::<u64>(), any::<u32>(), payload.clone()).prop_map(|(id, timeout_ms, payload)| {
+            Frame::Request {
+                id,
+                timeout_ms,
+                payload,
+            }
+        }),
         (any::<u64>(), payload.clone()).prop_map(|(id, payload)| Frame::Response { id, payload }),
-        (any::<u32>(), any::<u64>(), payload)
-            .prop_map(|(s, seq, payload)| Frame::Stream { stream: StreamId(s), seq, payload }),
+        (any::<u32>(), any::<u64>(), payload).prop_map(|(s, seq, payload)| Frame::Stream {
+            stream: StreamId(s),
+            seq,
+            payload
+        }),
     ]
 }
 

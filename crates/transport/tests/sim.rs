@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use duplex_transport::{
-    DetectorConfig, EndpointId, Event, Path, PeerEvent, SimConfig, SimNetwork, SimTransport, StreamId,
-    Transport, TransportError,
+    DetectorConfig, EndpointId, Event, Path, PeerEvent, SimConfig, SimNetwork, SimTransport,
+    StreamId, Transport, TransportError,
 };
 
 const A: EndpointId = EndpointId::new(1, 0);
@@ -26,11 +26,25 @@ fn drain(t: &SimTransport) -> Vec<Event> {
 }
 
 fn peer_events(events: &[Event]) -> Vec<PeerEvent> {
-    events.iter().filter_map(|e| if let Event::Peer(p) = e { Some(*p) } else { None }).collect()
+    events
+        .iter()
+        .filter_map(|e| {
+            if let Event::Peer(p) = e {
+                Some(*p)
+            } else {
+                None
+            }
+        })
+        .collect()
 }
 
 /// Runs the network in 1 ms steps until `t` sees an event matching `want`, at most `limit`.
-fn wait_for(net: &SimNetwork, t: &SimTransport, limit: Duration, want: impl Fn(&Event) -> bool) -> Option<Duration> {
+fn wait_for(
+    net: &SimNetwork,
+    t: &SimTransport,
+    limit: Duration,
+    want: impl Fn(&Event) -> bool,
+) -> Option<Duration> {
     let start = net.now();
     while net.now() < start + limit {
         net.run_for(ms(1));
@@ -60,22 +74,35 @@ fn request_response_message_and_stream() {
     assert_eq!(up[0], PeerEvent::Up { peer: B });
     assert!(matches!(up[1], PeerEvent::LinkUp { peer: B, .. }), "{up:?}");
     drain(&b);
-    let id = a.request(B, Bytes::from_static(b"ping"), ms(100)).expect("request");
+    let id = a
+        .request(B, Bytes::from_static(b"ping"), ms(100))
+        .expect("request");
     a.send(B, Bytes::from_static(b"note")).expect("send");
     for i in 0..50u8 {
-        a.stream_send(B, StreamId(7), Bytes::from(vec![i])).expect("stream");
+        a.stream_send(B, StreamId(7), Bytes::from(vec![i]))
+            .expect("stream");
     }
     net.run_for(ms(5));
     let mut seqs = Vec::new();
     let mut got_message = false;
     for e in drain(&b) {
         match e {
-            Event::Request { from, id: rid, payload } => {
+            Event::Request {
+                from,
+                id: rid,
+                payload,
+            } => {
                 assert_eq!((from, &payload[..]), (A, &b"ping"[..]));
-                b.respond(A, rid, Bytes::from_static(b"pong")).expect("respond");
+                b.respond(A, rid, Bytes::from_static(b"pong"))
+                    .expect("respond");
             }
             Event::Message { payload, .. } => got_message = payload == Bytes::from_static(b"note"),
-            Event::Stream { stream, seq, payload, .. } => {
+            Event::Stream {
+                stream,
+                seq,
+                payload,
+                ..
+            } => {
                 assert_eq!(stream, StreamId(7));
                 assert_eq!(payload[0] as u64, seq);
                 seqs.push(seq);
@@ -84,20 +111,38 @@ fn request_response_message_and_stream() {
         }
     }
     assert!(got_message);
-    assert_eq!(seqs, (0..50).collect::<Vec<u64>>(), "stream frames arrive in order despite random latency");
+    assert_eq!(
+        seqs,
+        (0..50).collect::<Vec<u64>>(),
+        "stream frames arrive in order despite random latency"
+    );
     net.run_for(ms(5));
     let events = drain(&a);
-    assert!(events.contains(&Event::Response { from: B, id, payload: Bytes::from_static(b"pong") }));
+    assert!(events.contains(&Event::Response {
+        from: B,
+        id,
+        payload: Bytes::from_static(b"pong")
+    }));
 }
 
 #[test]
 fn request_to_silent_peer_times_out_once() {
     let (net, a, _b) = pair(2, SimConfig::default());
     net.crash(B);
-    let id = a.request(B, Bytes::from_static(b"ping"), ms(50)).expect("request");
-    let failed = wait_for(&net, &a, ms(200), |e| matches!(e, Event::RequestFailed { id: i, .. } if *i == id));
+    let id = a
+        .request(B, Bytes::from_static(b"ping"), ms(50))
+        .expect("request");
+    let failed = wait_for(
+        &net,
+        &a,
+        ms(200),
+        |e| matches!(e, Event::RequestFailed { id: i, .. } if *i == id),
+    );
     let after = failed.expect("request failure reported");
-    assert!(after >= ms(49) && after <= ms(52), "timed out after {after:?}");
+    assert!(
+        after >= ms(49) && after <= ms(52),
+        "timed out after {after:?}"
+    );
 }
 
 #[test]
@@ -105,11 +150,17 @@ fn crashed_peer_is_reported_down_within_detection_time() {
     let (net, a, _b) = pair(3, SimConfig::default());
     drain(&a);
     net.crash(B);
-    let took = wait_for(&net, &a, ms(1000), |e| *e == Event::Peer(PeerEvent::Down { peer: B }));
+    let took = wait_for(&net, &a, ms(1000), |e| {
+        *e == Event::Peer(PeerEvent::Down { peer: B })
+    });
     let took = took.expect("down reported");
     assert!(took <= ms(300 + 50 + 1), "down after {took:?}");
     net.restart(B);
-    assert!(wait_for(&net, &a, ms(200), |e| *e == Event::Peer(PeerEvent::Up { peer: B })).is_some());
+    assert!(
+        wait_for(&net, &a, ms(200), |e| *e
+            == Event::Peer(PeerEvent::Up { peer: B }))
+        .is_some()
+    );
 }
 
 #[test]
@@ -118,11 +169,23 @@ fn partition_is_reported_down_then_up_after_heal() {
     drain(&a);
     drain(&b);
     net.partition(A, B, &Path::ALL);
-    assert!(wait_for(&net, &a, ms(1000), |e| *e == Event::Peer(PeerEvent::Down { peer: B })).is_some());
-    assert!(wait_for(&net, &b, ms(10), |e| *e == Event::Peer(PeerEvent::Down { peer: A })).is_some()
-        || peer_events(&drain(&b)).is_empty());
+    assert!(
+        wait_for(&net, &a, ms(1000), |e| *e
+            == Event::Peer(PeerEvent::Down { peer: B }))
+        .is_some()
+    );
+    assert!(
+        wait_for(&net, &b, ms(10), |e| *e
+            == Event::Peer(PeerEvent::Down { peer: A }))
+        .is_some()
+            || peer_events(&drain(&b)).is_empty()
+    );
     net.heal(A, B, &Path::ALL);
-    assert!(wait_for(&net, &a, ms(200), |e| *e == Event::Peer(PeerEvent::Up { peer: B })).is_some());
+    assert!(
+        wait_for(&net, &a, ms(200), |e| *e
+            == Event::Peer(PeerEvent::Up { peer: B }))
+        .is_some()
+    );
 }
 
 #[test]
@@ -132,23 +195,66 @@ fn main_cut_with_failsafe_alive_is_a_link_failure_and_data_moves_to_failsafe() {
     drain(&b);
     net.partition(A, B, &[Path::Main]);
     net.run_for(ms(600));
-    assert_eq!(peer_events(&drain(&a)), vec![PeerEvent::LinkDown { peer: B, path: Path::Main }]);
-    assert_eq!(peer_events(&drain(&b)), vec![PeerEvent::LinkDown { peer: A, path: Path::Main }]);
-    a.send(B, Bytes::from_static(b"via failsafe")).expect("send");
+    assert_eq!(
+        peer_events(&drain(&a)),
+        vec![PeerEvent::LinkDown {
+            peer: B,
+            path: Path::Main
+        }]
+    );
+    assert_eq!(
+        peer_events(&drain(&b)),
+        vec![PeerEvent::LinkDown {
+            peer: A,
+            path: Path::Main
+        }]
+    );
+    a.send(B, Bytes::from_static(b"via failsafe"))
+        .expect("send");
     net.run_for(ms(5));
-    assert_eq!(drain(&b), vec![Event::Message { from: A, payload: Bytes::from_static(b"via failsafe") }]);
-    assert!(net.trace().contains("1.0->2.0 failsafe message len=12 deliver"));
+    assert_eq!(
+        drain(&b),
+        vec![Event::Message {
+            from: A,
+            payload: Bytes::from_static(b"via failsafe")
+        }]
+    );
+    assert!(
+        net.trace()
+            .contains("1.0->2.0 failsafe message len=12 deliver")
+    );
     net.heal(A, B, &[Path::Main]);
     net.run_for(ms(100));
-    assert_eq!(peer_events(&drain(&a)), vec![PeerEvent::LinkUp { peer: B, path: Path::Main }]);
+    assert_eq!(
+        peer_events(&drain(&a)),
+        vec![PeerEvent::LinkUp {
+            peer: B,
+            path: Path::Main
+        }]
+    );
 }
 
 #[test]
 fn oversized_payload_and_unknown_peer_are_refused() {
-    let config = SimConfig { max_frame_bytes: 1024, ..SimConfig::default() };
+    let config = SimConfig {
+        max_frame_bytes: 1024,
+        ..SimConfig::default()
+    };
     let (_net, a, _b) = pair(6, config);
-    let err = a.send(B, Bytes::from(vec![0u8; 2048])).expect_err("too large");
-    assert!(matches!(err, TransportError::TooLarge { peer: B, size_bytes: 2048, .. }), "{err}");
+    let err = a
+        .send(B, Bytes::from(vec![0u8; 2048]))
+        .expect_err("too large");
+    assert!(
+        matches!(
+            err,
+            TransportError::TooLarge {
+                peer: B,
+                size_bytes: 2048,
+                ..
+            }
+        ),
+        "{err}"
+    );
     let err = a.send(C, Bytes::new()).expect_err("unknown");
     assert_eq!(err, TransportError::UnknownPeer { local: A, peer: C });
 }
@@ -164,7 +270,11 @@ fn chaotic_run(seed: u64) -> String {
         ..SimConfig::default()
     };
     let net = SimNetwork::new(seed, config);
-    let nodes = [net.add_endpoint(A, &Path::ALL), net.add_endpoint(B, &Path::ALL), net.add_endpoint(C, &[Path::Main])];
+    let nodes = [
+        net.add_endpoint(A, &Path::ALL),
+        net.add_endpoint(B, &Path::ALL),
+        net.add_endpoint(C, &[Path::Main]),
+    ];
     for round in 0..200u64 {
         for (i, n) in nodes.iter().enumerate() {
             let to = [A, B, C][(i + 1 + round as usize % 2) % 3];
@@ -196,8 +306,18 @@ fn same_seed_same_trace_byte_for_byte() {
     println!("seed {seed}");
     let first = chaotic_run(seed);
     let second = chaotic_run(seed);
-    assert!(first.lines().count() > 1000, "the run exercised the network");
-    for needle in ["drop: loss", " duplicate", "drop: partition", "drop: receiver down", "Down {", "LinkDown"] {
+    assert!(
+        first.lines().count() > 1000,
+        "the run exercised the network"
+    );
+    for needle in [
+        "drop: loss",
+        " duplicate",
+        "drop: partition",
+        "drop: receiver down",
+        "Down {",
+        "LinkDown",
+    ] {
         assert!(first.contains(needle), "trace lacks {needle}");
     }
     assert_eq!(first.as_bytes(), second.as_bytes());

@@ -54,7 +54,11 @@ fn main() -> Result<()> {
     let _ = std::fs::remove_dir_all(&root);
     std::fs::create_dir_all(&root)?;
     let mut out = Vec::new();
-    println!("storage benchmarks ({}) in {}", if quick { "quick" } else { "full" }, root.display());
+    println!(
+        "storage benchmarks ({}) in {}",
+        if quick { "quick" } else { "full" },
+        root.display()
+    );
 
     for (size, appenders) in [(100usize, 1usize), (100, 16), (4096, 1), (4096, 16)] {
         let dir = root.join(format!("append-{size}-{appenders}"));
@@ -91,27 +95,64 @@ fn main() -> Result<()> {
     println!(
         "append+wait 100 B: p50 {ours_p50:.1} us p99 {ours_p99:.1} us | raw 4 KiB write+fdatasync: p50 {raw_p50:.1} us p99 {raw_p99:.1} us"
     );
-    out.push(Comparison::new("append_durable_100b_p50", ours_p50, raw_p50, "us", Better::Lower));
-    out.push(Comparison::new("append_durable_100b_p99", ours_p99, raw_p99, "us", Better::Lower));
+    out.push(Comparison::new(
+        "append_durable_100b_p50",
+        ours_p50,
+        raw_p50,
+        "us",
+        Better::Lower,
+    ));
+    out.push(Comparison::new(
+        "append_durable_100b_p99",
+        ours_p99,
+        raw_p99,
+        "us",
+        Better::Lower,
+    ));
 
     let (scan_gbps, crc_gbps) = recovery_scan(&root.join("scan"), plan.scan_bytes)?;
     println!(
         "recovery scan of {} MiB: {scan_gbps:.2} GB/s | crc32c in memory: {crc_gbps:.2} GB/s",
         plan.scan_bytes >> 20
     );
-    out.push(Comparison::new("recovery_scan", scan_gbps, crc_gbps, "GB/s", Better::Higher));
+    out.push(Comparison::new(
+        "recovery_scan",
+        scan_gbps,
+        crc_gbps,
+        "GB/s",
+        Better::Higher,
+    ));
 
     let exe = std::env::current_exe()?;
     let (own_p50, own_p99) = takeover(&exe, &root.join("takeover"), "open", plan.takeover_rounds)?;
-    let (lock_p50, lock_p99) = takeover(&exe, &root.join("takeover-lock"), "flock", plan.takeover_rounds)?;
+    let (lock_p50, lock_p99) = takeover(
+        &exe,
+        &root.join("takeover-lock"),
+        "flock",
+        plan.takeover_rounds,
+    )?;
     println!(
         "takeover after SIGKILL: LSG owned p50 {own_p50:.2} ms p99 {own_p99:.2} ms | bare flock p50 {lock_p50:.2} ms p99 {lock_p99:.2} ms"
     );
-    out.push(Comparison::new("takeover_p50", own_p50, lock_p50, "ms", Better::Lower));
-    out.push(Comparison::new("takeover_p99", own_p99, lock_p99, "ms", Better::Lower));
+    out.push(Comparison::new(
+        "takeover_p50",
+        own_p50,
+        lock_p50,
+        "ms",
+        Better::Lower,
+    ));
+    out.push(Comparison::new(
+        "takeover_p99",
+        own_p99,
+        lock_p99,
+        "ms",
+        Better::Lower,
+    ));
 
     let (pwrite_mbps, msync_mbps) = durable_path_choice(&root.join("design"), plan.run / 2)?;
-    println!("64 KiB durable writes: pwrite+fdatasync {pwrite_mbps:.0} MB/s | map+msync {msync_mbps:.0} MB/s");
+    println!(
+        "64 KiB durable writes: pwrite+fdatasync {pwrite_mbps:.0} MB/s | map+msync {msync_mbps:.0} MB/s"
+    );
     out.push(Comparison::new(
         "design_pwrite_fdatasync_vs_msync_64k",
         pwrite_mbps,
@@ -134,7 +175,11 @@ struct AppendResult {
 }
 
 fn group_append(dir: &Path, size: usize, appenders: usize, run: Duration) -> Result<AppendResult> {
-    let lsg = Arc::new(LogStorageGroup::create(dir, LsgId(1), LsgConfig::default())?);
+    let lsg = Arc::new(LogStorageGroup::create(
+        dir,
+        LsgId(1),
+        LsgConfig::default(),
+    )?);
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
     let before = lsg.audit().stats();
@@ -145,7 +190,9 @@ fn group_append(dir: &Path, size: usize, appenders: usize, run: Duration) -> Res
             std::thread::spawn(move || -> Result<()> {
                 let payload = vec![0x5Au8; size];
                 while !stop.load(Ordering::Relaxed) {
-                    let lsn = lsg.audit().append(RecordType::Update, RecordFlags::NONE, &payload)?;
+                    let lsn =
+                        lsg.audit()
+                            .append(RecordType::Update, RecordFlags::NONE, &payload)?;
                     lsg.audit().wait_durable(lsn)?;
                     count.fetch_add(1, Ordering::Relaxed);
                 }
@@ -156,7 +203,8 @@ fn group_append(dir: &Path, size: usize, appenders: usize, run: Duration) -> Res
     std::thread::sleep(run);
     stop.store(true, Ordering::Relaxed);
     for t in threads {
-        t.join().map_err(|_| anyhow::anyhow!("appender panicked"))??;
+        t.join()
+            .map_err(|_| anyhow::anyhow!("appender panicked"))??;
     }
     let elapsed_s = started.elapsed().as_secs_f64();
     let after = lsg.audit().stats();
@@ -175,7 +223,12 @@ fn prealloc(path: &Path, size: u64) -> Result<File> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    let mut f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
     let chunk = vec![0u8; 1 << 20];
     let mut at = 0;
     while at < size {
@@ -217,7 +270,8 @@ fn append_latency(dir: &Path, samples: usize) -> Result<(f64, f64)> {
     let mut us = Vec::with_capacity(samples);
     for i in 0..samples + 100 {
         let t = Instant::now();
-        lsg.audit().append_durable(RecordType::Update, RecordFlags::NONE, &payload)?;
+        lsg.audit()
+            .append_durable(RecordType::Update, RecordFlags::NONE, &payload)?;
         if i >= 100 {
             us.push(t.elapsed().as_secs_f64() * 1e6);
         }
@@ -248,7 +302,8 @@ fn recovery_scan(dir: &Path, bytes: u64) -> Result<(f64, f64)> {
         let payload = vec![0x77u8; 4000];
         let per = duplex_lsg::record::encoded_len(payload.len()) as u64;
         for _ in 0..bytes / per {
-            lsg.audit().append(RecordType::Update, RecordFlags::NONE, &payload)?;
+            lsg.audit()
+                .append(RecordType::Update, RecordFlags::NONE, &payload)?;
         }
         lsg.audit().flush()?;
     }
@@ -293,7 +348,10 @@ fn recovery_scan(dir: &Path, bytes: u64) -> Result<(f64, f64)> {
         best_crc = best_crc.min(t.elapsed().as_secs_f64());
     }
     std::hint::black_box(sink);
-    Ok((scanned as f64 / best_scan / 1e9, scanned as f64 / best_crc / 1e9))
+    Ok((
+        scanned as f64 / best_scan / 1e9,
+        scanned as f64 / best_crc / 1e9,
+    ))
 }
 
 fn monotonic_ns() -> u64 {
@@ -312,7 +370,10 @@ impl Drop for Killed {
     }
 }
 
-fn spawn_child(exe: &Path, args: &[&str]) -> Result<(Killed, BufReader<std::process::ChildStdout>)> {
+fn spawn_child(
+    exe: &Path,
+    args: &[&str],
+) -> Result<(Killed, BufReader<std::process::ChildStdout>)> {
     let mut child = Command::new(exe)
         .arg("--child")
         .args(args)
@@ -340,7 +401,8 @@ fn takeover(exe: &Path, dir: &Path, what: &str, rounds: usize) -> Result<(f64, f
         let lsg = LogStorageGroup::create(dir, LsgId(1), LsgConfig::default())?;
         let payload = vec![1u8; 1000];
         for _ in 0..20_000 {
-            lsg.audit().append(RecordType::Update, RecordFlags::NONE, &payload)?;
+            lsg.audit()
+                .append(RecordType::Update, RecordFlags::NONE, &payload)?;
         }
         lsg.audit().flush()?;
     }
@@ -406,9 +468,18 @@ fn child(args: &[String]) -> Result<()> {
         stdout.flush()?;
     }
     let _owned: Box<dyn std::any::Any> = match what.as_str() {
-        "open" => Box::new(LogStorageGroup::open(dir, LsgConfig::default(), OpenMode::WriteWaiting)?),
+        "open" => Box::new(LogStorageGroup::open(
+            dir,
+            LsgConfig::default(),
+            OpenMode::WriteWaiting,
+        )?),
         "flock" => {
-            let f = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir.join("LOCK"))?;
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(dir.join("LOCK"))?;
             f.lock()?;
             Box::new(f)
         }
