@@ -31,6 +31,25 @@ fn payload_for(lsn: u64, max: usize) -> Vec<u8> {
     p
 }
 
+/// Appends the records `lsns` (which must be the next LSNs) with [`payload_for`] payloads.
+fn append_range<S: Store>(
+    lsg: &LogStorageGroup<S>,
+    lsns: std::ops::RangeInclusive<u64>,
+    max: usize,
+) {
+    for lsn in lsns {
+        let got = lsg
+            .audit()
+            .append(
+                RecordType::Update,
+                RecordFlags::NONE,
+                &payload_for(lsn, max),
+            )
+            .expect("append");
+        assert_eq!(got, Lsn(lsn));
+    }
+}
+
 fn read_all<S: Store>(lsg: &LogStorageGroup<S>) -> Vec<(u64, Vec<u8>)> {
     lsg.audit()
         .reader(Lsn(1))
@@ -48,17 +67,7 @@ fn appended_records_survive_reopen_in_order() {
     let config = small_config();
     {
         let lsg = LogStorageGroup::create(dir.path(), LsgId(1), config).expect("create");
-        for lsn in 1..=500u64 {
-            let got = lsg
-                .audit()
-                .append(
-                    RecordType::Update,
-                    RecordFlags::NONE,
-                    &payload_for(lsn, 1000),
-                )
-                .expect("append");
-            assert_eq!(got, Lsn(lsn));
-        }
+        append_range(&lsg, 1..=500, 1000);
         assert_eq!(lsg.audit().flush().expect("flush"), Lsn(500));
     }
     let lsg = LogStorageGroup::open(dir.path(), config, OpenMode::Write).expect("open");
@@ -155,15 +164,7 @@ fn a_torn_tail_is_cut_at_the_last_whole_record() {
     let config = small_config();
     let (tail_offset, segment) = {
         let lsg = LogStorageGroup::create(dir.path(), LsgId(1), config).expect("create");
-        for lsn in 1..=20u64 {
-            lsg.audit()
-                .append(
-                    RecordType::Update,
-                    RecordFlags::NONE,
-                    &payload_for(lsn, 300),
-                )
-                .expect("append");
-        }
+        append_range(&lsg, 1..=20, 300);
         lsg.audit().flush().expect("flush");
         let seg = dir.path().join("audit/0000000000000001.seg");
         let bytes = std::fs::read(&seg).expect("read segment");
@@ -195,15 +196,7 @@ fn a_flipped_bit_inside_durable_data_is_reported_with_its_offset() {
     let config = small_config();
     {
         let lsg = LogStorageGroup::create(dir.path(), LsgId(1), config).expect("create");
-        for lsn in 1..=100u64 {
-            lsg.audit()
-                .append(
-                    RecordType::Update,
-                    RecordFlags::NONE,
-                    &payload_for(lsn, 300),
-                )
-                .expect("append");
-        }
+        append_range(&lsg, 1..=100, 300);
         lsg.audit().flush().expect("flush");
     }
     // Flip a bit in the payload of the third record: far more than one batch follows it.
@@ -245,15 +238,7 @@ fn corruption_in_an_older_segment_is_reported_by_the_reader() {
     let config = small_config();
     {
         let lsg = LogStorageGroup::create(dir.path(), LsgId(1), config).expect("create");
-        for lsn in 1..=600u64 {
-            lsg.audit()
-                .append(
-                    RecordType::Update,
-                    RecordFlags::NONE,
-                    &payload_for(lsn, 300),
-                )
-                .expect("append");
-        }
+        append_range(&lsg, 1..=600, 300);
         lsg.audit().flush().expect("flush");
     }
     let segment = dir.path().join("audit/0000000000000001.seg");
@@ -280,15 +265,7 @@ fn corruption_in_an_older_segment_is_reported_by_the_reader() {
 fn truncation_drops_whole_segments_below_an_lsn() {
     let store = SimStore::new(5);
     let lsg = LogStorageGroup::create_in(store.clone(), LsgId(1), small_config()).expect("create");
-    for lsn in 1..=2000u64 {
-        lsg.audit()
-            .append(
-                RecordType::Update,
-                RecordFlags::NONE,
-                &payload_for(lsn, 200),
-            )
-            .expect("append");
-    }
+    append_range(&lsg, 1..=2000, 200);
     lsg.audit().flush().expect("flush");
     let removed = lsg.audit().truncate_below(Lsn(1500)).expect("truncate");
     assert!(removed > 0);
@@ -417,25 +394,9 @@ fn a_crash_inside_a_flush_tears_it_and_recovery_keeps_a_whole_prefix() {
     for seed in 0..50u64 {
         let store = SimStore::new(seed);
         let lsg = LogStorageGroup::create_in(store.clone(), LsgId(1), config).expect("create");
-        for lsn in 1..=10u64 {
-            lsg.audit()
-                .append(
-                    RecordType::Update,
-                    RecordFlags::NONE,
-                    &payload_for(lsn, 600),
-                )
-                .expect("append");
-        }
+        append_range(&lsg, 1..=10, 600);
         lsg.audit().flush().expect("flush");
-        for lsn in 11..=20u64 {
-            lsg.audit()
-                .append(
-                    RecordType::Update,
-                    RecordFlags::NONE,
-                    &payload_for(lsn, 600),
-                )
-                .expect("append");
-        }
+        append_range(&lsg, 11..=20, 600);
         store.crash_after_writes(1);
         assert!(matches!(lsg.audit().flush(), Err(LsgError::Crashed)));
         drop(lsg);
