@@ -62,9 +62,7 @@ fn main() -> Result<()> {
 
     for (size, appenders) in [(100usize, 1usize), (100, 16), (4096, 1), (4096, 16)] {
         let dir = root.join(format!("append-{size}-{appenders}"));
-        let ours = group_append(&dir, size, appenders, plan.run)?;
-        let group_bytes = (ours.bytes_flushed / ours.flushes.max(1)).max(1) as usize;
-        let raw = raw_sync_loop(&dir.join("raw"), group_bytes, plan.run / 2)?;
+        let (ours, raw, group_bytes) = group_append_vs_raw(&dir, size, appenders, plan.run)?;
         let raw_mbps = raw.syncs_per_s * group_bytes as f64 / 1e6;
         let ours_mbps = ours.records_per_s * size as f64 / 1e6;
         let ours_wire_mbps = ours.bytes_flushed as f64 / ours.elapsed_s / 1e6;
@@ -90,8 +88,8 @@ fn main() -> Result<()> {
         ));
     }
 
-    let (ours_p50, ours_p99) = append_latency(&root.join("latency"), plan.latency_samples)?;
-    let (raw_p50, raw_p99) = raw_latency(&root.join("latency-raw"), plan.latency_samples)?;
+    let ((ours_p50, ours_p99), (raw_p50, raw_p99)) =
+        latency_vs_raw(&root.join("latency"), plan.latency_samples)?;
     println!(
         "append+wait 100 B: p50 {ours_p50:.1} us p99 {ours_p99:.1} us | raw 4 KiB write+fdatasync: p50 {raw_p50:.1} us p99 {raw_p99:.1} us"
     );
@@ -166,6 +164,7 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+#[derive(Default)]
 struct AppendResult {
     records: u64,
     records_per_s: f64,
@@ -174,19 +173,56 @@ struct AppendResult {
     elapsed_s: f64,
 }
 
-fn group_append(dir: &Path, size: usize, appenders: usize, run: Duration) -> Result<AppendResult> {
+/// Blocks of Duplex and of the raw loop alternate, so drift in the disk's speed during the run
+/// (large on these VMs) falls on both alike. The raw loop writes, per sync, the bytes the trail
+/// flushed per sync so far.
+const BLOCKS: u32 = 4;
+
+fn group_append_vs_raw(
+    dir: &Path,
+    size: usize,
+    appenders: usize,
+    run: Duration,
+) -> Result<(AppendResult, RawResult, usize)> {
     let lsg = Arc::new(LogStorageGroup::create(
         dir,
         LsgId(1),
         LsgConfig::default(),
     )?);
+    let raw_file = prealloc(&dir.join("raw"), RAW_FILE_BYTES)?;
+    let block = run / BLOCKS;
+    let mut ours = AppendResult::default();
+    let mut raw = RawResult::default();
+    let mut group_bytes = 1;
+    for _ in 0..BLOCKS {
+        let b = group_append(&lsg, size, appenders, block)?;
+        ours.records += b.records;
+        ours.flushes += b.flushes;
+        ours.bytes_flushed += b.bytes_flushed;
+        ours.elapsed_s += b.elapsed_s;
+        group_bytes = (ours.bytes_flushed / ours.flushes.max(1)).max(1) as usize;
+        let r = raw_sync_loop(&raw_file, group_bytes, block / 2)?;
+        raw.syncs += r.syncs;
+        raw.elapsed_s += r.elapsed_s;
+    }
+    ours.records_per_s = ours.records as f64 / ours.elapsed_s;
+    raw.syncs_per_s = raw.syncs as f64 / raw.elapsed_s;
+    Ok((ours, raw, group_bytes))
+}
+
+fn group_append(
+    lsg: &Arc<LogStorageGroup>,
+    size: usize,
+    appenders: usize,
+    run: Duration,
+) -> Result<AppendResult> {
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
     let before = lsg.audit().stats();
     let started = Instant::now();
     let threads: Vec<_> = (0..appenders)
         .map(|_| {
-            let (lsg, stop, count) = (Arc::clone(&lsg), Arc::clone(&stop), Arc::clone(&count));
+            let (lsg, stop, count) = (Arc::clone(lsg), Arc::clone(&stop), Arc::clone(&count));
             std::thread::spawn(move || -> Result<()> {
                 let payload = vec![0x5Au8; size];
                 while !stop.load(Ordering::Relaxed) {
@@ -218,6 +254,8 @@ fn group_append(dir: &Path, size: usize, appenders: usize, run: Duration) -> Res
     })
 }
 
+const RAW_FILE_BYTES: u64 = 256 << 20;
+
 /// A preallocated file for raw loops: overwriting written blocks, as the trail does.
 fn prealloc(path: &Path, size: u64) -> Result<File> {
     if let Some(parent) = path.parent() {
@@ -239,13 +277,16 @@ fn prealloc(path: &Path, size: u64) -> Result<File> {
     Ok(f)
 }
 
+#[derive(Default)]
 struct RawResult {
+    syncs: u64,
+    elapsed_s: f64,
     syncs_per_s: f64,
 }
 
-fn raw_sync_loop(path: &Path, group_bytes: usize, run: Duration) -> Result<RawResult> {
-    let size = 256u64 << 20;
-    let f = prealloc(path, size)?;
+/// `pwrite` + `fdatasync` of `group_bytes` at a time, sequentially through a preallocated file.
+fn raw_sync_loop(f: &File, group_bytes: usize, run: Duration) -> Result<RawResult> {
+    let size = f.metadata()?.len();
     let buf = vec![0xA5u8; group_bytes];
     let started = Instant::now();
     let mut syncs = 0u64;
@@ -259,40 +300,44 @@ fn raw_sync_loop(path: &Path, group_bytes: usize, run: Duration) -> Result<RawRe
         at += group_bytes as u64;
         syncs += 1;
     }
+    let elapsed_s = started.elapsed().as_secs_f64();
     Ok(RawResult {
-        syncs_per_s: syncs as f64 / started.elapsed().as_secs_f64(),
+        syncs,
+        elapsed_s,
+        syncs_per_s: syncs as f64 / elapsed_s,
     })
 }
 
-fn append_latency(dir: &Path, samples: usize) -> Result<(f64, f64)> {
+/// One 100-byte append + wait durable at a time, against one raw 4 KiB write + fdatasync at a
+/// time, in alternating blocks.
+fn latency_vs_raw(dir: &Path, samples: usize) -> Result<((f64, f64), (f64, f64))> {
     let lsg = LogStorageGroup::create(dir, LsgId(1), LsgConfig::default())?;
+    let raw = prealloc(&dir.join("raw"), 64 << 20)?;
     let payload = [0x33u8; 100];
-    let mut us = Vec::with_capacity(samples);
-    for i in 0..samples + 100 {
-        let t = Instant::now();
-        lsg.audit()
-            .append_durable(RecordType::Update, RecordFlags::NONE, &payload)?;
-        if i >= 100 {
-            us.push(t.elapsed().as_secs_f64() * 1e6);
-        }
-    }
-    Ok(percentiles_us(&mut us))
-}
-
-fn raw_latency(path: &Path, samples: usize) -> Result<(f64, f64)> {
-    let f = prealloc(path, 64 << 20)?;
     let buf = [0x44u8; 4096];
-    let mut us = Vec::with_capacity(samples);
-    for i in 0..samples + 100 {
-        let at = (i as u64 * 4096) % (64 << 20);
-        let t = Instant::now();
-        f.write_all_at(&buf, at)?;
-        f.sync_data()?;
-        if i >= 100 {
-            us.push(t.elapsed().as_secs_f64() * 1e6);
+    let per_block = (samples / BLOCKS as usize).max(1);
+    let (mut ours, mut base) = (Vec::with_capacity(samples), Vec::with_capacity(samples));
+    let mut raw_at = 0u64;
+    for _ in 0..BLOCKS {
+        for i in 0..per_block + 20 {
+            let t = Instant::now();
+            lsg.audit()
+                .append_durable(RecordType::Update, RecordFlags::NONE, &payload)?;
+            if i >= 20 {
+                ours.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        for i in 0..per_block + 20 {
+            raw_at = (raw_at + 4096) % (64 << 20);
+            let t = Instant::now();
+            raw.write_all_at(&buf, raw_at)?;
+            raw.sync_data()?;
+            if i >= 20 {
+                base.push(t.elapsed().as_secs_f64() * 1e6);
+            }
         }
     }
-    Ok(percentiles_us(&mut us))
+    Ok((percentiles_us(&mut ours), percentiles_us(&mut base)))
 }
 
 fn recovery_scan(dir: &Path, bytes: u64) -> Result<(f64, f64)> {
@@ -431,7 +476,7 @@ fn takeover(exe: &Path, dir: &Path, what: &str, rounds: usize) -> Result<(f64, f
 fn durable_path_choice(dir: &Path, run: Duration) -> Result<(f64, f64)> {
     let group = 64usize << 10;
     let size = 128u64 << 20;
-    let pwrite = raw_sync_loop(&dir.join("pwrite"), group, run)?;
+    let pwrite = raw_sync_loop(&prealloc(&dir.join("pwrite"), size)?, group, run)?;
     let f = prealloc(&dir.join("msync"), size)?;
     // SAFETY: the file is private to this benchmark and not resized while mapped.
     #[allow(unsafe_code)]
