@@ -22,11 +22,11 @@ use std::thread::JoinHandle;
 use tracing::{debug, warn};
 
 use crate::error::{Corruption, LsgError, Result};
-use crate::manifest::{self, Manifest};
+use crate::manifest::{Fence, Manifest};
 use crate::record::{self, Decoded, RecordFlags, RecordType, RecordView};
 use crate::segment::{self, SEGMENT_HEADER_BYTES, SegmentKind};
 use crate::store::{Store, StoreFile};
-use crate::{LsgConfig, LsgId, Lsn, OwnerEpoch};
+use crate::{LsgConfig, LsgId, Lsn};
 
 pub(crate) const AUDIT_DIR: &str = "audit";
 
@@ -47,21 +47,14 @@ pub struct AuditStats {
     pub bytes_flushed: u64,
 }
 
-/// The owner's epoch and the manifest to compare it with before every flush; truncation
-/// updates the manifest through it too.
-#[derive(Debug)]
-pub(crate) struct Fence<F> {
-    pub(crate) file: F,
-    pub(crate) epoch: OwnerEpoch,
-    pub(crate) manifest: Mutex<Manifest>,
-}
-
 /// Bytes appended but not yet handed to a flush, all in one segment and contiguous.
 #[derive(Debug)]
 struct Chunk {
     segment: u64,
     offset: u64,
     bytes: Vec<u8>,
+    /// The LSN of the last record in `bytes`.
+    last_lsn: Lsn,
 }
 
 /// A position in the trail: segment number and byte offset in it.
@@ -76,6 +69,8 @@ struct State<F> {
     next_lsn: Lsn,
     /// Where the next record will be encoded.
     tail: Position,
+    /// Size of the tail segment's file (a segment keeps the size it was created with).
+    tail_capacity: u64,
     pending: Vec<Chunk>,
     pending_bytes: usize,
     flushing: bool,
@@ -101,8 +96,10 @@ struct Shared<S: Store> {
     store: Arc<S>,
     lsg_id: LsgId,
     config: LsgConfig,
-    fence: Option<Fence<S::File>>,
+    fence: Option<Arc<Fence<S::File>>>,
     state: Mutex<State<S::File>>,
+    /// Asks the preallocator for a segment number, ahead of need.
+    preallocate: Mutex<Option<mpsc::Sender<u64>>>,
     /// Waiters of flush generation g sleep on `flushed[g % 2]`: a finished flush wakes its own
     /// waiters and one waiter of the next batch to lead it, not every appender.
     flushed: [Condvar; 2],
@@ -114,7 +111,7 @@ struct Shared<S: Store> {
 #[derive(Debug)]
 pub struct AuditTrail<S: Store> {
     shared: Arc<Shared<S>>,
-    preallocator: Option<(mpsc::Sender<u64>, JoinHandle<()>)>,
+    preallocator: Option<JoinHandle<()>>,
 }
 
 /// A segment to read from: its file, where its durable bytes end, and whether the durable end
@@ -146,7 +143,7 @@ impl<S: Store> AuditTrail<S> {
         store: Arc<S>,
         lsg_id: LsgId,
         config: LsgConfig,
-        fence: Fence<S::File>,
+        fence: Arc<Fence<S::File>>,
     ) -> Result<Self> {
         store.create_dir(AUDIT_DIR)?;
         segment::create(
@@ -163,19 +160,20 @@ impl<S: Store> AuditTrail<S> {
 
     /// Opens the trail and finds the end of its valid log.
     ///
-    /// From the newest segment backwards, the first segment holding records is scanned to its
-    /// end. An invalid record at offset X is a **torn tail** when nothing was written at or beyond
-    /// X + `max_batch_bytes` in that segment and no later segment starts with a valid record: it
+    /// From the newest segment backwards, each segment is scanned to the end of its valid records
+    /// until one holds records. If the scan stops at offset X at an invalid record, or at zeros
+    /// with written bytes after them, that is a **torn tail** only when nothing was written at or
+    /// beyond X + the torn window in that segment and nothing was written in a later segment: it
     /// can only be the unfinished last flush, which nobody was told is durable. Otherwise a later
-    /// flush completed after it, so X was durable: that is **corruption**, reported with file,
-    /// offset and what was found. With `fence` (opening for writing) the torn bytes are zeroed so
-    /// nothing after the tail can ever be taken for a record; without it nothing is changed.
+    /// flush started after X was synced: that is **corruption**, reported with file, offset and
+    /// what was found. With `fence` (opening for writing) torn bytes are zeroed so nothing after
+    /// the tail can ever be taken for a record; without it nothing is changed.
     pub(crate) fn open(
         store: Arc<S>,
         lsg_id: LsgId,
         first_segment: u64,
         config: LsgConfig,
-        fence: Option<Fence<S::File>>,
+        fence: Option<Arc<Fence<S::File>>>,
     ) -> Result<Self> {
         let writable = fence.is_some();
         let mut numbers = segment::list(&*store, AUDIT_DIR)?;
@@ -193,9 +191,9 @@ impl<S: Store> AuditTrail<S> {
         }
         let missing = numbers
             .iter()
-            .zip(first_segment..)
-            .find(|(have, want)| **have != *want)
-            .map(|(_, want)| want)
+            .enumerate()
+            .find(|(i, have)| first_segment.checked_add(*i as u64) != Some(**have))
+            .map(|(i, _)| first_segment.saturating_add(i as u64))
             .or_else(|| numbers.is_empty().then_some(first_segment));
         if let Some(n) = missing {
             return Err(LsgError::Missing {
@@ -221,52 +219,81 @@ impl<S: Store> AuditTrail<S> {
         }
 
         let mut tail = None;
+        let mut later_written = false;
         for &n in numbers.iter().rev() {
             let file = &files[&n];
-            let scan = scan_tail(&**file, max_payload, window)?;
-            if let Some((offset, what)) = &scan.bad {
-                if scan.written_end > offset.saturating_add(window) {
+            let scan = scan_tail(&**file, max_payload)?;
+            let stop = scan.end_offset;
+            let leftover = scan.written_end > stop;
+            let problem = scan.bad.clone().map(|(_, what)| what).or_else(|| {
+                leftover.then_some(Corruption::Malformed(
+                    "zeros where a record header should be, with data after them",
+                ))
+            });
+            if let Some(what) = problem {
+                if later_written || scan.written_end > stop.saturating_add(window) {
                     return Err(LsgError::Corrupt {
                         path: file.path().to_path_buf(),
-                        offset: *offset,
-                        what: what.clone(),
+                        offset: stop,
+                        what,
                     });
                 }
                 warn!(
                     path = %file.path().display(),
-                    offset,
+                    offset = stop,
                     %what,
                     "audit trail: torn tail cut off at the last whole record"
                 );
             }
-            if writable && scan.written_end > scan.end_offset {
-                zero_range(&**file, scan.end_offset, scan.written_end)?;
+            if writable && leftover {
+                zero_range(&**file, stop, scan.written_end)?;
             }
+            later_written |= scan.written_end > SEGMENT_HEADER_BYTES;
             if let Some(last) = scan.last_lsn {
-                tail = Some((n, last, scan.end_offset));
+                tail = Some((n, last, stop));
                 break;
             }
             first_lsns.remove(&n);
         }
         let (tail_segment, last_lsn, end) = match tail {
             Some(t) => t,
+            None if first_segment > 1 => {
+                // Truncation keeps the segment after the last one it deletes only once its first
+                // record is durable, so a truncated trail always holds a record.
+                return Err(LsgError::Corrupt {
+                    path: store
+                        .root()
+                        .join(segment::segment_name(AUDIT_DIR, first_segment)),
+                    offset: SEGMENT_HEADER_BYTES,
+                    what: Corruption::Malformed("no whole record in a truncated audit trail"),
+                });
+            }
             None => (numbers[0], Lsn(0), SEGMENT_HEADER_BYTES),
         };
+        let tail_capacity = files[&tail_segment].len_bytes();
         let tail_pos = Position {
             segment: tail_segment,
             offset: end,
         };
-        let next_lsn = Lsn(last_lsn.0 + 1);
+        let next_lsn = Lsn(last_lsn.0.checked_add(1).ok_or_else(|| LsgError::Corrupt {
+            path: store
+                .root()
+                .join(segment::segment_name(AUDIT_DIR, tail_segment)),
+            offset: end,
+            what: Corruption::Malformed("LSN at the end of the number range"),
+        })?);
         debug!(%next_lsn, segment = tail_segment, offset = end, "audit trail opened");
-        let preallocated_up_to = numbers.last().copied().unwrap_or(tail_segment);
+        let preallocated_up_to = tail_segment;
         let shared = Arc::new(Shared {
             store,
             lsg_id,
             config,
             fence,
+            preallocate: Mutex::new(None),
             state: Mutex::new(State {
                 next_lsn,
                 tail: tail_pos,
+                tail_capacity,
                 pending: Vec::new(),
                 pending_bytes: 0,
                 flushing: false,
@@ -297,8 +324,9 @@ impl<S: Store> AuditTrail<S> {
                     }
                 })
                 .map_err(|e| LsgError::io("spawn preallocator for", AUDIT_DIR, e))?;
-            let _ = tx.send(tail_segment + 1);
-            Some((tx, handle))
+            *lock(&shared.preallocate) = Some(tx);
+            shared.preallocate_after(tail_segment);
+            Some(handle)
         } else {
             None
         };
@@ -349,11 +377,17 @@ impl<S: Store> AuditTrail<S> {
                 "append backpressure loop did not converge"
             );
         }
-        if st.tail.offset + len as u64 > shared.config.audit_segment_bytes {
+        if st.tail.offset + len as u64 > st.tail_capacity {
+            let next = st.tail.segment + 1;
             st.tail = Position {
-                segment: st.tail.segment + 1,
+                segment: next,
                 offset: SEGMENT_HEADER_BYTES,
             };
+            // A segment made earlier (the preallocated spare) keeps the size it was made with.
+            st.tail_capacity = st
+                .files
+                .get(&next)
+                .map_or(shared.config.audit_segment_bytes, |f| f.len_bytes());
         }
         let lsn = st.next_lsn;
         st.next_lsn = Lsn(lsn.0 + 1);
@@ -369,10 +403,12 @@ impl<S: Store> AuditTrail<S> {
                 segment: at.segment,
                 offset: at.offset,
                 bytes: Vec::with_capacity(capacity),
+                last_lsn: lsn,
             });
         }
         if let Some(chunk) = st.pending.last_mut() {
             record::encode_into(&mut chunk.bytes, lsn, record_type, flags, payload);
+            chunk.last_lsn = lsn;
         }
         st.tail.offset += len as u64;
         st.pending_bytes += len;
@@ -412,6 +448,12 @@ impl<S: Store> AuditTrail<S> {
         let upto = Lsn(st.next_lsn.0 - 1);
         let st = shared.flush_locked(st, upto)?;
         Ok(st.durable_lsn)
+    }
+
+    pub(crate) fn handle(&self) -> AuditHandle<S> {
+        AuditHandle {
+            shared: Arc::clone(&self.shared),
+        }
     }
 
     /// The LSN the next append will get.
@@ -462,7 +504,9 @@ impl<S: Store> AuditTrail<S> {
         let mut pos = shared.locate(from)?;
         let max_payload = shared.config.max_record_bytes;
         let mut last: Option<Lsn> = None;
-        for _ in 0..=u32::MAX {
+        let mut ended_at: Option<(std::path::PathBuf, u64)> = None;
+        let segments = lock(&shared.state).files.len() + 1;
+        for _ in 0..=segments {
             let Some(Readable { file, end, is_tail }) = shared.readable(pos)? else {
                 return Ok(last);
             };
@@ -495,17 +539,27 @@ impl<S: Store> AuditTrail<S> {
                 }
                 Ok(start + at as u64)
             })?;
-            let offset = outcome.map_err(|(offset, what)| LsgError::Corrupt {
-                path: file.path().to_path_buf(),
-                offset,
-                what,
-            })?;
+            let offset = match outcome {
+                Ok(offset) => offset,
+                Err((offset, what)) => {
+                    // A break in sequence at a segment's first record is reported where the
+                    // previous segment's records stopped.
+                    let (path, offset) = match (&what, ended_at.take()) {
+                        (Corruption::LsnOutOfSequence { .. }, Some(prev)) if offset == start => {
+                            prev
+                        }
+                        _ => (file.path().to_path_buf(), offset),
+                    };
+                    return Err(LsgError::Corrupt { path, offset, what });
+                }
+            };
             if stop || (is_tail && offset == end) {
                 return Ok(last);
             }
             if is_tail {
                 return Err(zeros_inside(&*file, offset));
             }
+            ended_at = Some((file.path().to_path_buf(), offset));
             pos = Position {
                 segment: pos.segment + 1,
                 offset: SEGMENT_HEADER_BYTES,
@@ -536,14 +590,10 @@ impl<S: Store> AuditTrail<S> {
             op: "truncate",
             path: shared.store.root().join(AUDIT_DIR),
         })?;
-        {
-            let mut current = lock(&fence.manifest);
-            let next = Manifest {
-                first_segment: last_victim + 1,
-                ..*current
-            };
-            *current = manifest::write(&fence.file, &current, next)?;
-        }
+        fence.update(|m| Manifest {
+            first_segment: last_victim + 1,
+            ..m
+        })?;
         for (number, _) in &victims {
             shared
                 .store
@@ -558,8 +608,8 @@ impl<S: Store> AuditTrail<S> {
 
 impl<S: Store> Drop for AuditTrail<S> {
     fn drop(&mut self) {
-        if let Some((tx, handle)) = self.preallocator.take() {
-            drop(tx);
+        lock(&self.shared.preallocate).take();
+        if let Some(handle) = self.preallocator.take() {
             let _ = handle.join();
         }
     }
@@ -574,15 +624,14 @@ impl<S: Store> Shared<S> {
             return Ok(None);
         }
         let is_tail = pos.segment == st.durable_end.segment;
-        let end = if is_tail {
-            st.durable_end.offset
-        } else {
-            self.config.audit_segment_bytes
-        };
         match st.files.get(&pos.segment) {
             Some(f) => Ok(Some(Readable {
                 file: Arc::clone(f),
-                end,
+                end: if is_tail {
+                    st.durable_end.offset
+                } else {
+                    f.len_bytes()
+                },
                 is_tail,
             })),
             None => Err(LsgError::Missing {
@@ -616,10 +665,30 @@ impl<S: Store> Shared<S> {
                     .unwrap_or_else(|p| p.into_inner());
                 continue;
             }
-            let batch = std::mem::take(&mut st.pending);
-            let batch_bytes = std::mem::replace(&mut st.pending_bytes, 0);
-            let batch_last = Lsn(st.next_lsn.0 - 1);
-            let batch_end = st.tail;
+            // One flush writes at most one torn window (recovery relies on it), even when a
+            // batch put back after a full disk sits in front of newer appends.
+            let window = self.config.torn_window_bytes() as usize;
+            let mut take = 0;
+            let mut batch_bytes = 0;
+            for chunk in &st.pending {
+                if take > 0 && batch_bytes + chunk.bytes.len() > window {
+                    break;
+                }
+                batch_bytes += chunk.bytes.len();
+                take += 1;
+            }
+            let batch: Vec<Chunk> = st.pending.drain(..take).collect();
+            let Some(last) = batch.last() else {
+                return Err(LsgError::Failed(format!(
+                    "internal: LSN {lsn} is neither durable nor pending"
+                )));
+            };
+            let batch_last = last.last_lsn;
+            let batch_end = Position {
+                segment: last.segment,
+                offset: last.offset + last.bytes.len() as u64,
+            };
+            st.pending_bytes -= batch_bytes;
             st.flushing = true;
             st.flush_generation += 1;
             st.flushing_upto = batch_last;
@@ -668,17 +737,13 @@ impl<S: Store> Shared<S> {
 
     fn write_batch(&self, batch: &[Chunk]) -> Result<()> {
         if let Some(fence) = &self.fence {
-            let found = manifest::read(&fence.file)?.owner_epoch;
-            if found > fence.epoch {
-                return Err(LsgError::Fenced {
-                    path: self.store.root().to_path_buf(),
-                    ours: fence.epoch.0,
-                    found: found.0,
-                });
-            }
+            fence.check()?;
         }
         for (i, chunk) in batch.iter().enumerate() {
             let file = self.segment_file(chunk.segment)?;
+            if chunk.offset == SEGMENT_HEADER_BYTES {
+                self.preallocate_after(chunk.segment);
+            }
             file.write_at(chunk.offset, &chunk.bytes)?;
             let last_in_segment = batch.get(i + 1).is_none_or(|n| n.segment != chunk.segment);
             if last_in_segment {
@@ -686,6 +751,21 @@ impl<S: Store> Shared<S> {
             }
         }
         Ok(())
+    }
+
+    /// Asks the preallocator for the segment after `number`, once.
+    fn preallocate_after(&self, number: u64) {
+        let next = number + 1;
+        {
+            let mut st = lock(&self.state);
+            if st.preallocated_up_to >= next {
+                return;
+            }
+            st.preallocated_up_to = next;
+        }
+        if let Some(tx) = lock(&self.preallocate).as_ref() {
+            let _ = tx.send(next);
+        }
     }
 
     /// The file of segment `number`, created (preallocated) if it does not exist yet.
@@ -707,9 +787,7 @@ impl<S: Store> Shared<S> {
             true,
         )?);
         debug!(number, "audit trail: segment created");
-        let mut st = lock(&self.state);
-        st.files.insert(number, Arc::clone(&file));
-        st.preallocated_up_to = st.preallocated_up_to.max(number);
+        lock(&self.state).files.insert(number, Arc::clone(&file));
         Ok(file)
     }
 
@@ -739,6 +817,32 @@ impl<S: Store> Shared<S> {
     }
 }
 
+/// What a data volume needs of its trail: the next LSN (a change must be logged first) and a
+/// way to make the trail durable up to a change before the volume's copy of it is.
+#[derive(Debug)]
+pub(crate) struct AuditHandle<S: Store> {
+    shared: Arc<Shared<S>>,
+}
+
+impl<S: Store> Clone for AuditHandle<S> {
+    fn clone(&self) -> Self {
+        AuditHandle {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<S: Store> AuditHandle<S> {
+    pub(crate) fn next_lsn(&self) -> Lsn {
+        lock(&self.shared.state).next_lsn
+    }
+
+    pub(crate) fn wait_durable(&self, lsn: Lsn) -> Result<()> {
+        let st = lock(&self.shared.state);
+        self.shared.flush_locked(st, lsn).map(drop)
+    }
+}
+
 /// Iterates durable audit records from an LSN on, copying each out.
 #[derive(Debug)]
 pub struct AuditReader<S: Store> {
@@ -752,8 +856,11 @@ pub struct AuditReader<S: Store> {
 impl<S: Store> AuditReader<S> {
     fn next_record(&mut self) -> Result<Option<AuditRecord>> {
         let max_payload = self.shared.config.max_record_bytes;
-        // At most one segment boundary is crossed per record.
-        for _ in 0..2 {
+        // Where the previous segment's records ended, if this one was entered from it: a record
+        // that does not follow on is reported there, where the records stopped.
+        let mut ended_at: Option<(std::path::PathBuf, u64)> = None;
+        let segments = lock(&self.shared.state).files.len() + 1;
+        for _ in 0..=segments {
             let Some(Readable { file, end, is_tail }) = self.shared.readable(self.pos)? else {
                 return Ok(None);
             };
@@ -761,6 +868,7 @@ impl<S: Store> AuditReader<S> {
             let rec = match read_record(&*file, at, end, max_payload)? {
                 Slot::Record(rec) => rec,
                 Slot::Zero if !is_tail => {
+                    ended_at = Some((file.path().to_path_buf(), at));
                     self.pos = Position {
                         segment: self.pos.segment + 1,
                         offset: SEGMENT_HEADER_BYTES,
@@ -779,9 +887,10 @@ impl<S: Store> AuditReader<S> {
             if let Some(expected) = self.expected
                 && rec.lsn != expected
             {
+                let (path, offset) = ended_at.unwrap_or((file.path().to_path_buf(), at));
                 return Err(LsgError::Corrupt {
-                    path: file.path().to_path_buf(),
-                    offset: at,
+                    path,
+                    offset,
                     what: Corruption::LsnOutOfSequence {
                         expected,
                         found: rec.lsn,
@@ -861,10 +970,9 @@ fn zeros_inside<F: StoreFile>(file: &F, offset: u64) -> LsgError {
 }
 
 /// Scans one segment from its first record to the end of its valid records, and finds how far
-/// bytes were written past that end. A flush writes at most `window` bytes, so after a clean end
-/// only the next `window` bytes can hold leftovers of a torn flush; after an invalid record the
-/// whole rest of the segment is searched, since data far beyond it proves corruption.
-fn scan_tail<F: StoreFile>(file: &F, max_payload: usize, window: u64) -> Result<TailScan> {
+/// bytes were written past that end (the whole rest of the segment is searched: data far beyond
+/// the end proves corruption, data just beyond it is a torn flush to zero out).
+fn scan_tail<F: StoreFile>(file: &F, max_payload: usize) -> Result<TailScan> {
     let start = SEGMENT_HEADER_BYTES;
     let len = (file.len_bytes() - start) as usize;
     file.with_bytes(start, len, |bytes| {
@@ -896,12 +1004,7 @@ fn scan_tail<F: StoreFile>(file: &F, max_payload: usize, window: u64) -> Result<
                 }
             }
         }
-        let search_end = if bad.is_some() {
-            bytes.len()
-        } else {
-            bytes.len().min(at.saturating_add(window as usize))
-        };
-        let written_end = bytes[at..search_end]
+        let written_end = bytes[at..]
             .iter()
             .rposition(|&b| b != 0)
             .map_or(at, |i| at + i + 1);

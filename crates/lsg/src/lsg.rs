@@ -7,15 +7,15 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tracing::info;
 
-use crate::audit::{AUDIT_DIR, AuditTrail, Fence};
-use crate::error::{LsgError, Result};
-use crate::manifest::{self, MANIFEST_NAME, Manifest};
+use crate::audit::{AUDIT_DIR, AuditTrail};
+use crate::error::{Corruption, LsgError, Result};
+use crate::manifest::{self, Fence, MANIFEST_NAME, Manifest};
 use crate::store::{FileStore, Store};
-use crate::volume::{DataVolume, VOLUMES_DIR};
+use crate::volume::{DataVolume, VOLUMES_DIR, VolumeOwner};
 use crate::{LsgConfig, LsgId, OwnerEpoch};
 
 const LOCK_NAME: &str = "LOCK";
@@ -40,6 +40,8 @@ pub struct LogStorageGroup<S: Store = FileStore> {
     mode: OpenMode,
     audit: AuditTrail<S>,
     volumes: BTreeMap<String, Arc<DataVolume<S>>>,
+    /// This owner's claim; `None` when open read-only.
+    fence: Option<Arc<Fence<S::File>>>,
     // Dropped last: ownership outlives every handle that writes.
     _lock: Option<S::Lock>,
 }
@@ -79,12 +81,8 @@ impl<S: Store> LogStorageGroup<S> {
                 epoch: 0,
             })?;
         let (manifest_file, manifest) = manifest::create(&*store, lsg_id)?;
-        let fence = Fence {
-            file: manifest_file,
-            epoch: manifest.owner_epoch,
-            manifest: Mutex::new(manifest),
-        };
-        let audit = AuditTrail::create(Arc::clone(&store), lsg_id, config, fence)?;
+        let fence = Arc::new(Fence::new(manifest_file, manifest.owner_epoch));
+        let audit = AuditTrail::create(Arc::clone(&store), lsg_id, config, Arc::clone(&fence))?;
         store.create_dir(VOLUMES_DIR)?;
         info!(lsg = %lsg_id, path = %store.root().display(), "LSG created");
         Ok(LogStorageGroup {
@@ -94,6 +92,7 @@ impl<S: Store> LogStorageGroup<S> {
             mode: OpenMode::Write,
             audit,
             volumes: BTreeMap::new(),
+            fence: Some(fence),
             _lock: Some(lock),
         })
     }
@@ -126,31 +125,47 @@ impl<S: Store> LogStorageGroup<S> {
         let manifest_file = store.open(MANIFEST_NAME)?;
         let mut manifest = manifest::read(&manifest_file)?;
         let fence = if lock.is_some() {
+            let bump = |v: u64, what| {
+                v.checked_add(1).ok_or_else(|| LsgError::Corrupt {
+                    path: store.root().join(MANIFEST_NAME),
+                    offset: 0,
+                    what: Corruption::Malformed(what),
+                })
+            };
             let next = Manifest {
-                owner_epoch: OwnerEpoch(manifest.owner_epoch.0 + 1),
-                boot_sequence: manifest.boot_sequence + 1,
+                owner_epoch: OwnerEpoch(bump(
+                    manifest.owner_epoch.0,
+                    "owner epoch at its maximum",
+                )?),
+                boot_sequence: bump(manifest.boot_sequence, "boot sequence at its maximum")?,
                 ..manifest
             };
             manifest = manifest::write(&manifest_file, &manifest, next)?;
-            Some(Fence {
-                file: manifest_file,
-                epoch: manifest.owner_epoch,
-                manifest: Mutex::new(manifest),
-            })
+            Some(Arc::new(Fence::new(manifest_file, manifest.owner_epoch)))
         } else {
             None
         };
-        let writable = fence.is_some();
         let audit = AuditTrail::open(
             Arc::clone(&store),
             manifest.lsg_id,
             manifest.first_segment,
             config,
-            fence,
+            fence.clone(),
         )?;
         let mut volumes = BTreeMap::new();
         for name in store.list(VOLUMES_DIR)? {
-            let v = DataVolume::open(Arc::clone(&store), manifest.lsg_id, config, &name, writable)?;
+            let owner = fence.as_ref().map(|fence| VolumeOwner {
+                fence: Arc::clone(fence),
+                audit: audit.handle(),
+            });
+            let v = DataVolume::open(
+                Arc::clone(&store),
+                manifest.lsg_id,
+                config,
+                &name,
+                owner,
+                audit.next_lsn(),
+            )?;
             volumes.insert(name, Arc::new(v));
         }
         info!(
@@ -168,6 +183,7 @@ impl<S: Store> LogStorageGroup<S> {
             mode,
             audit,
             volumes,
+            fence,
             _lock: lock,
         })
     }
@@ -203,17 +219,22 @@ impl<S: Store> LogStorageGroup<S> {
 
     /// Adds an empty data volume.
     pub fn create_volume(&mut self, name: &str) -> Result<Arc<DataVolume<S>>> {
-        if self.mode == OpenMode::ReadOnly {
+        let Some(fence) = &self.fence else {
             return Err(LsgError::ReadOnly {
                 op: "create volume in",
                 path: self.store.root().to_path_buf(),
             });
-        }
+        };
+        let owner = VolumeOwner {
+            fence: Arc::clone(fence),
+            audit: self.audit.handle(),
+        };
         let v = Arc::new(DataVolume::create(
             Arc::clone(&self.store),
             self.manifest.lsg_id,
             self.config,
             name,
+            owner,
         )?);
         self.volumes.insert(name.to_string(), Arc::clone(&v));
         Ok(v)

@@ -2,7 +2,9 @@
 //! (`slots.rs`) whose body is four little-endian u64: LSG id, owner epoch, boot sequence id, first
 //! retained audit segment.
 
-use crate::error::Result;
+use std::sync::Mutex;
+
+use crate::error::{LsgError, Result};
 use crate::slots;
 use crate::store::{Store, StoreFile};
 use crate::{LsgId, OwnerEpoch};
@@ -67,4 +69,46 @@ pub(crate) fn write<F: StoreFile>(
 ) -> Result<Manifest> {
     let sequence = slots::write(file, &MAGIC, current.sequence, &next.body())?;
     Ok(Manifest { sequence, ..next })
+}
+
+/// An owner's claim on its LSG: the epoch it opened with and the manifest to check it against.
+/// Every write that could clash with a newer owner (each audit flush, each volume flush and
+/// segment, each manifest update) checks the manifest on disk first and stops for good with
+/// [`LsgError::Fenced`] once the epoch there is higher than its own.
+#[derive(Debug)]
+pub(crate) struct Fence<F> {
+    file: F,
+    epoch: OwnerEpoch,
+    /// Serialises this owner's own manifest updates.
+    updating: Mutex<()>,
+}
+
+impl<F: StoreFile> Fence<F> {
+    pub(crate) fn new(file: F, epoch: OwnerEpoch) -> Self {
+        Fence {
+            file,
+            epoch,
+            updating: Mutex::new(()),
+        }
+    }
+
+    /// The manifest on disk, if it still names this owner's epoch.
+    pub(crate) fn check(&self) -> Result<Manifest> {
+        let found = read(&self.file)?;
+        if found.owner_epoch > self.epoch {
+            return Err(LsgError::Fenced {
+                path: self.file.path().to_path_buf(),
+                ours: self.epoch.0,
+                found: found.owner_epoch.0,
+            });
+        }
+        Ok(found)
+    }
+
+    /// Replaces the manifest on disk by `change(current)`, after checking the fence against it.
+    pub(crate) fn update(&self, change: impl FnOnce(Manifest) -> Manifest) -> Result<Manifest> {
+        let _one_at_a_time = self.updating.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.check()?;
+        write(&self.file, &current, change(current))
+    }
 }

@@ -96,8 +96,8 @@ impl FileStore {
         }
     }
 
-    /// A store that reads with `pread` only: for looking at an LSG another process may be writing,
-    /// where a map could observe bytes mid-write.
+    /// A store that opens files read-only and reads with `pread` only: for looking at an LSG
+    /// another process may be writing, where a map could observe bytes mid-write.
     pub fn without_maps(root: impl Into<PathBuf>) -> Self {
         FileStore {
             root: root.into(),
@@ -197,6 +197,9 @@ impl Store for FileStore {
 
     fn open(&self, name: &str) -> Result<RealFile> {
         let path = self.path_of(name);
+        if !self.maps {
+            return self.open_path(path, false);
+        }
         match self.open_path(path.clone(), true) {
             Err(LsgError::ReadOnly { .. }) => self.open_path(path, false),
             other => other,
@@ -320,9 +323,12 @@ impl StoreFile for RealFile {
     }
 
     fn sync(&self) -> Result<()> {
-        self.file
-            .sync_data()
-            .map_err(|e| LsgError::io("fdatasync", &self.path, e))
+        // Never "disk full" (retriable): after a failed sync the page cache cannot be trusted.
+        self.file.sync_data().map_err(|source| LsgError::Io {
+            op: "fdatasync",
+            path: self.path.clone(),
+            source,
+        })
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -439,6 +445,20 @@ impl SimStore {
             data.current = data.durable.clone();
             data.unsynced.clear();
         }
+    }
+
+    /// Makes a file's unsynced writes durable, as the kernel's writeback may at any time without
+    /// being asked: for tests of what must hold even when it does.
+    pub fn write_back(&self, name: &str) -> Result<()> {
+        let mut inner = self.inner();
+        let path = self.root.join(name);
+        let data = inner.files.get_mut(name).ok_or(LsgError::Missing {
+            path,
+            what: "file not found",
+        })?;
+        data.durable = data.current.clone();
+        data.unsynced.clear();
+        Ok(())
     }
 
     /// Flips one bit of a file as it is on "disk": for corruption tests.

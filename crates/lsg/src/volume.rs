@@ -8,10 +8,13 @@
 //! 32 bytes each) must fit in memory. That is the decision for this version, written down in
 //! `docs/storage-format.md`, with space reclamation (compaction) still to come.
 //!
-//! Writes follow the steal/no-force rule of the audit trail: a volume's records reach disk when
-//! the page cache or [`DataVolume::flush`] writes them. A flush records a checkpoint: the position
-//! up to which the files are durable and the LSN below which every change is in them. Records
-//! before that position must be valid at open (else corruption is reported); after it, the first
+//! Writes follow steal/no-force under the write-ahead rule: a change's audit record is appended
+//! before the change ([`DataVolume::put`] refuses an LSN the trail has not given out), a volume
+//! flush first makes the trail durable up to the newest change it holds, and at open every
+//! record whose LSN the recovered trail does not hold (the page cache wrote the volume page, the
+//! audit record was lost) ends the volume there. A flush records a checkpoint: the position up to
+//! which the files are durable and the LSN below which every change is in them. Records before
+//! that position must be valid at open (else corruption is reported); after it, the first
 //! invalid record ends the volume, and redo from the audit trail restores the rest.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -20,7 +23,9 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use tracing::warn;
 
+use crate::audit::AuditHandle;
 use crate::error::{Corruption, LsgError, Result};
+use crate::manifest::Fence;
 use crate::record::{self, Decoded, RecordFlags, RecordType};
 use crate::segment::{self, SEGMENT_HEADER_BYTES, SegmentKind};
 use crate::slots;
@@ -62,10 +67,28 @@ struct Inner<F> {
     files: BTreeMap<u64, Arc<F>>,
     tail_segment: u64,
     tail_offset: u64,
+    /// The highest LSN written since the last flush (the trail must be durable up to it first).
+    newest_lsn: Lsn,
     dirty: BTreeSet<u64>,
     checkpoint_file: F,
     checkpoint_sequence: u64,
     checkpoint_lsn: Lsn,
+}
+
+/// What a volume of an owned LSG writes under: the owner's fence and the trail it logs to.
+#[derive(Debug)]
+pub(crate) struct VolumeOwner<S: Store> {
+    pub(crate) fence: Arc<Fence<S::File>>,
+    pub(crate) audit: AuditHandle<S>,
+}
+
+impl<S: Store> Clone for VolumeOwner<S> {
+    fn clone(&self) -> Self {
+        VolumeOwner {
+            fence: Arc::clone(&self.fence),
+            audit: self.audit.clone(),
+        }
+    }
 }
 
 /// One data volume of an LSG.
@@ -76,7 +99,8 @@ pub struct DataVolume<S: Store> {
     store: Arc<S>,
     lsg_id: LsgId,
     config: LsgConfig,
-    writable: bool,
+    /// `None` when the LSG is open read-only.
+    owner: Option<VolumeOwner<S>>,
     inner: RwLock<Inner<S::File>>,
 }
 
@@ -107,8 +131,10 @@ impl<S: Store> DataVolume<S> {
         lsg_id: LsgId,
         config: LsgConfig,
         name: &str,
+        owner: VolumeOwner<S>,
     ) -> Result<Self> {
         validate_name(name)?;
+        owner.fence.check()?;
         let dir = format!("{VOLUMES_DIR}/{name}");
         if store.exists(&format!("{dir}/{CHECKPOINT_NAME}"))? {
             return Err(LsgError::AlreadyExists {
@@ -131,18 +157,22 @@ impl<S: Store> DataVolume<S> {
             &CHECKPOINT_MAGIC,
             &slots::body_of(&[0, 1, SEGMENT_HEADER_BYTES]),
         )?;
-        Self::open(store, lsg_id, config, name, true)
+        let next_lsn = owner.audit.next_lsn();
+        Self::open(store, lsg_id, config, name, Some(owner), next_lsn)
     }
 
-    /// Opens a volume and rebuilds its index from its records.
+    /// Opens a volume and rebuilds its index from its records. `audit_next_lsn` is the next LSN
+    /// of the recovered audit trail: no change at or above it may survive (write-ahead rule).
     pub(crate) fn open(
         store: Arc<S>,
         lsg_id: LsgId,
         config: LsgConfig,
         name: &str,
-        writable: bool,
+        owner: Option<VolumeOwner<S>>,
+        audit_next_lsn: Lsn,
     ) -> Result<Self> {
         validate_name(name)?;
+        let writable = owner.is_some();
         let dir = format!("{VOLUMES_DIR}/{name}");
         let checkpoint_file = store.open(&format!("{dir}/{CHECKPOINT_NAME}"))?;
         let (checkpoint_sequence, body) = slots::read(&checkpoint_file, &CHECKPOINT_MAGIC)?;
@@ -150,16 +180,24 @@ impl<S: Store> DataVolume<S> {
             slots::u64s::<3>(&body, checkpoint_file.path())?;
         let synced = (synced_segment, synced_offset);
         let numbers = segment::list(&*store, &dir)?;
-        if numbers.is_empty() {
+        // Volumes never drop segments: they are numbered 1, 2, ... without a gap.
+        let gap = (1u64..)
+            .zip(numbers.iter().copied().chain(std::iter::once(u64::MAX)))
+            .find(|(want, have)| want != have)
+            .map(|(want, _)| want);
+        if let Some(want) = gap
+            && (numbers.is_empty() || (want as usize) <= numbers.len())
+        {
             return Err(LsgError::Missing {
-                path: store.root().join(&dir),
-                what: "no volume segments",
+                path: store.root().join(segment::segment_name(&dir, want)),
+                what: "data volume segment",
             });
         }
         let max_payload = config.max_volume_payload_bytes();
         let mut index = BTreeMap::new();
         let mut files = BTreeMap::new();
         let mut tail = None;
+        let last_number = numbers[numbers.len() - 1];
         for &n in &numbers {
             let file = Arc::new(segment::open(
                 &*store,
@@ -170,34 +208,50 @@ impl<S: Store> DataVolume<S> {
             )?);
             files.insert(n, Arc::clone(&file));
             if tail.is_some() {
-                // After a torn end everything is redone from the audit trail.
+                // After the end everything is redone from the audit trail.
                 continue;
             }
             let start = SEGMENT_HEADER_BYTES;
             let len = (file.len_bytes() - start) as usize;
             let scanned = file.with_bytes(start, len, |bytes| {
                 let mut at = 0usize;
+                let mut problem = None;
                 while at < bytes.len() {
                     let offset = start + at as u64;
                     match record::decode(&bytes[at..], max_payload) {
+                        Decoded::Record(v) if v.lsn >= audit_next_lsn => {
+                            problem = Some(Corruption::LsnOutOfSequence {
+                                expected: Lsn(audit_next_lsn.0.saturating_sub(1)),
+                                found: v.lsn,
+                            });
+                            break;
+                        }
                         Decoded::Record(v) => {
                             apply_to_index(&mut index, n, offset, &v).map_err(|c| (offset, c))?;
                             at += v.encoded_len();
                         }
-                        Decoded::Zero => return Ok((offset, None)),
-                        Decoded::Invalid(what) => return Ok((offset, Some(what))),
+                        Decoded::Zero => break,
+                        Decoded::Invalid(what) => {
+                            problem = Some(what);
+                            break;
+                        }
                     }
                 }
-                Ok((start + at as u64, None))
+                let written_after = bytes[at..].iter().any(|&b| b != 0);
+                if problem.is_none() && written_after {
+                    problem = Some(Corruption::Malformed(
+                        "zeros where a record header should be, with data after them",
+                    ));
+                }
+                Ok((start + at as u64, problem))
             })?;
-            let (end, bad) = scanned.map_err(|(offset, what)| LsgError::Corrupt {
+            let (end, problem) = scanned.map_err(|(offset, what)| LsgError::Corrupt {
                 path: file.path().to_path_buf(),
                 offset,
                 what,
             })?;
             let before_synced = (n, end) < synced;
-            let last = n == numbers[numbers.len() - 1];
-            match bad {
+            match problem {
                 Some(what) if before_synced => {
                     return Err(LsgError::Corrupt {
                         path: file.path().to_path_buf(),
@@ -205,25 +259,37 @@ impl<S: Store> DataVolume<S> {
                         what,
                     });
                 }
-                Some(what) => {
-                    warn!(path = %file.path().display(), offset = end, %what,
-                        "data volume: torn end after its checkpoint cut off; redo restores it");
-                    tail = Some((n, end));
-                }
-                None if last && before_synced => {
+                None if before_synced && n == synced.0 => {
                     return Err(LsgError::Corrupt {
                         path: file.path().to_path_buf(),
                         offset: end,
-                        what: Corruption::Malformed("volume ends before its checkpoint position"),
+                        what: Corruption::Truncated {
+                            needed: synced.1 - SEGMENT_HEADER_BYTES,
+                            available: end - SEGMENT_HEADER_BYTES,
+                        },
                     });
                 }
-                None if last => tail = Some((n, end)),
+                Some(what) => {
+                    warn!(path = %file.path().display(), offset = end, %what,
+                        "data volume: end after its checkpoint cut off; redo restores it");
+                    tail = Some((n, end));
+                }
+                None if n == last_number => {
+                    if before_synced {
+                        return Err(LsgError::Corrupt {
+                            path: file.path().to_path_buf(),
+                            offset: end,
+                            what: Corruption::Malformed("volume ends before its checkpoint"),
+                        });
+                    }
+                    tail = Some((n, end));
+                }
                 None => {}
             }
         }
-        let (tail_segment, tail_offset) = tail.unwrap_or((numbers[numbers.len() - 1], synced.1));
+        let (tail_segment, tail_offset) = tail.unwrap_or((last_number, SEGMENT_HEADER_BYTES));
         if writable {
-            // Nothing after the tail may ever be taken for a record: zero it, drop later files.
+            // Nothing after the end may ever be taken for a record: zero it, drop later files.
             let file = &files[&tail_segment];
             let written_end = file.with_bytes(0, file.len_bytes() as usize, |b| {
                 b.iter().rposition(|&x| x != 0).map_or(0, |i| i as u64 + 1)
@@ -234,7 +300,7 @@ impl<S: Store> DataVolume<S> {
                 file.sync()?;
             }
             let later: Vec<u64> = files.range(tail_segment + 1..).map(|(&n, _)| n).collect();
-            for n in later {
+            for n in later.into_iter().rev() {
                 store.remove(&segment::segment_name(&dir, n))?;
                 files.remove(&n);
             }
@@ -249,13 +315,14 @@ impl<S: Store> DataVolume<S> {
             store,
             lsg_id,
             config,
-            writable,
+            owner,
             inner: RwLock::new(Inner {
                 index,
                 live_keys,
                 files,
                 tail_segment,
                 tail_offset,
+                newest_lsn: Lsn(0),
                 dirty: BTreeSet::new(),
                 checkpoint_file,
                 checkpoint_sequence,
@@ -287,21 +354,26 @@ impl<S: Store> DataVolume<S> {
         Ok(())
     }
 
-    fn check_writable(&self) -> Result<()> {
-        if self.writable {
-            Ok(())
-        } else {
-            Err(LsgError::ReadOnly {
-                op: "write to volume",
-                path: self.store.root().join(&self.dir),
-            })
+    fn owner(&self) -> Result<&VolumeOwner<S>> {
+        self.owner.as_ref().ok_or_else(|| LsgError::ReadOnly {
+            op: "write to volume",
+            path: self.store.root().join(&self.dir),
+        })
+    }
+
+    /// A change must come after its audit record: refuse LSNs the trail has not given out.
+    fn check_logged(&self, lsn: Lsn) -> Result<()> {
+        let next = self.owner()?.audit.next_lsn();
+        if lsn >= next || lsn == Lsn(0) {
+            return Err(LsgError::LsnNotAppended { lsn, next });
         }
+        Ok(())
     }
 
     /// Writes `key` = `value` as the change with LSN `lsn`. Returns `false` and changes nothing
     /// if the volume already holds a change to `key` at `lsn` or later (redo is idempotent).
     pub fn put(&self, key: &[u8], value: &[u8], lsn: Lsn) -> Result<bool> {
-        self.check_writable()?;
+        self.check_logged(lsn)?;
         self.check_key(key)?;
         let limit = self.config.max_value_bytes;
         if value.len() > limit {
@@ -315,7 +387,7 @@ impl<S: Store> DataVolume<S> {
 
     /// Deletes `key` as the change with LSN `lsn`; idempotent like [`put`](Self::put).
     pub fn delete(&self, key: &[u8], lsn: Lsn) -> Result<bool> {
-        self.check_writable()?;
+        self.check_logged(lsn)?;
         self.check_key(key)?;
         self.write_record(key, None, lsn)
     }
@@ -338,7 +410,12 @@ impl<S: Store> DataVolume<S> {
         };
         let mut buf = Vec::with_capacity(record::encoded_len(payload.len()));
         record::encode_into(&mut buf, lsn, record_type, RecordFlags::NONE, &payload);
-        if inner.tail_offset + buf.len() as u64 > self.config.volume_segment_bytes {
+        let capacity = inner
+            .files
+            .get(&inner.tail_segment)
+            .map_or(self.config.volume_segment_bytes, |f| f.len_bytes());
+        if inner.tail_offset + buf.len() as u64 > capacity {
+            self.owner()?.fence.check()?;
             let next = inner.tail_segment + 1;
             let file = segment::create(
                 &*self.store,
@@ -367,6 +444,7 @@ impl<S: Store> DataVolume<S> {
             })?;
         file.write_at(offset, &buf)?;
         inner.tail_offset += buf.len() as u64;
+        inner.newest_lsn = inner.newest_lsn.max(lsn);
         inner.dirty.insert(segment);
         let value = value.map(|v| Location {
             segment,
@@ -474,8 +552,13 @@ impl<S: Store> DataVolume<S> {
     /// Makes every record written so far durable and records `checkpoint_lsn`: the caller
     /// vouches that every change with an LSN at or below it has been applied to this volume.
     pub fn flush(&self, checkpoint_lsn: Lsn) -> Result<()> {
-        self.check_writable()?;
+        let owner = self.owner()?;
         let mut inner = self.write();
+        // Write-ahead: no change reaches the volume's durable part before its audit record.
+        if inner.newest_lsn > Lsn(0) {
+            owner.audit.wait_durable(inner.newest_lsn)?;
+        }
+        owner.fence.check()?;
         let dirty: Vec<u64> = std::mem::take(&mut inner.dirty).into_iter().collect();
         for n in &dirty {
             if let Some(file) = inner.files.get(n) {
@@ -492,6 +575,7 @@ impl<S: Store> DataVolume<S> {
         )?;
         inner.checkpoint_sequence = next;
         inner.checkpoint_lsn = lsn;
+        inner.newest_lsn = Lsn(0);
         Ok(())
     }
 }

@@ -419,3 +419,99 @@ fn a_crash_inside_a_flush_tears_it_and_recovery_keeps_a_whole_prefix() {
         "no seed tore the flush: the crash model is not exercised"
     );
 }
+
+#[test]
+fn a_zeroed_sector_inside_durable_data_is_corruption_not_a_tail() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = small_config();
+    {
+        let lsg = LogStorageGroup::create(dir.path(), LsgId(1), config).expect("create");
+        append_range(&lsg, 1..=100, 300);
+        lsg.audit().flush().expect("flush");
+    }
+    // Lose the 512-byte sector holding the third record's header: far more than one flush
+    // window of acknowledged records follows it.
+    let segment = dir.path().join("audit/0000000000000001.seg");
+    let mut bytes = std::fs::read(&segment).expect("read");
+    let mut third = 4096usize;
+    for _ in 0..2 {
+        let len = u32::from_le_bytes(bytes[third + 4..third + 8].try_into().expect("4")) as usize;
+        third += (24 + len).next_multiple_of(8);
+    }
+    let sector = third / 512 * 512;
+    bytes[sector..sector + 512].fill(0);
+    std::fs::write(&segment, &bytes).expect("write");
+    match LogStorageGroup::open(dir.path(), config, OpenMode::Write) {
+        Err(LsgError::Corrupt { path, offset, .. }) => {
+            assert_eq!(path, segment);
+            assert!(
+                offset as usize >= sector && offset as usize <= third,
+                "offset {offset}"
+            );
+        }
+        other => panic!("expected corruption, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_zeroed_segment_start_is_reported_where_the_records_stop() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = small_config();
+    {
+        let lsg = LogStorageGroup::create(dir.path(), LsgId(1), config).expect("create");
+        append_range(&lsg, 1..=800, 300);
+        lsg.audit().flush().expect("flush");
+    }
+    let second = dir.path().join("audit/0000000000000002.seg");
+    assert!(
+        dir.path().join("audit/0000000000000004.seg").exists(),
+        "want 4+ segments"
+    );
+    let mut bytes = std::fs::read(&second).expect("read");
+    bytes[4096..4096 + 24].fill(0);
+    std::fs::write(&second, &bytes).expect("write");
+    let lsg = LogStorageGroup::open(dir.path(), config, OpenMode::Write).expect("open");
+    let err = lsg
+        .audit()
+        .reader(Lsn(1))
+        .expect("reader")
+        .find_map(Result::err)
+        .expect("the reader must not end silently");
+    match err {
+        LsgError::Corrupt { path, offset, .. } => {
+            assert_eq!((path, offset), (second.clone(), 4096));
+        }
+        other => panic!("expected corruption, got {other:?}"),
+    }
+    let scanned = lsg
+        .audit()
+        .scan(Lsn(1), |_| std::ops::ControlFlow::Continue(()));
+    assert!(
+        matches!(&scanned, Err(LsgError::Corrupt { path, offset: 4096, .. }) if *path == second),
+        "{scanned:?}"
+    );
+}
+
+#[test]
+fn reopening_with_another_segment_size_keeps_each_segment_its_own() {
+    let store = SimStore::new(11);
+    let small = small_config();
+    {
+        let lsg = LogStorageGroup::create_in(store.clone(), LsgId(1), small).expect("create");
+        append_range(&lsg, 1..=150, 300);
+        lsg.audit().flush().expect("flush");
+    }
+    let larger = LsgConfig {
+        audit_segment_bytes: 128 << 10,
+        ..small
+    };
+    let lsg = LogStorageGroup::open_in(store.clone(), larger, OpenMode::Write).expect("reopen");
+    append_range(&lsg, 151..=900, 300);
+    lsg.audit().flush().expect("flush");
+    assert_eq!(read_all(&lsg).len(), 900);
+    drop(lsg);
+    let lsg = LogStorageGroup::open_in(store, small, OpenMode::Write).expect("reopen smaller");
+    let records = read_all(&lsg);
+    assert_eq!(records.len(), 900);
+    assert!(records.iter().all(|(lsn, p)| *p == payload_for(*lsn, 300)));
+}

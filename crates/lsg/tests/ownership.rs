@@ -2,7 +2,9 @@
 //! owner's epoch, epochs rise, and missing, foreign or newer-format files are clear errors.
 //! (Ownership across real processes, with SIGKILL, is tested in `bin/duplex/tests`.)
 
-use duplex_lsg::{LogStorageGroup, LsgConfig, LsgError, LsgId, OpenMode, RecordFlags, RecordType};
+use duplex_lsg::{
+    LogStorageGroup, LsgConfig, LsgError, LsgId, Lsn, OpenMode, RecordFlags, RecordType,
+};
 
 fn small() -> LsgConfig {
     LsgConfig {
@@ -59,8 +61,14 @@ fn a_fenced_owner_refuses_to_write() {
         LsgError::Fenced { ours: 1, found, .. } => assert_eq!(found, taken),
         other => panic!("expected Fenced, got {other:?}"),
     }
-    // It stays stopped.
+    // It stays stopped, and cannot roll the manifest back by truncating either.
     assert!(old.audit().flush().is_err());
+    assert!(matches!(
+        old.audit().truncate_below(Lsn(1)),
+        Ok(0) | Err(LsgError::Fenced { .. })
+    ));
+    let reopened = LogStorageGroup::open(dir.path(), small(), OpenMode::ReadOnly).expect("read");
+    assert_eq!(reopened.owner_epoch().0, taken);
 }
 
 /// Raises the owner epoch in the manifest the way a new owner would: writes the older slot with
@@ -134,4 +142,30 @@ fn missing_foreign_and_newer_files_are_clear_errors() {
         LogStorageGroup::open(dir.path(), config, OpenMode::Write).expect_err("missing segment");
     assert!(matches!(e, LsgError::Missing { .. }), "{e}");
     assert!(e.to_string().contains("audit"), "{e}");
+}
+
+#[test]
+fn a_fenced_owner_cannot_roll_the_epoch_back_by_truncating() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = LsgConfig {
+        audit_segment_bytes: 64 << 10,
+        max_batch_bytes: 8 << 10,
+        max_record_bytes: 4 << 10,
+        max_value_bytes: 1 << 10,
+        max_key_bytes: 64,
+        volume_segment_bytes: 64 << 10,
+    };
+    let old = LogStorageGroup::create(dir.path(), LsgId(5), config).expect("create");
+    for _ in 0..1000 {
+        old.audit()
+            .append(RecordType::Update, RecordFlags::NONE, &[7; 200])
+            .expect("append");
+    }
+    old.audit().flush().expect("flush");
+    let taken = bump_epoch(dir.path());
+    let e = old.audit().truncate_below(Lsn(900)).expect_err("fenced");
+    assert!(matches!(e, LsgError::Fenced { ours: 1, .. }), "{e}");
+    let now = LogStorageGroup::open(dir.path(), config, OpenMode::ReadOnly).expect("read");
+    assert_eq!(now.owner_epoch().0, taken);
+    assert_eq!(now.audit().first_lsn(), Lsn(1));
 }

@@ -130,7 +130,8 @@ fn a_read_only_file_system_refuses_writers_and_serves_readers() {
             .append_durable(RecordType::Commit, RecordFlags::NONE, b"kept")
             .expect("append");
         let v = lsg.create_volume("v").expect("volume");
-        v.put(b"k", b"value", Lsn(1)).expect("put");
+        v.put(b"k", b"value", Lsn(1))
+            .expect("put (LSN 1 is the commit record above)");
         v.flush(Lsn(1)).expect("flush");
     }
     fs.remount("ro");

@@ -4,7 +4,8 @@
 use std::ops::Bound;
 
 use duplex_lsg::{
-    LogStorageGroup, LsgConfig, LsgError, LsgId, Lsn, OpenMode, SimStore, VolumeRecord,
+    LogStorageGroup, LsgConfig, LsgError, LsgId, Lsn, OpenMode, RecordFlags, RecordType, SimStore,
+    Store, VolumeRecord,
 };
 
 fn config() -> LsgConfig {
@@ -18,6 +19,17 @@ fn config() -> LsgConfig {
     }
 }
 
+/// Logs `n` durable audit records so that the changes of a test can use LSNs 1..=n (a change must
+/// be logged before it is applied).
+fn log_changes<S: Store>(lsg: &LogStorageGroup<S>, n: u64) {
+    for _ in 0..n {
+        lsg.audit()
+            .append(RecordType::Update, RecordFlags::NONE, b"change")
+            .expect("append");
+    }
+    lsg.audit().flush().expect("flush");
+}
+
 fn key(i: u32) -> Vec<u8> {
     format!("key-{i:06}").into_bytes()
 }
@@ -28,6 +40,7 @@ fn put_get_delete_scan_and_reopen() {
     {
         let mut lsg = LogStorageGroup::create(dir.path(), LsgId(1), config()).expect("create");
         let v = lsg.create_volume("accounts").expect("volume");
+        log_changes(&lsg, 3000);
         for i in 0..1000u32 {
             assert!(
                 v.put(
@@ -85,6 +98,7 @@ fn put_get_delete_scan_and_reopen() {
 fn redo_is_idempotent_by_generation() {
     let mut lsg = LogStorageGroup::create_in(SimStore::new(1), LsgId(1), config()).expect("create");
     let v = lsg.create_volume("v").expect("volume");
+    log_changes(&lsg, 20);
     assert!(v.put(b"k", b"new", Lsn(10)).expect("put"));
     assert!(!v.put(b"k", b"old", Lsn(9)).expect("older put is skipped"));
     assert!(
@@ -103,6 +117,7 @@ fn redo_is_idempotent_by_generation() {
 fn oversized_keys_and_values_are_clear_errors() {
     let mut lsg = LogStorageGroup::create_in(SimStore::new(1), LsgId(1), config()).expect("create");
     let v = lsg.create_volume("v").expect("volume");
+    log_changes(&lsg, 1);
     let e = v.put(&[0; 65], b"x", Lsn(1)).expect_err("key too large");
     assert!(
         matches!(
@@ -142,6 +157,7 @@ fn a_crash_keeps_the_checkpointed_volume_and_cuts_what_tore_after_it() {
             let mut lsg =
                 LogStorageGroup::create_in(store.clone(), LsgId(1), config()).expect("create");
             let v = lsg.create_volume("v").expect("volume");
+            log_changes(&lsg, 400);
             for i in 0..300u32 {
                 v.put(&key(i), &[7; 300], Lsn(i as u64 + 1)).expect("put");
             }
@@ -180,6 +196,7 @@ fn corruption_before_the_checkpoint_is_reported() {
         let mut lsg =
             LogStorageGroup::create_in(store.clone(), LsgId(1), config()).expect("create");
         let v = lsg.create_volume("v").expect("volume");
+        log_changes(&lsg, 20);
         for i in 0..20u32 {
             v.put(&key(i), &[1; 100], Lsn(i as u64 + 1)).expect("put");
         }
@@ -198,5 +215,78 @@ fn corruption_before_the_checkpoint_is_reported() {
             assert!(offset <= 4096 + 500, "offset {offset}");
         }
         other => panic!("expected corruption, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_change_must_be_logged_before_it_is_applied() {
+    let mut lsg = LogStorageGroup::create_in(SimStore::new(2), LsgId(1), config()).expect("create");
+    let v = lsg.create_volume("v").expect("volume");
+    let e = v.put(b"k", b"v", Lsn(1)).expect_err("nothing logged yet");
+    assert!(matches!(e, LsgError::LsnNotAppended { .. }), "{e}");
+    let e = v.delete(b"k", Lsn(0)).expect_err("LSN 0 is never a change");
+    assert!(matches!(e, LsgError::LsnNotAppended { .. }), "{e}");
+}
+
+/// The page cache may write a volume page before the change's audit record is durable; if the
+/// process then dies and the record is lost, the change must vanish from the volume too.
+#[test]
+fn a_change_whose_audit_record_was_lost_does_not_survive() {
+    let store = SimStore::new(3);
+    {
+        let mut lsg =
+            LogStorageGroup::create_in(store.clone(), LsgId(1), config()).expect("create");
+        let v = lsg.create_volume("v").expect("volume");
+        log_changes(&lsg, 1);
+        v.put(b"kept", b"durable", Lsn(1)).expect("put");
+        v.flush(Lsn(1)).expect("flush");
+        let lsn = lsg
+            .audit()
+            .append(RecordType::Update, RecordFlags::NONE, b"not yet durable")
+            .expect("append");
+        v.put(b"phantom", b"lost", lsn).expect("put");
+        store
+            .write_back("volumes/v/0000000000000001.seg")
+            .expect("writeback");
+    }
+    store.crash();
+    let lsg = LogStorageGroup::open_in(store, config(), OpenMode::Write).expect("reopen");
+    assert_eq!(lsg.audit().next_lsn(), Lsn(2));
+    let v = lsg.volume("v").expect("volume");
+    assert_eq!(v.get(b"phantom").expect("get"), None);
+    assert_eq!(
+        v.get(b"kept").expect("get").expect("kept").value,
+        b"durable"
+    );
+    // The LSN is given out again, to a real change, which the volume accepts.
+    log_changes(&lsg, 1);
+    assert!(v.put(b"phantom", b"real", Lsn(2)).expect("put"));
+}
+
+#[test]
+fn a_missing_volume_segment_is_reported() {
+    let store = SimStore::new(6);
+    {
+        let mut lsg =
+            LogStorageGroup::create_in(store.clone(), LsgId(1), config()).expect("create");
+        let v = lsg.create_volume("v").expect("volume");
+        log_changes(&lsg, 300);
+        for i in 0..300u32 {
+            v.put(&key(i), &[5; 300], Lsn(i as u64 + 1)).expect("put");
+        }
+        v.flush(Lsn(300)).expect("flush");
+    }
+    store
+        .remove("volumes/v/0000000000000002.seg")
+        .expect("remove");
+    match LogStorageGroup::open_in(store, config(), OpenMode::Write) {
+        Err(LsgError::Missing { path, .. }) => {
+            assert!(
+                path.ends_with("volumes/v/0000000000000002.seg"),
+                "{}",
+                path.display()
+            );
+        }
+        other => panic!("expected a missing segment, got {other:?}"),
     }
 }
