@@ -77,7 +77,7 @@ pub struct LsgConfig {
 impl Default for LsgConfig {
     fn default() -> Self {
         LsgConfig {
-            audit_segment_bytes: 64 << 20,
+            audit_segment_bytes: 16 << 20,
             volume_segment_bytes: 64 << 20,
             max_batch_bytes: 4 << 20,
             max_record_bytes: (2 << 20) + (4 << 10),

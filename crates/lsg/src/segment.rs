@@ -156,3 +156,43 @@ pub fn list<S: Store>(store: &S, dir: &str) -> Result<Vec<u64>> {
     numbers.sort_unstable();
     Ok(numbers)
 }
+
+/// Length of `bytes` up to and including its last non-zero byte (0 if all are zero): where
+/// writing stopped in a zero-filled segment. Scans backwards a block at a time with word-wise
+/// ORs, which compile to vector instructions; a byte-wise scan of a 64 MiB segment took tens of
+/// milliseconds of every takeover.
+pub fn written_len(bytes: &[u8]) -> usize {
+    const BLOCK_BYTES: usize = 4096;
+    let mut end = bytes.len();
+    while end > 0 {
+        let start = end.saturating_sub(BLOCK_BYTES);
+        let block = &bytes[start..end];
+        let (words, rest) = block.as_chunks::<8>();
+        let any = words.iter().fold(0u64, |acc, w| acc | u64::from_ne_bytes(*w)) != 0
+            || rest.iter().any(|&b| b != 0);
+        if any {
+            return start + block.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+        }
+        end = start;
+    }
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::written_len;
+
+    #[test]
+    fn written_len_finds_the_last_non_zero_byte() {
+        let mut b = vec![0u8; 10_000];
+        assert_eq!(written_len(&b), 0);
+        b[0] = 1;
+        assert_eq!(written_len(&b), 1);
+        b[4095] = 1;
+        assert_eq!(written_len(&b), 4096);
+        b[9_999] = 7;
+        assert_eq!(written_len(&b), 10_000);
+        assert_eq!(written_len(&b[..9_999]), 4096);
+        assert_eq!(written_len(&[]), 0);
+    }
+}

@@ -237,7 +237,7 @@ impl<S: Store> DataVolume<S> {
                         }
                     }
                 }
-                let written_after = bytes[at..].iter().any(|&b| b != 0);
+                let written_after = segment::written_len(&bytes[at..]) > 0;
                 if problem.is_none() && written_after {
                     problem = Some(Corruption::Malformed(
                         "zeros where a record header should be, with data after them",
@@ -292,7 +292,7 @@ impl<S: Store> DataVolume<S> {
             // Nothing after the end may ever be taken for a record: zero it, drop later files.
             let file = &files[&tail_segment];
             let written_end = file.with_bytes(0, file.len_bytes() as usize, |b| {
-                b.iter().rposition(|&x| x != 0).map_or(0, |i| i as u64 + 1)
+                segment::written_len(b) as u64
             })?;
             if written_end > tail_offset {
                 let zeros = vec![0u8; (written_end - tail_offset) as usize];

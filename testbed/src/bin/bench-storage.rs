@@ -35,6 +35,13 @@ fn main() -> Result<()> {
         return child(&args[2..]);
     }
     let quick = args.iter().any(|a| a == "--quick");
+    // `--only AREA` (append, latency, scan, takeover, design) runs one part, for iterating.
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let part = |area: &str| only.as_deref().is_none_or(|o| o == area);
     let plan = if quick {
         Plan {
             run: Duration::from_millis(1500),
@@ -60,104 +67,112 @@ fn main() -> Result<()> {
         root.display()
     );
 
-    for (size, appenders) in [(100usize, 1usize), (100, 16), (4096, 1), (4096, 16)] {
-        let dir = root.join(format!("append-{size}-{appenders}"));
-        let (ours, raw, group_bytes) = group_append_vs_raw(&dir, size, appenders, plan.run)?;
-        let raw_mbps = raw.syncs_per_s * group_bytes as f64 / 1e6;
-        let ours_mbps = ours.records_per_s * size as f64 / 1e6;
-        let ours_wire_mbps = ours.bytes_flushed as f64 / ours.elapsed_s / 1e6;
+    if part("append") {
+        for (size, appenders) in [(100usize, 1usize), (100, 16), (4096, 1), (4096, 16)] {
+            let dir = root.join(format!("append-{size}-{appenders}"));
+            let (ours, raw, group_bytes) = group_append_vs_raw(&dir, size, appenders, plan.run)?;
+            let raw_mbps = raw.syncs_per_s * group_bytes as f64 / 1e6;
+            let ours_mbps = ours.records_per_s * size as f64 / 1e6;
+            let ours_wire_mbps = ours.bytes_flushed as f64 / ours.elapsed_s / 1e6;
+            println!(
+                "append {size:>4} B x {appenders:>2}: {:>9.0} records/s {ours_mbps:>7.1} MB/s payload ({ours_wire_mbps:.1} MB/s written), {:.1} records/flush | raw {group_bytes} B write+fdatasync: {:.0}/s {raw_mbps:.1} MB/s",
+                ours.records_per_s,
+                ours.records as f64 / ours.flushes.max(1) as f64,
+                raw.syncs_per_s,
+            );
+            out.push(Comparison::new(
+                &format!("append_{size}b_{appenders}x_throughput"),
+                ours_wire_mbps,
+                raw_mbps,
+                "MB/s",
+                Better::Higher,
+            ));
+            out.push(Comparison::new(
+                &format!("append_{size}b_{appenders}x_records"),
+                ours.records_per_s,
+                raw.syncs_per_s
+                    * (group_bytes as f64 / duplex_lsg::record::encoded_len(size) as f64),
+                "records/s",
+                Better::Higher,
+            ));
+        }
+    }
+    if part("latency") {
+        let ((ours_p50, ours_p99), (raw_p50, raw_p99)) =
+            latency_vs_raw(&root.join("latency"), plan.latency_samples)?;
         println!(
-            "append {size:>4} B x {appenders:>2}: {:>9.0} records/s {ours_mbps:>7.1} MB/s payload ({ours_wire_mbps:.1} MB/s written), {:.1} records/flush | raw {group_bytes} B write+fdatasync: {:.0}/s {raw_mbps:.1} MB/s",
-            ours.records_per_s,
-            ours.records as f64 / ours.flushes.max(1) as f64,
-            raw.syncs_per_s,
+            "append+wait 100 B: p50 {ours_p50:.1} us p99 {ours_p99:.1} us | raw 4 KiB write+fdatasync: p50 {raw_p50:.1} us p99 {raw_p99:.1} us"
         );
         out.push(Comparison::new(
-            &format!("append_{size}b_{appenders}x_throughput"),
-            ours_wire_mbps,
-            raw_mbps,
-            "MB/s",
-            Better::Higher,
+            "append_durable_100b_p50",
+            ours_p50,
+            raw_p50,
+            "us",
+            Better::Lower,
         ));
         out.push(Comparison::new(
-            &format!("append_{size}b_{appenders}x_records"),
-            ours.records_per_s,
-            raw.syncs_per_s * (group_bytes as f64 / duplex_lsg::record::encoded_len(size) as f64),
-            "records/s",
+            "append_durable_100b_p99",
+            ours_p99,
+            raw_p99,
+            "us",
+            Better::Lower,
+        ));
+    }
+    if part("scan") {
+        let (scan_gbps, crc_gbps) = recovery_scan(&root.join("scan"), plan.scan_bytes)?;
+        println!(
+            "recovery scan of {} MiB: {scan_gbps:.2} GB/s | crc32c in memory: {crc_gbps:.2} GB/s",
+            plan.scan_bytes >> 20
+        );
+        out.push(Comparison::new(
+            "recovery_scan",
+            scan_gbps,
+            crc_gbps,
+            "GB/s",
             Better::Higher,
         ));
     }
-
-    let ((ours_p50, ours_p99), (raw_p50, raw_p99)) =
-        latency_vs_raw(&root.join("latency"), plan.latency_samples)?;
-    println!(
-        "append+wait 100 B: p50 {ours_p50:.1} us p99 {ours_p99:.1} us | raw 4 KiB write+fdatasync: p50 {raw_p50:.1} us p99 {raw_p99:.1} us"
-    );
-    out.push(Comparison::new(
-        "append_durable_100b_p50",
-        ours_p50,
-        raw_p50,
-        "us",
-        Better::Lower,
-    ));
-    out.push(Comparison::new(
-        "append_durable_100b_p99",
-        ours_p99,
-        raw_p99,
-        "us",
-        Better::Lower,
-    ));
-
-    let (scan_gbps, crc_gbps) = recovery_scan(&root.join("scan"), plan.scan_bytes)?;
-    println!(
-        "recovery scan of {} MiB: {scan_gbps:.2} GB/s | crc32c in memory: {crc_gbps:.2} GB/s",
-        plan.scan_bytes >> 20
-    );
-    out.push(Comparison::new(
-        "recovery_scan",
-        scan_gbps,
-        crc_gbps,
-        "GB/s",
-        Better::Higher,
-    ));
-
-    let exe = std::env::current_exe()?;
-    let (own_p50, own_p99) = takeover(&exe, &root.join("takeover"), "open", plan.takeover_rounds)?;
-    let (lock_p50, lock_p99) = takeover(
-        &exe,
-        &root.join("takeover-lock"),
-        "flock",
-        plan.takeover_rounds,
-    )?;
-    println!(
-        "takeover after SIGKILL: LSG owned p50 {own_p50:.2} ms p99 {own_p99:.2} ms | bare flock p50 {lock_p50:.2} ms p99 {lock_p99:.2} ms"
-    );
-    out.push(Comparison::new(
-        "takeover_p50",
-        own_p50,
-        lock_p50,
-        "ms",
-        Better::Lower,
-    ));
-    out.push(Comparison::new(
-        "takeover_p99",
-        own_p99,
-        lock_p99,
-        "ms",
-        Better::Lower,
-    ));
-
-    let (pwrite_mbps, msync_mbps) = durable_path_choice(&root.join("design"), plan.run / 2)?;
-    println!(
-        "64 KiB durable writes: pwrite+fdatasync {pwrite_mbps:.0} MB/s | map+msync {msync_mbps:.0} MB/s"
-    );
-    out.push(Comparison::new(
-        "design_pwrite_fdatasync_vs_msync_64k",
-        pwrite_mbps,
-        msync_mbps,
-        "MB/s",
-        Better::Higher,
-    ));
+    if part("takeover") {
+        let exe = std::env::current_exe()?;
+        let (own_p50, own_p99) =
+            takeover(&exe, &root.join("takeover"), "open", plan.takeover_rounds)?;
+        let (lock_p50, lock_p99) = takeover(
+            &exe,
+            &root.join("takeover-lock"),
+            "flock",
+            plan.takeover_rounds,
+        )?;
+        println!(
+            "takeover after SIGKILL: LSG owned p50 {own_p50:.2} ms p99 {own_p99:.2} ms | bare flock p50 {lock_p50:.2} ms p99 {lock_p99:.2} ms"
+        );
+        out.push(Comparison::new(
+            "takeover_p50",
+            own_p50,
+            lock_p50,
+            "ms",
+            Better::Lower,
+        ));
+        out.push(Comparison::new(
+            "takeover_p99",
+            own_p99,
+            lock_p99,
+            "ms",
+            Better::Lower,
+        ));
+    }
+    if part("design") {
+        let (pwrite_mbps, msync_mbps) = durable_path_choice(&root.join("design"), plan.run / 2)?;
+        println!(
+            "64 KiB durable writes: pwrite+fdatasync {pwrite_mbps:.0} MB/s | map+msync {msync_mbps:.0} MB/s"
+        );
+        out.push(Comparison::new(
+            "design_pwrite_fdatasync_vs_msync_64k",
+            pwrite_mbps,
+            msync_mbps,
+            "MB/s",
+            Better::Higher,
+        ));
+    }
 
     let _ = std::fs::remove_dir_all(&root);
     print_comparisons(&out);
@@ -242,6 +257,8 @@ fn group_append(
         t.join()
             .map_err(|_| anyhow::anyhow!("appender panicked"))??;
     }
+    // Segment preallocation is part of the trail's cost: finish it inside this block.
+    lsg.audit().preallocate_next()?;
     let elapsed_s = started.elapsed().as_secs_f64();
     let after = lsg.audit().stats();
     let records = count.load(Ordering::Relaxed);
