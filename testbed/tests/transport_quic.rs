@@ -27,33 +27,40 @@ const PEER: EndpointId = EndpointId::new(2, 0);
 const DETECTION_MS: u64 = 300;
 
 /// A child process that is SIGKILLed when the guard drops, whatever the test did.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A `transport-peer` process, killed when dropped (through its `KillOnDrop`).
 struct PeerProcess {
-    child: Child,
+    child: KillOnDrop,
     stdin: ChildStdin,
     lines: mpsc::Receiver<String>,
     addrs: PeerAddrs,
 }
 
-impl Drop for PeerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 impl PeerProcess {
     fn spawn(certs: &std::path::Path, node: u16, extra: &[&str]) -> PeerProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_transport-peer"))
-            .args(["--node", &node.to_string(), "--certs"])
-            .arg(certs)
-            .args(["--detection-time-ms", &DETECTION_MS.to_string()])
-            .args(extra)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn transport-peer");
-        let stdin = child.stdin.take().expect("piped stdin");
-        let stdout = child.stdout.take().expect("piped stdout");
+        // The guard exists from the moment the process does, so no failed expect below can
+        // leave it running.
+        let mut child = KillOnDrop(
+            Command::new(env!("CARGO_BIN_EXE_transport-peer"))
+                .args(["--node", &node.to_string(), "--certs"])
+                .arg(certs)
+                .args(["--detection-time-ms", &DETECTION_MS.to_string()])
+                .args(extra)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("spawn transport-peer"),
+        );
+        let stdin = child.0.stdin.take().expect("piped stdin");
+        let stdout = child.0.stdout.take().expect("piped stdout");
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
@@ -89,7 +96,7 @@ impl PeerProcess {
     }
 
     fn pid(&self) -> Pid {
-        Pid::from_raw(self.child.id() as i32)
+        Pid::from_raw(self.child.0.id() as i32)
     }
 }
 
@@ -326,6 +333,11 @@ async fn adjacent_protocol_version_talks() {
     })
     .await;
     assert!(up.is_some(), "version 1 and 2 talk");
+    assert_eq!(
+        t.link_version(PEER, Path::Main),
+        Some(1),
+        "the link speaks the lower version"
+    );
     let answer = t
         .call(PEER, Bytes::from_static(b"v2"), Duration::from_secs(2))
         .await
@@ -388,7 +400,9 @@ async fn bad_frames_and_versions_close_only_that_connection() {
     oversized.put_u32_le(64 << 20);
     let mut malformed = hello(1, intruder);
     malformed.put_slice(&[3, 0, 0, 0, 0x04, 1, 2]);
-    let cases: [(&str, BytesMut, u32, &str); 4] = [
+    let mut second_hello = hello(1, intruder);
+    second_hello.put_slice(&hello(1, intruder));
+    let cases: [(&str, BytesMut, u32, &str); 5] = [
         (
             "unknown kind",
             unknown_kind,
@@ -412,6 +426,12 @@ async fn bad_frames_and_versions_close_only_that_connection() {
             hello(9, intruder),
             close_code::VERSION_REFUSED,
             "protocol version 9",
+        ),
+        (
+            "second hello",
+            second_hello,
+            close_code::HANDSHAKE_FAILED,
+            "second hello on an established link",
         ),
     ];
     for (name, bytes, code, reason) in cases {
@@ -442,10 +462,16 @@ async fn bad_frames_and_versions_close_only_that_connection() {
         );
     }
 
+    // A client that trusts the cluster CA (so it accepts the server) but presents a certificate
+    // of another CA: the server must refuse it.
     let foreign = ClusterCa::generate().expect("foreign CA");
     let cert = foreign.issue_node(3).expect("foreign node cert");
-    let foreign_creds =
+    let foreign_only =
         NodeCredentials::from_pem(3, &foreign.cert_pem, &cert).expect("foreign credentials");
+    let foreign_creds = NodeCredentials {
+        ca: creds.ca.clone(),
+        ..foreign_only
+    };
     let refused = raw_session(
         &foreign_creds,
         server,
@@ -453,9 +479,18 @@ async fn bad_frames_and_versions_close_only_that_connection() {
         hello(1, intruder).freeze(),
     )
     .await;
-    let err = refused.expect_err("a foreign certificate must not get a session");
+    // The client accepted the server, so the close can only come from the server (the peer),
+    // with TLS alert 48 (unknown CA) and rustls's reason.
+    let err = match refused {
+        Ok(quinn::ConnectionError::ConnectionClosed(c)) => format!("closed by peer: {c}"),
+        Ok(other) => panic!("foreign certificate: ended by {other:?}, not by the server"),
+        Err(e) => e,
+    };
     println!("foreign certificate: {err}");
-    assert!(err.contains("handshake") || err.contains("closed"), "{err}");
+    assert!(
+        err.contains("closed by peer") && err.contains("error 48") && err.contains("UnknownIssuer"),
+        "the server refuses the client certificate as of an unknown issuer: {err}"
+    );
     let answer = t
         .call(
             PEER,

@@ -168,7 +168,10 @@ pub fn written_len(bytes: &[u8]) -> usize {
         let start = end.saturating_sub(BLOCK_BYTES);
         let block = &bytes[start..end];
         let (words, rest) = block.as_chunks::<8>();
-        let any = words.iter().fold(0u64, |acc, w| acc | u64::from_ne_bytes(*w)) != 0
+        let any = words
+            .iter()
+            .fold(0u64, |acc, w| acc | u64::from_ne_bytes(*w))
+            != 0
             || rest.iter().any(|&b| b != 0);
         if any {
             return start + block.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);

@@ -47,7 +47,33 @@ pub fn node_server_name(node: u16) -> String {
     format!("node-{node}.duplex")
 }
 
-fn ca_params() -> Result<CertificateParams, CertError> {
+/// The CA's common name: "Duplex cluster CA" and a fingerprint of its public key, so that two
+/// clusters' CAs never share a name and a refusal's log says which issuer was unknown. Derived
+/// from the key, so re-loading the CA from its files gives the same issuer name.
+fn ca_common_name(key: &KeyPair) -> String {
+    // FNV-1a: a name tag, not a security property (the signature is).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.public_key_raw() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("Duplex cluster CA {h:016x}")
+}
+
+/// Checks that a peer's (already chain-verified) certificate names `node`, i.e. carries the SAN
+/// `node_server_name(node)`. The acceptor uses it to bind a hello's claimed node to the
+/// certificate that authenticated the connection.
+pub fn verify_node_certificate(cert: &CertificateDer<'_>, node: u16) -> Result<(), String> {
+    let name = node_server_name(node);
+    let server_name = rustls_pki_types::ServerName::try_from(name.as_str())
+        .map_err(|e| format!("{name} is not a DNS name: {e}"))?;
+    let parsed = rustls::server::ParsedCertificate::try_from(cert)
+        .map_err(|e| format!("unparsable certificate: {e}"))?;
+    rustls::client::verify_server_name(&parsed, &server_name)
+        .map_err(|e| format!("certificate is not valid for {name}: {e}"))
+}
+
+fn ca_params(key: &KeyPair) -> Result<CertificateParams, CertError> {
     let mut params =
         CertificateParams::new(Vec::<String>::new()).map_err(|source| CertError::Generate {
             what: "CA parameters".into(),
@@ -55,7 +81,7 @@ fn ca_params() -> Result<CertificateParams, CertError> {
         })?;
     params
         .distinguished_name
-        .push(DnType::CommonName, "Duplex cluster CA");
+        .push(DnType::CommonName, ca_common_name(key));
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -86,7 +112,7 @@ impl ClusterCa {
             what: "CA key".into(),
             source,
         })?;
-        let cert = ca_params()?
+        let cert = ca_params(&key)?
             .self_signed(&key)
             .map_err(|source| CertError::Generate {
                 what: "CA certificate".into(),
@@ -104,7 +130,7 @@ impl ClusterCa {
             what: "loading the CA key".into(),
             source,
         })?;
-        let issuer = Issuer::new(ca_params()?, ca_key);
+        let issuer = Issuer::new(ca_params(&ca_key)?, ca_key);
         let key = KeyPair::generate().map_err(|source| CertError::Generate {
             what: what("key"),
             source,
@@ -137,6 +163,20 @@ fn write(path: PathBuf, text: &str) -> Result<(), CertError> {
     fs::write(&path, text).map_err(|source| CertError::Write { path, source })
 }
 
+/// Writes a private key readable by its owner only (mode 0600 from creation, never wider).
+fn write_secret(path: PathBuf, text: &str) -> Result<(), CertError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .map_err(|source| CertError::Write { path, source })
+}
+
 fn read(path: PathBuf) -> Result<String, CertError> {
     fs::read_to_string(&path).map_err(|source| CertError::Read { path, source })
 }
@@ -154,7 +194,7 @@ pub fn ensure_cluster_certs(dir: &FsPath, nodes: &[u16]) -> Result<(), CertError
         }
     } else {
         let ca = ClusterCa::generate()?;
-        write(dir.join("ca.key"), &ca.key_pem)?;
+        write_secret(dir.join("ca.key"), &ca.key_pem)?;
         write(dir.join("ca.pem"), &ca.cert_pem)?;
         ca
     };
@@ -163,7 +203,7 @@ pub fn ensure_cluster_certs(dir: &FsPath, nodes: &[u16]) -> Result<(), CertError
             continue;
         }
         let cert = ca.issue_node(node)?;
-        write(dir.join(format!("node-{node}.key")), &cert.key_pem)?;
+        write_secret(dir.join(format!("node-{node}.key")), &cert.key_pem)?;
         write(dir.join(format!("node-{node}.pem")), &cert.cert_pem)?;
     }
     Ok(())
@@ -310,6 +350,19 @@ mod tests {
             fs::read_to_string(dir.path().join("ca.pem")).expect("ca")
         );
         let creds = NodeCredentials::load(dir.path(), 3).expect("load");
+        let k1 = KeyPair::generate().expect("key");
+        let k2 = KeyPair::generate().expect("key");
+        assert_ne!(
+            ca_common_name(&k1),
+            ca_common_name(&k2),
+            "each CA has its own name"
+        );
+        let reloaded = KeyPair::from_pem(&k1.serialize_pem()).expect("reload");
+        assert_eq!(
+            ca_common_name(&k1),
+            ca_common_name(&reloaded),
+            "stable across reloads"
+        );
         quinn_configs(
             &creds,
             QuicTiming {
@@ -318,6 +371,21 @@ mod tests {
             },
         )
         .expect("configs");
+        use std::os::unix::fs::PermissionsExt as _;
+        for key in ["ca.key", "node-1.key"] {
+            let mode = fs::metadata(dir.path().join(key))
+                .expect("key")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{key} mode {mode:o}");
+        }
+        let leaf = |node: u16| {
+            let pem = fs::read_to_string(dir.path().join(format!("node-{node}.pem"))).expect("pem");
+            CertificateDer::from_pem_slice(pem.as_bytes()).expect("der")
+        };
+        assert_eq!(verify_node_certificate(&leaf(3), 3), Ok(()));
+        let err = verify_node_certificate(&leaf(3), 2).expect_err("node 3 is not node 2");
+        assert!(err.contains("node-2.duplex"), "{err}");
         assert!(matches!(
             NodeCredentials::load(dir.path(), 9),
             Err(CertError::Read { .. })

@@ -55,6 +55,18 @@ pub enum PeerEvent {
     LinkUp { peer: EndpointId, path: Path },
 }
 
+impl PeerEvent {
+    /// The peer the event is about.
+    pub fn peer(&self) -> EndpointId {
+        match *self {
+            PeerEvent::Up { peer }
+            | PeerEvent::Down { peer }
+            | PeerEvent::LinkDown { peer, .. }
+            | PeerEvent::LinkUp { peer, .. } => peer,
+        }
+    }
+}
+
 /// What the driver must do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DetectorAction {
@@ -148,17 +160,29 @@ impl FailureDetector {
             .map(|p| p.paths.get(&path).is_some_and(|s| s.up))
     }
 
+    /// Queues an action within `ACTION_QUEUE_MAX`. On overflow the newest report of every peer
+    /// survives: first an old keep-alive goes (they are periodic and idempotent), then the oldest
+    /// report of the same peer (coalescing to its latest state); a new keep-alive is dropped
+    /// rather than a report. With only one report per peer queued the queue may exceed the bound
+    /// by at most the number of peers, which is itself bounded by the configuration.
     fn push(&mut self, action: DetectorAction) {
         if self.actions.len() >= ACTION_QUEUE_MAX {
-            // Keep-alives are periodic and idempotent; dropping the oldest one loses nothing.
-            if let Some(pos) = self
+            let victim = self
                 .actions
                 .iter()
                 .position(|a| matches!(a, DetectorAction::SendKeepAlive { .. }))
-            {
-                self.actions.remove(pos);
-            } else {
-                self.actions.pop_front();
+                .or_else(|| match action {
+                    DetectorAction::Report(new) => self.actions.iter().position(
+                        |a| matches!(a, DetectorAction::Report(old) if old.peer() == new.peer()),
+                    ),
+                    DetectorAction::SendKeepAlive { .. } => None,
+                });
+            match (victim, action) {
+                (Some(pos), _) => {
+                    self.actions.remove(pos);
+                }
+                (None, DetectorAction::SendKeepAlive { .. }) => return,
+                (None, DetectorAction::Report(_)) => {}
             }
         }
         self.actions.push_back(action);
@@ -409,5 +433,33 @@ mod tests {
             count += 1;
         }
         assert_eq!(count, ACTION_QUEUE_MAX);
+    }
+
+    #[test]
+    fn overflow_never_drops_the_latest_report_of_a_peer() {
+        let mut d = FailureDetector::new(DetectorConfig::default());
+        let peers = ACTION_QUEUE_MAX as u16 + 1;
+        for n in 0..peers {
+            d.on_heard(EndpointId::new(n, 0), Path::Main, ms(0));
+        }
+        // Full of reports now: keep-alives due at this tick are the ones dropped.
+        d.on_tick(ms(1));
+        // Down then Up again for peer 0 while full: coalesced to its latest state.
+        let p0 = EndpointId::new(0, 0);
+        d.on_tick(ms(400));
+        d.on_heard(p0, Path::Main, ms(401));
+        let mut latest = BTreeMap::new();
+        let mut count = 0;
+        while let Some(a) = d.poll_action() {
+            count += 1;
+            if let DetectorAction::Report(e) = a {
+                latest.insert(e.peer(), e);
+            }
+        }
+        assert_eq!(latest.len(), usize::from(peers), "every peer kept a report");
+        assert_eq!(latest.get(&p0), Some(&PeerEvent::Up { peer: p0 }));
+        let p1 = EndpointId::new(1, 0);
+        assert_eq!(latest.get(&p1), Some(&PeerEvent::Down { peer: p1 }));
+        assert!(count <= ACTION_QUEUE_MAX + usize::from(peers), "{count}");
     }
 }

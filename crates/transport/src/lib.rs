@@ -19,6 +19,6 @@ pub mod wire;
 pub use addr::{EndpointId, Path, PeerAddrs};
 pub use detector::{DetectorConfig, FailureDetector, PeerEvent, PeerStatus};
 pub use quic::{FaultInjector, QuicConfig, QuicError, QuicTransport};
-pub use sim::{SimConfig, SimNetwork, SimTransport};
+pub use sim::{SimConfig, SimConfigError, SimNetwork, SimTransport};
 pub use transport::{Event, RequestId, Transport, TransportError};
 pub use wire::{Frame, FrameDecoder, FrameError, Hello, PROTOCOL_VERSION, StreamId};

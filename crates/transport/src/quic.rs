@@ -14,8 +14,18 @@
 //! Failure detection is the sans-IO `FailureDetector`, fed by every frame the readers see and
 //! ticked by one timer task; keep-alives are ordinary frames on the same stream, so a stalled
 //! stream looks exactly like a dead peer.
+//!
+//! The detector never waits on the application: peer events and request failures go to a
+//! small control queue that never blocks (peer events coalesce per peer when it is full), and
+//! `next_event` serves it before data. A reader blocked because the application stopped
+//! draining data events keeps the peer alive in the detector from the connection's received
+//! packets, so a slow consumer never turns into a false `Down` on either side.
+//!
+//! Trust: the acceptor binds the hello's claimed node to the client certificate (its SAN must
+//! be `node-N.duplex` of the claimed node), so a cluster certificate of node 3 cannot pose as
+//! node 2; and a response is taken only from the peer the request went to.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -26,11 +36,14 @@ use quinn::{Connection, RecvStream, SendStream, VarInt};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use thiserror::Error;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::addr::{EndpointId, Path, PeerAddrs};
-use crate::certs::{CertError, NodeCredentials, QuicTiming, node_server_name, quinn_configs};
+use crate::certs::{
+    CertError, NodeCredentials, QuicTiming, node_server_name, quinn_configs,
+    verify_node_certificate,
+};
 use crate::detector::{DetectorAction, DetectorConfig, FailureDetector, PeerStatus};
 use crate::transport::{Event, RequestId, Transport, TransportError};
 use crate::wire::{
@@ -50,6 +63,16 @@ pub mod close_code {
 /// Largest header after the kind byte, plus the kind byte.
 const FRAME_OVERHEAD_BYTES: usize = 13;
 
+/// Peer events held for an application that is not draining; beyond this, older events of the
+/// same peer are coalesced away (its latest state always stays queued).
+const PEER_EVENTS_QUEUED_MAX: usize = 1024;
+
+/// Longest request deadline: the wire carries `timeout_ms` as u32 (about 49 days).
+const REQUEST_TIMEOUT_MAX: Duration = Duration::from_millis(u32::MAX as u64);
+
+/// Longest injected delay; larger values are capped, so release times never overflow.
+const FAULT_DELAY_MAX_MS: u64 = 3_600_000;
+
 #[derive(Debug, Clone)]
 pub struct QuicConfig {
     pub local: EndpointId,
@@ -62,6 +85,9 @@ pub struct QuicConfig {
     pub send_queue_frames: usize,
     /// Events queued before readers stop reading (QUIC flow control then slows the sender).
     pub event_queue_events: usize,
+    /// Requests (`request` and `call`) waiting for a response before new ones fail with
+    /// `TooManyRequests`.
+    pub max_pending_requests: usize,
     pub reconnect_backoff_min_ms: u64,
     pub reconnect_backoff_max_ms: u64,
     /// Time allowed for TLS plus the hello exchange.
@@ -81,6 +107,7 @@ impl QuicConfig {
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             send_queue_frames: 4096,
             event_queue_events: 4096,
+            max_pending_requests: 65_536,
             reconnect_backoff_min_ms: 20,
             reconnect_backoff_max_ms: 1000,
             handshake_timeout_ms: 2000,
@@ -168,8 +195,11 @@ impl FaultInjector {
         info!(%peer, ?paths, "fault: heal");
     }
 
-    /// Delays every frame heard from `peer` by `delay_ms` (0 removes the delay).
+    /// Delays every frame heard from `peer` by `delay_ms` (0 removes the delay; capped at an
+    /// hour). Each frame is stamped on arrival and released at arrival + delay, in order, so
+    /// the delay is added latency, not a per-frame pause.
     pub fn set_delay_ms(&self, peer: EndpointId, delay_ms: u64) {
+        let delay_ms = delay_ms.min(FAULT_DELAY_MAX_MS);
         let mut s = self.lock();
         if delay_ms == 0 {
             s.delay_ms.remove(&peer);
@@ -214,6 +244,11 @@ impl FaultInjector {
         }
     }
 
+    /// Whether every frame on this path is cut (no randomness consumed).
+    fn is_cut(&self, peer: EndpointId, path: Path) -> bool {
+        self.active.load(Ordering::Acquire) && self.lock().cut.contains_key(&(peer, path))
+    }
+
     fn delay(&self, peer: EndpointId) -> Option<Duration> {
         if !self.active.load(Ordering::Acquire) {
             return None;
@@ -238,6 +273,8 @@ struct Link {
     tx: mpsc::Sender<Outgoing>,
     /// Tells a replaced link apart from its successor when it ends.
     generation: u64,
+    /// The protocol version this link speaks: the lower of the two announced.
+    version: u16,
 }
 
 #[derive(Debug, Default)]
@@ -255,7 +292,19 @@ enum Waiter {
         deadline: Duration,
         timeout_ms: u64,
     },
-    Call(oneshot::Sender<Bytes>),
+    Call {
+        to: EndpointId,
+        tx: oneshot::Sender<Result<Bytes, TransportError>>,
+    },
+}
+
+impl Waiter {
+    /// The peer the request went to: the only one whose response is accepted.
+    fn peer(&self) -> EndpointId {
+        match self {
+            Waiter::Event { to, .. } | Waiter::Call { to, .. } => *to,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -269,6 +318,11 @@ struct Inner {
     detector_wake: Notify,
     events_tx: mpsc::Sender<Event>,
     events_rx: tokio::sync::Mutex<mpsc::Receiver<Event>>,
+    /// Peer events and request failures: never blocks its producers, served before data.
+    control: Mutex<VecDeque<Event>>,
+    control_wake: Notify,
+    /// Flips to true once, at `close`; wakes every `next_event`.
+    closed_tx: watch::Sender<bool>,
     pending: Mutex<BTreeMap<u64, Waiter>>,
     next_request_id: AtomicU64,
     next_generation: AtomicU64,
@@ -303,21 +357,15 @@ impl Inner {
             .saturating_sub(FRAME_OVERHEAD_BYTES)
     }
 
+    /// Whether data should prefer the main path: yes unless the detector hears the peer only
+    /// on the failsafe path.
+    fn main_preferred(&self, to: EndpointId) -> bool {
+        let d = lock(&self.detector);
+        !(d.path_up(to, Path::Main) == Some(false) && d.path_up(to, Path::Failsafe) == Some(true))
+    }
+
     /// The link data should use: main while the detector hears the peer there, else failsafe.
-    fn pick_link(&self, to: EndpointId) -> Result<(Path, Link), TransportError> {
-        let main_up = {
-            let d = lock(&self.detector);
-            let failsafe_only = d.path_up(to, Path::Main) == Some(false)
-                && d.path_up(to, Path::Failsafe) == Some(true);
-            !failsafe_only
-        };
-        let peers = lock(&self.peers);
-        let Some(entry) = peers.get(&to) else {
-            return Err(TransportError::UnknownPeer {
-                local: self.local(),
-                peer: to,
-            });
-        };
+    fn choose_link(entry: &PeerEntry, main_up: bool) -> Option<(Path, &Link)> {
         let order = if main_up {
             [Path::Main, Path::Failsafe]
         } else {
@@ -325,8 +373,7 @@ impl Inner {
         };
         order
             .iter()
-            .find_map(|p| entry.links.get(p).map(|l| (*p, l.clone())))
-            .ok_or(TransportError::Unreachable { peer: to })
+            .find_map(|p| entry.links.get(p).map(|l| (*p, l)))
     }
 
     fn enqueue(
@@ -355,13 +402,13 @@ impl Inner {
         })
     }
 
-    fn send_frame(&self, to: EndpointId, frame: Frame) -> Result<(), TransportError> {
+    /// Refuses early what can never be sent: a closed endpoint or an oversized payload.
+    fn check_sendable(&self, to: EndpointId, size: usize) -> Result<(), TransportError> {
         if self.closed.load(Ordering::Acquire) {
             return Err(TransportError::Closed {
                 local: self.local(),
             });
         }
-        let size = frame.payload().len();
         if size > self.max_payload_bytes() {
             return Err(TransportError::TooLarge {
                 peer: to,
@@ -369,18 +416,151 @@ impl Inner {
                 max_bytes: self.max_payload_bytes(),
             });
         }
-        let (path, link) = self.pick_link(to)?;
-        self.enqueue(to, &link, path, &frame)
+        Ok(())
     }
 
-    async fn push_event(&self, event: Event) {
-        if self.events_tx.send(event).await.is_err() {
-            debug!(local = %self.local(), "event dropped: endpoint closed");
+    fn unknown_peer(&self, peer: EndpointId) -> TransportError {
+        TransportError::UnknownPeer {
+            local: self.local(),
+            peer,
         }
     }
 
-    /// Carries out what the detector asked for: keep-alives out, events to the user.
-    async fn run_detector_actions(&self) {
+    fn send_frame(&self, to: EndpointId, frame: Frame) -> Result<(), TransportError> {
+        self.check_sendable(to, frame.payload().len())?;
+        let main_up = self.main_preferred(to);
+        let (path, link) = {
+            let peers = lock(&self.peers);
+            let entry = peers.get(&to).ok_or_else(|| self.unknown_peer(to))?;
+            let (path, link) = Self::choose_link(entry, main_up)
+                .ok_or(TransportError::Unreachable { peer: to })?;
+            (path, link.clone())
+        };
+        self.enqueue(to, &link, path, &frame)
+    }
+
+    /// Numbers and queues a stream frame in one critical section (the peers lock), so numbers
+    /// follow queue order and a refused frame consumes no number.
+    fn stream_send(
+        &self,
+        to: EndpointId,
+        stream: StreamId,
+        payload: Bytes,
+    ) -> Result<u64, TransportError> {
+        self.check_sendable(to, payload.len())?;
+        let main_up = self.main_preferred(to);
+        let mut peers = lock(&self.peers);
+        let entry = peers.get_mut(&to).ok_or_else(|| self.unknown_peer(to))?;
+        let seq = entry.stream_next_seq.get(&stream).copied().unwrap_or(0);
+        let (path, link) =
+            Self::choose_link(entry, main_up).ok_or(TransportError::Unreachable { peer: to })?;
+        self.enqueue(
+            to,
+            link,
+            path,
+            &Frame::Stream {
+                stream,
+                seq,
+                payload,
+            },
+        )?;
+        entry.stream_next_seq.insert(stream, seq + 1);
+        Ok(seq)
+    }
+
+    /// Registers a waiter for request `id`, within `max_pending_requests`.
+    fn add_waiter(&self, id: u64, waiter: Waiter) -> Result<(), TransportError> {
+        let mut pending = lock(&self.pending);
+        if pending.len() >= self.config.max_pending_requests {
+            return Err(TransportError::TooManyRequests {
+                local: self.local(),
+                limit: self.config.max_pending_requests,
+            });
+        }
+        pending.insert(id, waiter);
+        Ok(())
+    }
+
+    /// Queues a peer event or a request failure; never waits. Request failures are bounded by
+    /// `max_pending_requests`; peer events beyond `PEER_EVENTS_QUEUED_MAX` replace the oldest
+    /// queued event of the same peer, so its latest state is never lost.
+    fn push_control(&self, event: Event) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let mut q = lock(&self.control);
+        if let Event::Peer(new) = event {
+            let queued = q.iter().filter(|e| matches!(e, Event::Peer(_))).count();
+            if queued >= PEER_EVENTS_QUEUED_MAX
+                && let Some(pos) = q
+                    .iter()
+                    .position(|e| matches!(e, Event::Peer(old) if old.peer() == new.peer()))
+            {
+                let old = q.remove(pos);
+                warn!(local = %self.local(), ?old, ?new, "application not draining events: peer event coalesced");
+            }
+        }
+        q.push_back(event);
+        drop(q);
+        self.control_wake.notify_one();
+    }
+
+    fn pop_control(&self) -> Option<Event> {
+        lock(&self.control).pop_front()
+    }
+
+    /// Hands a data event to the application, waiting while its queue is full (the reader then
+    /// stops reading and QUIC flow control slows the sender). While waiting, packets still
+    /// arriving on the connection prove the peer alive, so the detector keeps hearing it.
+    async fn push_data_event(&self, peer: EndpointId, path: Path, conn: &Connection, event: Event) {
+        let event = match self.events_tx.try_send(event) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                debug!(local = %self.local(), "event dropped: endpoint closed");
+                return;
+            }
+            Err(mpsc::error::TrySendError::Full(event)) => event,
+        };
+        debug!(local = %self.local(), %peer, %path, "event queue full: reader waits for the application");
+        let interval = Duration::from_millis(self.config.detector.keepalive_interval_ms.max(1));
+        let mut seen = conn.stats().udp_rx.datagrams;
+        let send = self.events_tx.send(event);
+        tokio::pin!(send);
+        loop {
+            tokio::select! {
+                sent = &mut send => {
+                    if sent.is_err() {
+                        debug!(local = %self.local(), "event dropped: endpoint closed");
+                    }
+                    return;
+                }
+                _ = tokio::time::sleep(interval) => {
+                    let now_seen = conn.stats().udp_rx.datagrams;
+                    if now_seen != seen && !self.faults.is_cut(peer, path) {
+                        self.heard(peer, path);
+                    }
+                    seen = now_seen;
+                }
+            }
+        }
+    }
+
+    /// Tells the detector `peer` was heard on `path` and carries out what that changed.
+    fn heard(&self, peer: EndpointId, path: Path) {
+        let changed = {
+            let mut d = lock(&self.detector);
+            let was_up = d.path_up(peer, path);
+            d.on_heard(peer, path, self.now());
+            was_up != Some(true)
+        };
+        if changed {
+            self.run_detector_actions();
+        }
+    }
+
+    /// Carries out what the detector asked for: keep-alives out, events to the control queue.
+    /// Never waits: keep-alives use `try_send`, events go to the control queue.
+    fn run_detector_actions(&self) {
         loop {
             let action = lock(&self.detector).poll_action();
             let Some(action) = action else { break };
@@ -397,7 +577,7 @@ impl Inner {
                 }
                 DetectorAction::Report(event) => {
                     info!(local = %self.local(), ?event, "peer event");
-                    self.push_event(Event::Peer(event)).await;
+                    self.push_control(Event::Peer(event));
                 }
             }
         }
@@ -410,8 +590,8 @@ impl Inner {
             }
             let now = self.now();
             lock(&self.detector).on_tick(now);
-            self.run_detector_actions().await;
-            self.expire_requests(now).await;
+            self.run_detector_actions();
+            self.expire_requests(now);
             let next = lock(&self.detector).next_deadline();
             let next_request = lock(&self.pending)
                 .values()
@@ -436,7 +616,7 @@ impl Inner {
         }
     }
 
-    async fn expire_requests(&self, now: Duration) {
+    fn expire_requests(&self, now: Duration) {
         let expired: Vec<Event> = {
             let mut pending = lock(&self.pending);
             let ids: Vec<u64> = pending
@@ -460,7 +640,7 @@ impl Inner {
                 .collect()
         };
         for e in expired {
-            self.push_event(e).await;
+            self.push_control(e);
         }
     }
 
@@ -475,17 +655,18 @@ impl Inner {
         out.freeze()
     }
 
-    /// Reads frames until the peer's hello; leftover bytes stay in the decoder.
+    /// Reads frames until the peer's hello and negotiates the version; leftover bytes stay in
+    /// the decoder. Returns the hello and the version the link will speak.
     async fn read_hello(
         &self,
         recv: &mut RecvStream,
         decoder: &mut FrameDecoder,
-    ) -> Result<Hello, LinkError> {
+    ) -> Result<(Hello, u16), LinkError> {
         loop {
             match decoder.next_frame()? {
                 Some(Frame::Hello(h)) => {
-                    negotiate_version(self.config.protocol_version, h.version)?;
-                    return Ok(h);
+                    let version = negotiate_version(self.config.protocol_version, h.version)?;
+                    return Ok((h, version));
                 }
                 Some(other) => {
                     return Err(LinkError::Handshake(format!(
@@ -501,11 +682,29 @@ impl Inner {
         }
     }
 
+    /// Closes `conn` with the close code that says why, when the error is one we detected
+    /// (bad frame, version, handshake), and logs it; other errors only end the link.
+    fn close_for(&self, conn: &Connection, peer: Option<EndpointId>, path: Path, e: &LinkError) {
+        let code = match e {
+            LinkError::Frame(_) => close_code::BAD_FRAME,
+            LinkError::Version(_) => close_code::VERSION_REFUSED,
+            LinkError::Handshake(_) => close_code::HANDSHAKE_FAILED,
+            _ => {
+                info!(local = %self.local(), ?peer, %path, "link ended: {e}");
+                return;
+            }
+        };
+        warn!(local = %self.local(), ?peer, %path, code, "closing connection: {e}");
+        conn.close(VarInt::from_u32(code), e.to_string().as_bytes());
+    }
+
     /// Registers a ready link and runs it until it ends.
+    #[allow(clippy::too_many_arguments)]
     async fn run_link(
         self: &Arc<Self>,
         peer: EndpointId,
         path: Path,
+        version: u16,
         conn: Connection,
         send: SendStream,
         mut recv: RecvStream,
@@ -517,6 +716,7 @@ impl Inner {
             conn: conn.clone(),
             tx,
             generation,
+            version,
         };
         let replaced = {
             let mut peers = lock(&self.peers);
@@ -528,14 +728,15 @@ impl Inner {
                 b"replaced by a newer connection",
             );
         }
+        info!(local = %self.local(), %peer, %path, version, "link established");
         // The peer's hello was the first frame heard on this link.
-        lock(&self.detector).on_heard(peer, path, self.now());
+        self.heard(peer, path);
         self.detector_wake.notify_one();
-        info!(local = %self.local(), %peer, %path, "link established");
-        self.run_detector_actions().await;
         let writer =
             tokio::spawn(write_loop(send, rx).instrument(info_span!("writer", %peer, %path)));
-        let result = self.read_loop(peer, path, &mut recv, &mut decoder).await;
+        let result = self
+            .read_loop(peer, path, &conn, &mut recv, &mut decoder)
+            .await;
         writer.abort();
         {
             let mut peers = lock(&self.peers);
@@ -548,30 +749,41 @@ impl Inner {
                 entry.links.remove(&path);
             }
         }
-        match &result {
-            Err(LinkError::Frame(e)) => {
-                warn!(local = %self.local(), %peer, %path, "closing connection: bad frame: {e}");
-                conn.close(
-                    VarInt::from_u32(close_code::BAD_FRAME),
-                    e.to_string().as_bytes(),
-                );
-            }
-            Err(e) => info!(local = %self.local(), %peer, %path, "link ended: {e}"),
-            Ok(()) => {}
+        if let Err(e) = &result {
+            self.close_for(&conn, Some(peer), path, e);
         }
         result
     }
 
     async fn read_loop(
-        &self,
+        self: &Arc<Self>,
         peer: EndpointId,
         path: Path,
+        conn: &Connection,
         recv: &mut RecvStream,
         decoder: &mut FrameDecoder,
     ) -> Result<(), LinkError> {
+        // Created at the first delayed frame; from then on every frame of the link goes
+        // through it, so delayed and undelayed frames keep their order.
+        let mut delayed: Option<mpsc::Sender<(tokio::time::Instant, Frame)>> = None;
         loop {
             while let Some(frame) = decoder.next_frame()? {
-                self.on_frame(peer, path, frame).await?;
+                if self.faults.drops(peer, path) {
+                    debug!(%peer, %path, "fault: frame dropped on receive");
+                    continue;
+                }
+                let delay = self.faults.delay(peer);
+                if delay.is_none() && delayed.is_none() {
+                    self.on_frame(peer, path, conn, frame).await?;
+                    continue;
+                }
+                let release = tokio::time::Instant::now() + delay.unwrap_or_default();
+                let queue =
+                    delayed.get_or_insert_with(|| self.spawn_delay_queue(peer, path, conn.clone()));
+                if queue.send((release, frame)).await.is_err() {
+                    // The delay queue only stops after closing the connection for a bad frame.
+                    return Err(LinkError::Connection(conn.closed().await));
+                }
             }
             match recv.read_chunk(256 * 1024, true).await? {
                 Some(chunk) => decoder.push(&chunk.bytes),
@@ -580,23 +792,42 @@ impl Inner {
         }
     }
 
-    async fn on_frame(&self, from: EndpointId, path: Path, frame: Frame) -> Result<(), LinkError> {
-        if self.faults.drops(from, path) {
-            debug!(peer = %from, %path, "fault: frame dropped on receive");
-            return Ok(());
-        }
-        if let Some(delay) = self.faults.delay(from) {
-            tokio::time::sleep(delay).await;
-        }
-        let reported = {
-            let mut d = lock(&self.detector);
-            let was_up = d.path_up(from, path);
-            d.on_heard(from, path, self.now());
-            was_up != Some(true)
-        };
-        if reported {
-            self.run_detector_actions().await;
-        }
+    /// The injected-delay queue of one link: frames stamped with their release time on arrival
+    /// are handled in arrival order, each at its release time, so a delay adds latency once
+    /// instead of accumulating per frame.
+    fn spawn_delay_queue(
+        self: &Arc<Self>,
+        peer: EndpointId,
+        path: Path,
+        conn: Connection,
+    ) -> mpsc::Sender<(tokio::time::Instant, Frame)> {
+        let (tx, mut rx) =
+            mpsc::channel::<(tokio::time::Instant, Frame)>(self.config.event_queue_events.max(1));
+        let this = Arc::clone(self);
+        tokio::spawn(
+            async move {
+                while let Some((release, frame)) = rx.recv().await {
+                    tokio::time::sleep_until(release).await;
+                    if let Err(e) = this.on_frame(peer, path, &conn, frame).await {
+                        this.close_for(&conn, Some(peer), path, &e);
+                        return;
+                    }
+                }
+            }
+            .instrument(info_span!("delay", %peer, %path)),
+        );
+        tx
+    }
+
+    async fn on_frame(
+        &self,
+        from: EndpointId,
+        path: Path,
+        conn: &Connection,
+        frame: Frame,
+    ) -> Result<(), LinkError> {
+        // Liveness first, before anything that may wait on the application.
+        self.heard(from, path);
         let event = match frame {
             Frame::KeepAlive => None,
             Frame::Hello(_) => {
@@ -611,17 +842,25 @@ impl Inner {
                 payload,
             }),
             Frame::Response { id, payload } => {
-                let waiter = lock(&self.pending).remove(&id);
-                match waiter {
-                    Some(Waiter::Call(tx)) => {
-                        let _ = tx.send(payload);
+                let mut pending = lock(&self.pending);
+                match pending.get(&id).map(Waiter::peer) {
+                    Some(to) if to != from => {
+                        warn!(local = %self.local(), peer = %from, id, expected = %to,
+                            "response from a peer the request did not go to: ignored");
                         None
                     }
-                    Some(Waiter::Event { .. }) => Some(Event::Response {
-                        from,
-                        id: RequestId(id),
-                        payload,
-                    }),
+                    Some(_) => match pending.remove(&id) {
+                        Some(Waiter::Call { tx, .. }) => {
+                            let _ = tx.send(Ok(payload));
+                            None
+                        }
+                        Some(Waiter::Event { .. }) => Some(Event::Response {
+                            from,
+                            id: RequestId(id),
+                            payload,
+                        }),
+                        None => None,
+                    },
                     None => {
                         debug!(peer = %from, id, "late response dropped");
                         None
@@ -640,7 +879,7 @@ impl Inner {
             }),
         };
         if let Some(event) = event {
-            self.push_event(event).await;
+            self.push_data_event(from, path, conn, event).await;
         }
         Ok(())
     }
@@ -665,6 +904,24 @@ impl Inner {
         }
     }
 
+    /// The hello's claimed endpoint must belong to the node named by the client certificate
+    /// that authenticated the connection: a node may claim any of its own CPUs, no other node.
+    fn check_claim(conn: &Connection, claimed: EndpointId) -> Result<(), LinkError> {
+        let refuse = |why: String| {
+            LinkError::Handshake(format!("hello claims endpoint {claimed}, refused: {why}"))
+        };
+        let identity = conn
+            .peer_identity()
+            .ok_or_else(|| refuse("no client certificate".into()))?;
+        let chain = identity
+            .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+            .map_err(|_| refuse("peer identity is not a certificate chain".into()))?;
+        let leaf = chain
+            .first()
+            .ok_or_else(|| refuse("empty client certificate chain".into()))?;
+        verify_node_certificate(leaf, claimed.node).map_err(refuse)
+    }
+
     async fn accept_one(
         self: &Arc<Self>,
         path: Path,
@@ -675,30 +932,31 @@ impl Inner {
             let conn = incoming.await?;
             let (mut send, mut recv) = conn.accept_bi().await?;
             let mut decoder = FrameDecoder::new(self.config.max_frame_bytes);
-            let hello = match self.read_hello(&mut recv, &mut decoder).await {
-                Ok(h) => h,
+            let checked = match self.read_hello(&mut recv, &mut decoder).await {
+                Ok((hello, version)) => {
+                    Self::check_claim(&conn, hello.from).map(|()| (hello, version))
+                }
+                Err(e) => Err(e),
+            };
+            let (hello, version) = match checked {
+                Ok(v) => v,
                 Err(e) => {
-                    let code = if matches!(e, LinkError::Version(_)) {
-                        close_code::VERSION_REFUSED
-                    } else {
-                        close_code::HANDSHAKE_FAILED
-                    };
-                    conn.close(VarInt::from_u32(code), e.to_string().as_bytes());
+                    self.close_for(&conn, None, path, &e);
                     return Err(e);
                 }
             };
             send.write_all(&self.hello(hello.path)).await?;
-            Ok::<_, LinkError>((conn, send, recv, decoder, hello))
+            Ok::<_, LinkError>((conn, send, recv, decoder, hello, version))
         };
-        let (conn, send, recv, decoder, hello) = tokio::time::timeout(timeout, handshake)
+        let (conn, send, recv, decoder, hello, version) = tokio::time::timeout(timeout, handshake)
             .await
             .map_err(|_| {
-            LinkError::Handshake(format!("no hello within {} ms", timeout.as_millis()))
-        })??;
+                LinkError::Handshake(format!("no hello within {} ms", timeout.as_millis()))
+            })??;
         if hello.path != path {
             debug!(peer = %hello.from, said = %hello.path, %path, "hello names another path; using the socket's");
         }
-        self.run_link(hello.from, path, conn, send, recv, decoder)
+        self.run_link(hello.from, path, version, conn, send, recv, decoder)
             .await
     }
 
@@ -727,35 +985,29 @@ impl Inner {
             let (mut send, mut recv) = conn.open_bi().await?;
             send.write_all(&self.hello(path)).await?;
             let mut decoder = FrameDecoder::new(self.config.max_frame_bytes);
-            let hello = match self.read_hello(&mut recv, &mut decoder).await {
-                Ok(h) => h,
+            let checked = match self.read_hello(&mut recv, &mut decoder).await {
+                Ok((hello, _)) if hello.from != peer => Err(LinkError::Handshake(format!(
+                    "dialled {peer} at {addr}, found {}",
+                    hello.from
+                ))),
+                other => other,
+            };
+            let version = match checked {
+                Ok((_, version)) => version,
                 Err(e) => {
-                    conn.close(
-                        VarInt::from_u32(close_code::HANDSHAKE_FAILED),
-                        e.to_string().as_bytes(),
-                    );
+                    self.close_for(&conn, Some(peer), path, &e);
                     return Err(e);
                 }
             };
-            if hello.from != peer {
-                conn.close(
-                    VarInt::from_u32(close_code::HANDSHAKE_FAILED),
-                    b"unexpected endpoint",
-                );
-                return Err(LinkError::Handshake(format!(
-                    "dialled {peer} at {addr}, found {}",
-                    hello.from
-                )));
-            }
-            Ok::<_, LinkError>((conn, send, recv, decoder))
+            Ok::<_, LinkError>((conn, send, recv, decoder, version))
         };
-        let (conn, send, recv, decoder) =
-            tokio::time::timeout(timeout, handshake)
-                .await
-                .map_err(|_| {
-                    LinkError::Handshake(format!("no hello within {} ms", timeout.as_millis()))
-                })??;
-        self.run_link(peer, path, conn, send, recv, decoder).await
+        let (conn, send, recv, decoder, version) = tokio::time::timeout(timeout, handshake)
+            .await
+            .map_err(|_| {
+                LinkError::Handshake(format!("no hello within {} ms", timeout.as_millis()))
+            })??;
+        self.run_link(peer, path, version, conn, send, recv, decoder)
+            .await
     }
 
     /// Keeps one connection to `peer` on `path` alive: dial, run, redial with capped backoff.
@@ -768,9 +1020,10 @@ impl Inner {
                 return;
             }
             let started = Instant::now();
-            match self.connect_once(peer, path, addr).await {
-                Ok(()) => {}
-                Err(e) => debug!(local = %self.local(), %peer, %path, %addr, "dial failed: {e}"),
+            // Refusals we detect (version, handshake, bad frame) were logged at warn when the
+            // connection was closed; the rest (peer not there yet) is routine while redialling.
+            if let Err(e) = self.connect_once(peer, path, addr).await {
+                debug!(local = %self.local(), %peer, %path, %addr, "dial failed: {e}");
             }
             // A session that lasted a while was a success: start the backoff again from the bottom.
             if started.elapsed() > Duration::from_millis(max) {
@@ -784,7 +1037,6 @@ impl Inner {
         }
     }
 }
-
 fn frame_payload(frame: &Frame) -> Bytes {
     match frame {
         Frame::Hello(_) | Frame::KeepAlive => Bytes::new(),
@@ -853,6 +1105,9 @@ impl QuicTransport {
             detector_wake: Notify::new(),
             events_tx,
             events_rx: tokio::sync::Mutex::new(events_rx),
+            control: Mutex::new(VecDeque::new()),
+            control_wake: Notify::new(),
+            closed_tx: watch::Sender::new(false),
             pending: Mutex::new(BTreeMap::new()),
             next_request_id: AtomicU64::new(1),
             next_generation: AtomicU64::new(0),
@@ -926,9 +1181,37 @@ impl QuicTransport {
         lock(&self.inner.detector).status(peer)
     }
 
-    /// Waits for the next event; `None` once the endpoint is closed.
+    /// The protocol version the link to `peer` on `path` speaks (the lower of the two sides'),
+    /// if that link is up.
+    pub fn link_version(&self, peer: EndpointId, path: Path) -> Option<u16> {
+        lock(&self.inner.peers)
+            .get(&peer)
+            .and_then(|e| e.links.get(&path))
+            .map(|l| l.version)
+    }
+
+    /// Waits for the next event; `None` once the endpoint is closed (events still queued then
+    /// are discarded). Peer events and request failures come before queued data events.
     pub async fn next_event(&self) -> Option<Event> {
-        self.inner.events_rx.lock().await.recv().await
+        let mut closed = self.inner.closed_tx.subscribe();
+        let mut rx = tokio::select! {
+            rx = self.inner.events_rx.lock() => rx,
+            _ = closed.wait_for(|c| *c) => return None,
+        };
+        loop {
+            if *closed.borrow_and_update() {
+                return None;
+            }
+            if let Some(event) = self.inner.pop_control() {
+                return Some(event);
+            }
+            tokio::select! {
+                biased;
+                _ = closed.wait_for(|c| *c) => return None,
+                _ = self.inner.control_wake.notified() => {}
+                event = rx.recv() => return event,
+            }
+        }
     }
 
     /// Request and wait for the response, at most `timeout`.
@@ -942,7 +1225,8 @@ impl QuicTransport {
         async {
             let id = self.inner.next_request_id.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = oneshot::channel();
-            lock(&self.inner.pending).insert(id, Waiter::Call(tx));
+            self.inner.add_waiter(id, Waiter::Call { to, tx })?;
+            let timeout = timeout.min(REQUEST_TIMEOUT_MAX);
             let timeout_ms = timeout.as_millis().min(u128::from(u32::MAX)) as u32;
             if let Err(e) = self.inner.send_frame(
                 to,
@@ -956,7 +1240,7 @@ impl QuicTransport {
                 return Err(e);
             }
             match tokio::time::timeout(timeout, rx).await {
-                Ok(Ok(payload)) => Ok(payload),
+                Ok(Ok(answer)) => answer,
                 Ok(Err(_)) => Err(TransportError::Closed {
                     local: self.inner.local(),
                 }),
@@ -974,10 +1258,20 @@ impl QuicTransport {
         .await
     }
 
-    /// Closes every connection and stops the endpoint's tasks.
+    /// Closes every connection and stops the endpoint's tasks. Every `next_event` returns
+    /// `None` from now on, and every `call` still waiting fails with `Closed` at once.
     pub fn close(&self) {
         self.inner.closed.store(true, Ordering::Release);
+        self.inner.closed_tx.send_replace(true);
         self.inner.shutdown.notify_waiters();
+        let waiters = std::mem::take(&mut *lock(&self.inner.pending));
+        let local = self.inner.local();
+        for waiter in waiters.into_values() {
+            if let Waiter::Call { tx, .. } = waiter {
+                let _ = tx.send(Err(TransportError::Closed { local }));
+            }
+        }
+        lock(&self.inner.control).clear();
         for endpoint in self.inner.endpoints.values() {
             endpoint.close(VarInt::from_u32(close_code::SHUTDOWN), b"endpoint closed");
         }
@@ -1000,16 +1294,18 @@ impl Transport for QuicTransport {
         timeout: Duration,
     ) -> Result<RequestId, TransportError> {
         let id = self.inner.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let timeout = timeout.min(REQUEST_TIMEOUT_MAX);
         let timeout_ms = timeout.as_millis().min(u128::from(u32::MAX)) as u32;
-        let deadline = self.inner.now() + timeout;
-        lock(&self.inner.pending).insert(
+        let now = self.inner.now();
+        let deadline = now.checked_add(timeout).unwrap_or(Duration::MAX);
+        self.inner.add_waiter(
             id,
             Waiter::Event {
                 to,
                 deadline,
                 timeout_ms: u64::from(timeout_ms),
             },
-        );
+        )?;
         self.inner.detector_wake.notify_one();
         if let Err(e) = self.inner.send_frame(
             to,
@@ -1036,31 +1332,16 @@ impl Transport for QuicTransport {
         stream: StreamId,
         payload: Bytes,
     ) -> Result<u64, TransportError> {
-        let seq = {
-            let mut peers = lock(&self.inner.peers);
-            let Some(entry) = peers.get_mut(&to) else {
-                return Err(TransportError::UnknownPeer {
-                    local: self.inner.local(),
-                    peer: to,
-                });
-            };
-            let next = entry.stream_next_seq.entry(stream).or_insert(0);
-            let seq = *next;
-            *next += 1;
-            seq
-        };
-        self.inner.send_frame(
-            to,
-            Frame::Stream {
-                stream,
-                seq,
-                payload,
-            },
-        )?;
-        Ok(seq)
+        self.inner.stream_send(to, stream, payload)
     }
 
     fn try_next_event(&self) -> Option<Event> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return None;
+        }
+        if let Some(event) = self.inner.pop_control() {
+            return Some(event);
+        }
         self.inner
             .events_rx
             .try_lock()

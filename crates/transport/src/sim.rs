@@ -17,6 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use thiserror::Error;
 
 use crate::addr::{EndpointId, Path};
 use crate::detector::{DetectorAction, DetectorConfig, FailureDetector};
@@ -52,6 +53,28 @@ impl Default for SimConfig {
             inbox_limit: 65_536,
             trace_limit_bytes: 64 << 20,
         }
+    }
+}
+
+/// A `SimConfig` the network cannot run with.
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum SimConfigError {
+    #[error("{field} is {value}; a probability must be a number in 0.0..=1.0")]
+    Probability { field: &'static str, value: f64 },
+}
+
+impl SimConfig {
+    /// Checks what would otherwise fail deep inside a run (a probability outside 0..=1 or NaN).
+    pub fn validate(&self) -> Result<(), SimConfigError> {
+        for (field, value) in [
+            ("loss_probability", self.loss_probability),
+            ("duplicate_probability", self.duplicate_probability),
+        ] {
+            if !(0.0..=1.0).contains(&value) {
+                return Err(SimConfigError::Probability { field, value });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -420,7 +443,9 @@ impl SimState {
 }
 
 impl SimNetwork {
-    pub fn new(seed: u64, config: SimConfig) -> Self {
+    /// A network replaying the run of `seed`; refuses an invalid `config`.
+    pub fn new(seed: u64, config: SimConfig) -> Result<Self, SimConfigError> {
+        config.validate()?;
         let mut state = SimState {
             config,
             seed,
@@ -435,9 +460,9 @@ impl SimNetwork {
             trace: String::new(),
         };
         state.trace(format_args!("seed {seed} config {config:?}"));
-        SimNetwork {
+        Ok(SimNetwork {
             state: Arc::new(Mutex::new(state)),
-        }
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, SimState> {
@@ -639,8 +664,11 @@ impl Transport for SimTransport {
             };
             let id = node.next_request_id;
             node.next_request_id += 1;
-            let timeout_ms = timeout.as_millis().min(u128::from(u32::MAX)) as u64;
-            node.pending.insert(id, (to, now + timeout, timeout_ms));
+            // The wire carries u32 milliseconds; a longer timeout is capped, never overflows.
+            let timeout = timeout.min(Duration::from_millis(u64::from(u32::MAX)));
+            let timeout_ms = timeout.as_millis() as u64;
+            let deadline = now.checked_add(timeout).unwrap_or(Duration::MAX);
+            node.pending.insert(id, (to, deadline, timeout_ms));
             s.schedule_timer(self.id);
             id
         };

@@ -4,8 +4,12 @@
 //! - `send`: one-way, at most once per call in QUIC; the simulated network may also lose,
 //!   duplicate and reorder them, so callers that need delivery use requests and retry.
 //! - `request`: exactly one `Response` or `RequestFailed` event per request id, never both.
-//! - `stream_send`: ordered per (peer, stream), numbered by `seq`, no duplicates; frames sent
-//!   while the peer is unreachable may be lost, which the receiver sees as a gap in `seq`.
+//! - `stream_send`: numbered by a per (peer, stream) `seq` that advances only when the frame
+//!   was queued, so a refused frame (`TooLarge`, `QueueFull`, `Unreachable`, ...) leaves no gap.
+//!   Queued frames travel in `seq` order on one path, without duplicates. They may still be
+//!   lost (a link that dies with frames in flight, an injected fault) and a switch between the
+//!   main and failsafe paths can reorder frames in flight, so receivers check `seq`: a gap or
+//!   a step back means resync.
 //! - events arrive through `try_next_event`, including peer up/down and link events.
 //!
 //! Methods never block: they queue, bounded, and fail with `QueueFull` instead of waiting.
@@ -79,6 +83,8 @@ pub enum TransportError {
     },
     #[error("peer {peer} is unreachable on every path")]
     Unreachable { peer: EndpointId },
+    #[error("endpoint {local} already has {limit} requests waiting for a response")]
+    TooManyRequests { local: EndpointId, limit: usize },
     #[error("endpoint {local} is closed")]
     Closed { local: EndpointId },
 }
@@ -98,6 +104,8 @@ pub trait Transport {
     /// Answers a request heard as `Event::Request`.
     fn respond(&self, to: EndpointId, id: RequestId, payload: Bytes) -> Result<(), TransportError>;
     /// Appends to an ordered stream; returns the frame's sequence number on that stream.
+    /// Numbering and queueing are one step: concurrent callers get increasing numbers in queue
+    /// order, and an error consumes no number. Order holds on one path only (see module docs).
     fn stream_send(
         &self,
         to: EndpointId,

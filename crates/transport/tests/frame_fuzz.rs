@@ -41,12 +41,44 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
     ]
 }
 
+/// Bytes that look like frames: small length prefixes, a kind byte (known or not) and a body of
+/// usually the announced length, so the fuzz reaches every kind's body decoder and not only the
+/// length check that uniformly random prefixes (almost always huge) stop at.
+fn framed_noise() -> impl Strategy<Value = Vec<u8>> {
+    let piece = (
+        0u32..48,
+        0u8..9,
+        proptest::collection::vec(any::<u8>(), 0..64),
+        any::<bool>(),
+    )
+        .prop_map(|(len, kind, body, exact)| {
+            let mut out = len.to_le_bytes().to_vec();
+            out.push(kind);
+            let want = (len as usize).saturating_sub(1);
+            let take = if exact {
+                want.min(body.len())
+            } else {
+                body.len()
+            };
+            out.extend_from_slice(&body[..take]);
+            out
+        });
+    proptest::collection::vec(piece, 0..64).prop_map(|pieces| pieces.concat())
+}
+
+fn arbitrary_or_framed() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        proptest::collection::vec(any::<u8>(), 0..8192),
+        framed_noise(),
+    ]
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 4096, ..ProptestConfig::default() })]
 
     #[test]
     fn arbitrary_bytes_never_panic_and_stay_bounded(
-        bytes in proptest::collection::vec(any::<u8>(), 0..8192),
+        bytes in arbitrary_or_framed(),
         chunk in 1usize..700,
     ) {
         let mut dec = FrameDecoder::new(MAX_FRAME_BYTES);

@@ -4,7 +4,8 @@
 //! Each connection opens one bidirectional stream whose first 9 bytes say what to do with the
 //! rest: mode (0 = echo every message, 1 = answer every message with 8 bytes) and message size
 //! (u64 LE). That header is sent once per stream, never per message. The first line of stdout
-//! is the listening address.
+//! is the listening address. It exits when its stdin closes (as `transport-peer` does), so a
+//! benchmark that dies or is aborted never leaves an echo server behind.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -12,6 +13,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Parser;
 use duplex_transport::certs::{NodeCredentials, QuicTiming, quinn_configs};
+use tokio::io::AsyncReadExt;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -48,12 +50,23 @@ async fn run(args: Args) -> Result<()> {
         serde_json::json!({ "main": endpoint.local_addr()? })
     )?;
     out.flush()?;
-    while let Some(incoming) = endpoint.accept().await {
-        tokio::spawn(async move {
-            if let Err(e) = serve(incoming).await {
-                eprintln!("transport-echo-quinn: connection ended: {e:#}");
-            }
-        });
+    let accept = async {
+        while let Some(incoming) = endpoint.accept().await {
+            tokio::spawn(async move {
+                if let Err(e) = serve(incoming).await {
+                    eprintln!("transport-echo-quinn: connection ended: {e:#}");
+                }
+            });
+        }
+    };
+    let parent_gone = async {
+        let mut stdin = tokio::io::stdin();
+        let mut buf = [0u8; 256];
+        while stdin.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+    };
+    tokio::select! {
+        _ = accept => {}
+        _ = parent_gone => {}
     }
     Ok(())
 }

@@ -1,0 +1,483 @@
+//! The QUIC transport in one process: two endpoints on loopback (and a raw quinn client where a
+//! test needs a misbehaving peer). Covers what does not need separate OS processes: who may
+//! claim which endpoint, whose responses count, a slow consumer, injected delay, stream
+//! numbering on refusal, unbounded timeouts, the pending-request bound, the dialer's version
+//! refusal and close. Each test forces the bug it guards against (they fail on the code before
+//! the fixes). The cross-process behaviours live in `testbed/tests/transport_quic.rs`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use duplex_transport::certs::{
+    NodeCredentials, QuicTiming, ensure_cluster_certs, node_server_name, quinn_configs,
+};
+use duplex_transport::quic::close_code;
+use duplex_transport::wire::{Frame, Hello, StreamId};
+use duplex_transport::{
+    DetectorConfig, EndpointId, Event, Path, PeerEvent, QuicConfig, QuicTransport, Transport,
+    TransportError,
+};
+
+const A: EndpointId = EndpointId::new(1, 0);
+const B: EndpointId = EndpointId::new(2, 0);
+const DETECTION_MS: u64 = 300;
+
+fn certs_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    ensure_cluster_certs(dir.path(), &[1, 2, 3]).expect("cluster certs");
+    dir
+}
+
+async fn endpoint(
+    certs: &std::path::Path,
+    id: EndpointId,
+    tweak: impl FnOnce(&mut QuicConfig),
+) -> QuicTransport {
+    let creds = NodeCredentials::load(certs, id.node).expect("credentials");
+    let mut config = QuicConfig::new(id, "127.0.0.1:0".parse().expect("addr"), creds);
+    config.detector = DetectorConfig::with_detection_time_ms(DETECTION_MS);
+    tweak(&mut config);
+    QuicTransport::bind(config).await.expect("bind")
+}
+
+/// Waits for the first event matching `want`, at most `limit`.
+async fn wait_event(
+    t: &QuicTransport,
+    limit: Duration,
+    mut want: impl FnMut(&Event) -> bool,
+) -> Option<Event> {
+    let start = Instant::now();
+    loop {
+        let left = limit.checked_sub(start.elapsed())?;
+        match tokio::time::timeout(left, t.next_event()).await {
+            Ok(Some(e)) if want(&e) => return Some(e),
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => return None,
+        }
+    }
+}
+
+fn drain(t: &QuicTransport) -> Vec<Event> {
+    std::iter::from_fn(|| t.try_next_event()).collect()
+}
+
+/// B's application: answers every request with its payload and records its peer events.
+fn serve_echo(b: QuicTransport) -> Arc<Mutex<Vec<PeerEvent>>> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Some(event) = b.next_event().await {
+            match event {
+                Event::Request { from, id, payload } => {
+                    let _ = b.respond(from, id, payload);
+                }
+                Event::Peer(e) => record.lock().unwrap_or_else(|p| p.into_inner()).push(e),
+                _ => {}
+            }
+        }
+    });
+    seen
+}
+
+/// A (1.0, the dialer) and B (2.0), both up; neither side's events drained.
+async fn pair(
+    tweak_a: impl FnOnce(&mut QuicConfig),
+) -> (tempfile::TempDir, QuicTransport, QuicTransport) {
+    let certs = certs_dir();
+    let a = endpoint(certs.path(), A, tweak_a).await;
+    let b = endpoint(certs.path(), B, |_| {}).await;
+    a.add_peer(B, b.local_addrs().expect("addrs"));
+    b.add_peer(A, a.local_addrs().expect("addrs"));
+    let up = wait_event(&a, Duration::from_secs(10), |e| {
+        *e == Event::Peer(PeerEvent::Up { peer: B })
+    })
+    .await;
+    assert!(up.is_some(), "B came up at A");
+    (certs, a, b)
+}
+
+/// A raw quinn client holding node `node`'s cluster certificate, with one stream open.
+async fn raw_client(
+    certs: &std::path::Path,
+    node: u16,
+    server: SocketAddr,
+    server_node: u16,
+) -> (
+    quinn::Endpoint,
+    quinn::Connection,
+    quinn::SendStream,
+    quinn::RecvStream,
+) {
+    let creds = NodeCredentials::load(certs, node).expect("credentials");
+    let (_, client_config) = quinn_configs(
+        &creds,
+        QuicTiming {
+            idle_timeout_ms: 5000,
+            keep_alive_interval_ms: None,
+        },
+    )
+    .expect("client config");
+    let mut endpoint =
+        quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client endpoint");
+    endpoint.set_default_client_config(client_config);
+    let conn = endpoint
+        .connect(server, &node_server_name(server_node))
+        .expect("connect")
+        .await
+        .expect("TLS handshake");
+    let (send, recv) = conn.open_bi().await.expect("stream");
+    (endpoint, conn, send, recv)
+}
+
+fn encode(frames: &[Frame]) -> Bytes {
+    let mut out = BytesMut::new();
+    for f in frames {
+        f.encode(&mut out);
+    }
+    out.freeze()
+}
+
+fn hello(from: EndpointId) -> Frame {
+    Frame::Hello(Hello {
+        version: duplex_transport::PROTOCOL_VERSION,
+        from,
+        path: Path::Main,
+    })
+}
+
+#[tokio::test]
+async fn a_certificate_of_node_3_cannot_claim_node_2_and_the_real_link_stays() {
+    let (certs, a, b) = pair(|_| {}).await;
+    let _b_events = serve_echo(b.clone());
+    let server = a.local_addrs().expect("addrs").main;
+
+    let (_ep, conn, mut send, _recv) = raw_client(certs.path(), 3, server, A.node).await;
+    send.write_all(&encode(&[hello(B)])).await.expect("write");
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .expect("the impostor is closed");
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            let reason = String::from_utf8_lossy(&c.reason).to_string();
+            println!("impostor closed: code {} reason {reason:?}", c.error_code);
+            assert_eq!(
+                c.error_code,
+                quinn::VarInt::from_u32(close_code::HANDSHAKE_FAILED)
+            );
+            assert!(
+                reason.contains("claims endpoint 2.0") && reason.contains("node-2.duplex"),
+                "{reason}"
+            );
+        }
+        other => panic!("impostor closed by {other}"),
+    }
+    // The real link to 2.0 was not replaced: calls still reach the real B.
+    let answer = a
+        .call(B, Bytes::from_static(b"real"), Duration::from_secs(2))
+        .await
+        .expect("call over the real link");
+    assert_eq!(&answer[..], b"real");
+
+    // A node may claim any CPU of its own node: 3.1 with node 3's certificate is answered.
+    let (_ep, _conn, mut send, mut recv) = raw_client(certs.path(), 3, server, A.node).await;
+    send.write_all(&encode(&[hello(EndpointId::new(3, 1))]))
+        .await
+        .expect("write");
+    let mut decoder = duplex_transport::FrameDecoder::new(1 << 20);
+    let answer = loop {
+        if let Some(frame) = decoder.next_frame().expect("valid frame") {
+            break frame;
+        }
+        let chunk = tokio::time::timeout(Duration::from_secs(5), recv.read_chunk(4096, true))
+            .await
+            .expect("answer in time")
+            .expect("read")
+            .expect("not finished");
+        decoder.push(&chunk.bytes);
+    };
+    assert!(
+        matches!(answer, Frame::Hello(Hello { from, .. }) if from == A),
+        "{answer:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_response_from_a_peer_the_request_did_not_go_to_is_ignored() {
+    let (certs, a, _b) = pair(|_| {}).await;
+    // Requests to B are lost, so only a forged response could answer this one.
+    a.faults().partition(B, &Path::ALL);
+    let id = a
+        .request(B, Bytes::from_static(b"q"), Duration::from_secs(30))
+        .expect("request");
+    let server = a.local_addrs().expect("addrs").main;
+    let forger = EndpointId::new(3, 0);
+    let (_ep, _conn, mut send, _recv) = raw_client(certs.path(), 3, server, A.node).await;
+    send.write_all(&encode(&[
+        hello(forger),
+        Frame::Response {
+            id: id.0,
+            payload: Bytes::from_static(b"forged"),
+        },
+        Frame::Message {
+            payload: Bytes::from_static(b"after"),
+        },
+    ]))
+    .await
+    .expect("write");
+    // The message follows the forged response on one stream: once it is here, the response
+    // has been handled.
+    let mut responses = Vec::new();
+    let marker = wait_event(&a, Duration::from_secs(5), |e| {
+        if matches!(e, Event::Response { .. }) {
+            responses.push(e.clone());
+        }
+        matches!(e, Event::Message { from, .. } if *from == forger)
+    })
+    .await;
+    assert!(marker.is_some(), "the forger's message arrived");
+    assert_eq!(responses, vec![], "a forged response was delivered");
+}
+
+#[tokio::test]
+async fn a_slow_consumer_causes_no_down_on_either_side() {
+    let (_certs, a, b) = pair(|c| c.event_queue_events = 16).await;
+    let b_events = serve_echo(b.clone());
+    const MESSAGES: u32 = 3000;
+    for i in 0..MESSAGES {
+        b.send(A, Bytes::from(i.to_le_bytes().to_vec()))
+            .expect("send");
+    }
+    // A's application stops draining for several detection times while B's messages wait.
+    let stalled = Duration::from_millis(4 * DETECTION_MS);
+    tokio::time::sleep(stalled).await;
+    assert_eq!(
+        a.peer_status(B).map(|s| s.up),
+        Some(true),
+        "A still hears B"
+    );
+    let mut got = 0u32;
+    let mut a_peer_events = Vec::new();
+    while got < MESSAGES {
+        match tokio::time::timeout(Duration::from_secs(10), a.next_event()).await {
+            Ok(Some(Event::Message { from, payload })) => {
+                assert_eq!(from, B);
+                assert_eq!(payload[..], got.to_le_bytes()[..], "in order");
+                got += 1;
+            }
+            Ok(Some(Event::Peer(e))) => a_peer_events.push(e),
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => panic!("only {got} of {MESSAGES} messages arrived"),
+        }
+    }
+    let b_seen = b_events.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    println!("A's peer events {a_peer_events:?}, B's {b_seen:?}");
+    assert!(
+        !a_peer_events
+            .iter()
+            .any(|e| matches!(e, PeerEvent::Down { .. } | PeerEvent::LinkDown { .. })),
+        "A reported B down: {a_peer_events:?}"
+    );
+    assert!(
+        !b_seen
+            .iter()
+            .any(|e| matches!(e, PeerEvent::Down { .. } | PeerEvent::LinkDown { .. })),
+        "B reported A down: {b_seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn injected_delay_is_latency_not_a_pause_per_frame() {
+    let (_certs, a, b) = pair(|_| {}).await;
+    drain(&a);
+    const DELAY_MS: u64 = 100;
+    const MESSAGES: u64 = 10;
+    a.faults().set_delay_ms(B, DELAY_MS);
+    let start = Instant::now();
+    for i in 0..MESSAGES {
+        b.send(A, Bytes::from(i.to_le_bytes().to_vec()))
+            .expect("send");
+    }
+    let mut got = 0u64;
+    while got < MESSAGES {
+        match wait_event(&a, Duration::from_secs(5), |e| {
+            matches!(e, Event::Message { .. })
+        })
+        .await
+        {
+            Some(Event::Message { payload, .. }) => {
+                assert_eq!(payload[..], got.to_le_bytes()[..], "delay keeps the order");
+                got += 1;
+            }
+            other => panic!("after {got} messages: {other:?}"),
+        }
+    }
+    let took = start.elapsed();
+    println!("{MESSAGES} messages with {DELAY_MS} ms delay took {took:?}");
+    assert!(
+        took >= Duration::from_millis(DELAY_MS),
+        "not delayed: {took:?}"
+    );
+    assert!(
+        took < Duration::from_millis(3 * DELAY_MS),
+        "delays accumulated: {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_stream_frame_consumes_no_sequence_number() {
+    let (_certs, a, _b) = pair(|c| c.max_frame_bytes = 1024).await;
+    let s = StreamId(7);
+    assert_eq!(a.stream_send(B, s, Bytes::from_static(b"zero")), Ok(0));
+    let err = a
+        .stream_send(B, s, Bytes::from(vec![0u8; 4096]))
+        .expect_err("too large");
+    assert!(matches!(err, TransportError::TooLarge { .. }), "{err}");
+    assert_eq!(
+        a.stream_send(B, s, Bytes::from_static(b"one")),
+        Ok(1),
+        "no gap"
+    );
+}
+
+#[tokio::test]
+async fn an_unbounded_timeout_does_not_overflow() {
+    let (_certs, a, b) = pair(|_| {}).await;
+    let _b_events = serve_echo(b.clone());
+    let id = a
+        .request(B, Bytes::from_static(b"forever"), Duration::MAX)
+        .expect("request");
+    let got = wait_event(&a, Duration::from_secs(5), |e| {
+        matches!(e, Event::Response { .. } | Event::RequestFailed { .. })
+    })
+    .await;
+    assert_eq!(
+        got,
+        Some(Event::Response {
+            from: B,
+            id,
+            payload: Bytes::from_static(b"forever")
+        })
+    );
+    let answer = a
+        .call(B, Bytes::from_static(b"call"), Duration::MAX)
+        .await
+        .expect("call");
+    assert_eq!(&answer[..], b"call");
+}
+
+#[tokio::test]
+async fn close_ends_next_event_and_fails_waiting_calls_at_once() {
+    let (_certs, a, _b) = pair(|_| {}).await;
+    drain(&a);
+    a.faults().partition(B, &Path::ALL);
+    let call = a.call(
+        B,
+        Bytes::from_static(b"never answered"),
+        Duration::from_secs(60),
+    );
+    tokio::pin!(call);
+    let next = a.next_event();
+    tokio::pin!(next);
+    // Poll each once: the call is registered and waiting, next_event is waiting.
+    let first = std::future::poll_fn(|cx| {
+        Poll::Ready((call.as_mut().poll(cx).is_pending(), next.as_mut().poll(cx)))
+    })
+    .await;
+    assert!(first.0, "the call is waiting");
+    assert_eq!(first.1, Poll::Pending, "no event yet");
+    a.close();
+    let started = Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(5), async { (call.await, next.await) })
+        .await
+        .expect("close wakes both");
+    println!("woken {:?} after close", started.elapsed());
+    assert_eq!(ended.0, Err(TransportError::Closed { local: A }));
+    assert_eq!(ended.1, None);
+    assert_eq!(a.next_event().await, None, "and stays closed");
+    assert_eq!(
+        a.send(B, Bytes::new()),
+        Err(TransportError::Closed { local: A })
+    );
+}
+
+#[tokio::test]
+async fn requests_beyond_the_pending_bound_fail_with_a_clear_error() {
+    let (_certs, a, _b) = pair(|c| c.max_pending_requests = 2).await;
+    // Nothing is answered while B is cut off, so both requests stay pending.
+    a.faults().partition(B, &Path::ALL);
+    for _ in 0..2 {
+        a.request(B, Bytes::from_static(b"q"), Duration::from_secs(60))
+            .expect("within the bound");
+    }
+    let err = a
+        .request(B, Bytes::from_static(b"q"), Duration::from_secs(60))
+        .expect_err("beyond the bound");
+    assert_eq!(err, TransportError::TooManyRequests { local: A, limit: 2 });
+    assert!(err.to_string().contains("2 requests waiting"), "{err}");
+    let err = a
+        .call(B, Bytes::from_static(b"c"), Duration::from_secs(60))
+        .await
+        .expect_err("calls share the bound");
+    assert_eq!(err, TransportError::TooManyRequests { local: A, limit: 2 });
+}
+
+#[tokio::test]
+async fn the_dialer_refuses_an_unknown_version_with_version_refused() {
+    let certs = certs_dir();
+    // A raw acceptor with node 2's certificate that answers every hello with version 9.
+    let creds = NodeCredentials::load(certs.path(), B.node).expect("credentials");
+    let (server_config, _) = quinn_configs(
+        &creds,
+        QuicTiming {
+            idle_timeout_ms: 5000,
+            keep_alive_interval_ms: None,
+        },
+    )
+    .expect("server config");
+    let server = quinn::Endpoint::server(server_config, "127.0.0.1:0".parse().expect("addr"))
+        .expect("server endpoint");
+    let server_addr = server.local_addr().expect("addr");
+    let a = endpoint(certs.path(), A, |_| {}).await;
+    a.add_peer(
+        B,
+        duplex_transport::PeerAddrs {
+            main: server_addr,
+            failsafe: None,
+        },
+    );
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        let incoming = server.accept().await.expect("A dials");
+        let conn = incoming.await.expect("TLS handshake");
+        let (mut send, mut recv) = conn.accept_bi().await.expect("A's stream");
+        let mut buf = [0u8; 64];
+        recv.read(&mut buf).await.expect("A's hello");
+        let mut answer = BytesMut::new();
+        Frame::Hello(Hello {
+            version: 9,
+            from: B,
+            path: Path::Main,
+        })
+        .encode(&mut answer);
+        send.write_all(&answer).await.expect("write");
+        conn.closed().await
+    })
+    .await
+    .expect("the dialer closes");
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            let reason = String::from_utf8_lossy(&c.reason).to_string();
+            println!("dialer closed: code {} reason {reason:?}", c.error_code);
+            assert_eq!(
+                c.error_code,
+                quinn::VarInt::from_u32(close_code::VERSION_REFUSED)
+            );
+            assert!(reason.contains("protocol version 9"), "{reason}");
+        }
+        other => panic!("closed by {other}"),
+    }
+    a.close();
+}
