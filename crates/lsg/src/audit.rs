@@ -28,7 +28,7 @@ use crate::segment::{self, SEGMENT_HEADER_BYTES, SegmentKind};
 use crate::store::{Store, StoreFile};
 use crate::{LsgConfig, LsgId, Lsn};
 
-pub(crate) const AUDIT_DIR: &str = "audit";
+const AUDIT_DIR: &str = "audit";
 
 /// One record read from the audit trail.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,7 +127,8 @@ struct Readable<F> {
 struct TailScan {
     last_lsn: Option<Lsn>,
     end_offset: u64,
-    bad: Option<(u64, Corruption)>,
+    /// Why the scan stopped before the zeros, if it did: the record at `end_offset` is invalid.
+    bad: Option<Corruption>,
     /// Offset just past the last non-zero byte of the segment.
     written_end: u64,
 }
@@ -225,7 +226,7 @@ impl<S: Store> AuditTrail<S> {
             let scan = scan_tail(&**file, max_payload)?;
             let stop = scan.end_offset;
             let leftover = scan.written_end > stop;
-            let problem = scan.bad.clone().map(|(_, what)| what).or_else(|| {
+            let problem = scan.bad.clone().or_else(|| {
                 leftover.then_some(Corruption::Malformed(
                     "zeros where a record header should be, with data after them",
                 ))
@@ -993,13 +994,10 @@ fn scan_tail<F: StoreFile>(file: &F, max_payload: usize) -> Result<TailScan> {
                     if let Some(prev) = last
                         && v.lsn.0 != prev.0 + 1
                     {
-                        bad = Some((
-                            start + at as u64,
-                            Corruption::LsnOutOfSequence {
-                                expected: Lsn(prev.0 + 1),
-                                found: v.lsn,
-                            },
-                        ));
+                        bad = Some(Corruption::LsnOutOfSequence {
+                            expected: Lsn(prev.0 + 1),
+                            found: v.lsn,
+                        });
                         break;
                     }
                     last = Some(v.lsn);
@@ -1007,7 +1005,7 @@ fn scan_tail<F: StoreFile>(file: &F, max_payload: usize) -> Result<TailScan> {
                 }
                 Decoded::Zero => break,
                 Decoded::Invalid(what) => {
-                    bad = Some((start + at as u64, what));
+                    bad = Some(what);
                     break;
                 }
             }

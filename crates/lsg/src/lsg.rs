@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tracing::info;
 
-use crate::audit::{AUDIT_DIR, AuditTrail};
+use crate::audit::AuditTrail;
 use crate::error::{Corruption, LsgError, Result};
 use crate::manifest::{self, Fence, MANIFEST_NAME, Manifest};
 use crate::store::{FileStore, Store};
@@ -251,10 +251,5 @@ impl<S: Store> LogStorageGroup<S> {
 
     pub fn volume_names(&self) -> Vec<String> {
         self.volumes.keys().cloned().collect()
-    }
-
-    /// Where the audit trail's segments are, for tools and tests.
-    pub fn audit_dir(&self) -> std::path::PathBuf {
-        self.store.root().join(AUDIT_DIR)
     }
 }

@@ -477,11 +477,6 @@ impl SimStore {
         Ok(())
     }
 
-    /// Whether an armed [`crash_after_writes`](Self::crash_after_writes) has fired.
-    pub fn is_dead(&self) -> bool {
-        self.inner().dead
-    }
-
     fn used_bytes(inner: &SimInner) -> u64 {
         inner.files.values().map(|f| f.current.len() as u64).sum()
     }
