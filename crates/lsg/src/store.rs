@@ -231,7 +231,13 @@ impl Store for FileStore {
 
     fn remove(&self, name: &str) -> Result<()> {
         let path = self.path_of(name);
-        fs::remove_file(&path).map_err(|e| LsgError::io("remove", &path, e))?;
+        fs::remove_file(&path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => LsgError::Missing {
+                path: path.clone(),
+                what: "file not found",
+            },
+            _ => LsgError::io("remove", &path, e),
+        })?;
         self.sync_dir(path.parent().unwrap_or(&self.root))
     }
 
