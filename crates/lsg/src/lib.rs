@@ -61,8 +61,8 @@ impl std::fmt::Display for LsgId {
 }
 
 /// Sizes and limits of an LSG. `max_batch_bytes` bounds how much one flush writes and with it
-/// the window in which recovery takes an invalid record for a torn tail: never lower it for an
-/// existing LSG (raising it is safe).
+/// the window in which recovery takes an invalid record for a torn tail. The limits an LSG was
+/// written with are kept in its manifest; opening raises a smaller configuration to them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LsgConfig {
     pub audit_segment_bytes: u64,

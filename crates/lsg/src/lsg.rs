@@ -13,7 +13,7 @@ use tracing::info;
 
 use crate::audit::AuditTrail;
 use crate::error::{Corruption, LsgError, Result};
-use crate::manifest::{self, Fence, MANIFEST_NAME, Manifest};
+use crate::manifest::{self, Fence, Limits, MANIFEST_NAME, Manifest};
 use crate::store::{FileStore, Store};
 use crate::volume::{DataVolume, VOLUMES_DIR, VolumeOwner};
 use crate::{LsgConfig, LsgId, OwnerEpoch};
@@ -80,7 +80,7 @@ impl<S: Store> LogStorageGroup<S> {
                 path: store.root().to_path_buf(),
                 epoch: 0,
             })?;
-        let (manifest_file, manifest) = manifest::create(&*store, lsg_id)?;
+        let (manifest_file, manifest) = manifest::create(&*store, lsg_id, &config)?;
         let fence = Arc::new(Fence::new(manifest_file, manifest.owner_epoch));
         let audit = AuditTrail::create(Arc::clone(&store), lsg_id, config, Arc::clone(&fence))?;
         store.create_dir(VOLUMES_DIR)?;
@@ -124,6 +124,8 @@ impl<S: Store> LogStorageGroup<S> {
         };
         let manifest_file = store.open(MANIFEST_NAME)?;
         let mut manifest = manifest::read(&manifest_file)?;
+        // Recovery must judge the files by the limits they were written with.
+        let config = manifest.limits.applied_to(config)?;
         let fence = if lock.is_some() {
             let bump = |v: u64, what| {
                 v.checked_add(1).ok_or_else(|| LsgError::Corrupt {
@@ -138,6 +140,7 @@ impl<S: Store> LogStorageGroup<S> {
                     "owner epoch at its maximum",
                 )?),
                 boot_sequence: bump(manifest.boot_sequence, "boot sequence at its maximum")?,
+                limits: manifest.limits.max(Limits::of(&config)),
                 ..manifest
             };
             manifest = manifest::write(&manifest_file, &manifest, next)?;

@@ -1,13 +1,18 @@
-//! The manifest: who the LSG is, who owns it and where its audit trail starts, in a two-slot file
-//! (`slots.rs`) whose body is four little-endian u64: LSG id, owner epoch, boot sequence id, first
-//! retained audit segment.
+//! The manifest: who the LSG is, who owns it, where its audit trail starts and the record limits
+//! its files were written with, in a two-slot file (`slots.rs`) whose body is eight little-endian
+//! u64: LSG id, owner epoch, boot sequence id, first retained audit segment, max batch bytes, max
+//! record bytes, max key bytes, max value bytes.
+//!
+//! The limits live here because recovery depends on them (what a valid record is, how far a torn
+//! flush can reach): an opener with smaller limits than the files were written with would take
+//! good records for corruption or corruption for a torn tail. Stored limits only ever grow.
 
 use std::sync::Mutex;
 
 use crate::error::{LsgError, Result};
 use crate::slots;
 use crate::store::{Store, StoreFile};
-use crate::{LsgId, OwnerEpoch};
+use crate::{LsgConfig, LsgId, OwnerEpoch};
 
 pub const MANIFEST_NAME: &str = "MANIFEST";
 const MAGIC: [u8; 8] = *b"DPLXMAN1";
@@ -22,7 +27,58 @@ pub struct Manifest {
     /// The oldest audit segment still retained; truncation raises it before deleting files, so a
     /// missing segment is always noticed.
     pub first_segment: u64,
+    /// The largest `max_batch_bytes`, `max_record_bytes`, `max_key_bytes` and `max_value_bytes`
+    /// any owner has written with.
+    pub limits: Limits,
     pub(crate) sequence: u64,
+}
+
+/// The record limits an LSG's files were written with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_batch_bytes: u64,
+    pub max_record_bytes: u64,
+    pub max_key_bytes: u64,
+    pub max_value_bytes: u64,
+}
+
+impl Limits {
+    pub(crate) fn of(config: &LsgConfig) -> Self {
+        Limits {
+            max_batch_bytes: config.max_batch_bytes as u64,
+            max_record_bytes: config.max_record_bytes as u64,
+            max_key_bytes: config.max_key_bytes as u64,
+            max_value_bytes: config.max_value_bytes as u64,
+        }
+    }
+
+    /// The larger of each limit.
+    pub(crate) fn max(self, other: Limits) -> Limits {
+        Limits {
+            max_batch_bytes: self.max_batch_bytes.max(other.max_batch_bytes),
+            max_record_bytes: self.max_record_bytes.max(other.max_record_bytes),
+            max_key_bytes: self.max_key_bytes.max(other.max_key_bytes),
+            max_value_bytes: self.max_value_bytes.max(other.max_value_bytes),
+        }
+    }
+
+    /// `config` with its limits raised to these: what the files may hold.
+    pub(crate) fn applied_to(self, config: LsgConfig) -> Result<LsgConfig> {
+        let size = |v: u64| {
+            usize::try_from(v).map_err(|_| {
+                LsgError::InvalidConfig(format!("stored limit {v} does not fit this machine"))
+            })
+        };
+        let raised = LsgConfig {
+            max_batch_bytes: size(self.max_batch_bytes)?.max(config.max_batch_bytes),
+            max_record_bytes: size(self.max_record_bytes)?.max(config.max_record_bytes),
+            max_key_bytes: size(self.max_key_bytes)?.max(config.max_key_bytes),
+            max_value_bytes: size(self.max_value_bytes)?.max(config.max_value_bytes),
+            ..config
+        };
+        raised.validate()?;
+        Ok(raised)
+    }
 }
 
 impl Manifest {
@@ -32,17 +88,26 @@ impl Manifest {
             self.owner_epoch.0,
             self.boot_sequence,
             self.first_segment,
+            self.limits.max_batch_bytes,
+            self.limits.max_record_bytes,
+            self.limits.max_key_bytes,
+            self.limits.max_value_bytes,
         ])
     }
 }
 
 /// Creates the manifest of a new LSG, owned by epoch 1 from boot 1.
-pub(crate) fn create<S: Store>(store: &S, lsg_id: LsgId) -> Result<(S::File, Manifest)> {
+pub(crate) fn create<S: Store>(
+    store: &S,
+    lsg_id: LsgId,
+    config: &LsgConfig,
+) -> Result<(S::File, Manifest)> {
     let m = Manifest {
         lsg_id,
         owner_epoch: OwnerEpoch(1),
         boot_sequence: 1,
         first_segment: 1,
+        limits: Limits::of(config),
         sequence: 0,
     };
     let file = slots::create(store, MANIFEST_NAME, &MAGIC, &m.body())?;
@@ -51,12 +116,27 @@ pub(crate) fn create<S: Store>(store: &S, lsg_id: LsgId) -> Result<(S::File, Man
 
 pub(crate) fn read<F: StoreFile>(file: &F) -> Result<Manifest> {
     let (sequence, body) = slots::read(file, &MAGIC)?;
-    let [lsg_id, epoch, boot, first_segment] = slots::u64s::<4>(&body, file.path())?;
+    let [
+        lsg_id,
+        epoch,
+        boot,
+        first_segment,
+        batch,
+        record,
+        key,
+        value,
+    ] = slots::u64s::<8>(&body, file.path())?;
     Ok(Manifest {
         lsg_id: LsgId(lsg_id),
         owner_epoch: OwnerEpoch(epoch),
         boot_sequence: boot,
         first_segment,
+        limits: Limits {
+            max_batch_bytes: batch,
+            max_record_bytes: record,
+            max_key_bytes: key,
+            max_value_bytes: value,
+        },
         sequence,
     })
 }

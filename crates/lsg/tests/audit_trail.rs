@@ -515,3 +515,24 @@ fn reopening_with_another_segment_size_keeps_each_segment_its_own() {
     assert_eq!(records.len(), 900);
     assert!(records.iter().all(|(lsn, p)| *p == payload_for(*lsn, 300)));
 }
+
+#[test]
+fn an_opener_with_smaller_limits_still_reads_what_was_written() {
+    let store = SimStore::new(12);
+    let config = small_config();
+    {
+        let lsg = LogStorageGroup::create_in(store.clone(), LsgId(1), config).expect("create");
+        append_range(&lsg, 1..=50, 4000);
+        lsg.audit().flush().expect("flush");
+    }
+    let smaller = LsgConfig {
+        max_record_bytes: 1 << 10,
+        max_batch_bytes: 2 << 10,
+        ..config
+    };
+    let lsg = LogStorageGroup::open_in(store.clone(), smaller, OpenMode::Write).expect("reopen");
+    assert_eq!(lsg.config().max_record_bytes, config.max_record_bytes);
+    let records = read_all(&lsg);
+    assert_eq!(records.len(), 50);
+    assert!(records.iter().all(|(lsn, p)| *p == payload_for(*lsn, 4000)));
+}
