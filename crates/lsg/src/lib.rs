@@ -24,7 +24,7 @@ pub use error::{Corruption, LsgError, Result};
 pub use lsg::{LogStorageGroup, OpenMode};
 pub use record::{RecordFlags, RecordType};
 pub use store::{FileLock, FileStore, RealFile, SimFile, SimLock, SimStore, Store, StoreFile};
-pub use volume::{DataVolume, VolumeRecord};
+pub use volume::{Compaction, DataVolume, VolumeRecord, VolumeStats};
 
 /// The on-disk format version this build writes; it reads this one and older ones.
 pub const FORMAT_VERSION: u32 = 1;

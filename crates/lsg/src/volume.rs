@@ -5,8 +5,9 @@
 //! frame as the audit trail, `record.rs`) to the volume's segment files, and an ordered in-memory
 //! index maps each key to its newest record. Values stay on disk and are read through the memory
 //! maps, so the page cache holds the working set and the rest stays on disk; the index (keys plus
-//! 32 bytes each) must fit in memory. That is the decision for this version, written down in
-//! `docs/storage-format.md`, with space reclamation (compaction) still to come.
+//! about 40 bytes each) must fit in memory. That is the decision for this version, written down in
+//! `docs/storage-format.md`. [`DataVolume::compact`] reclaims the space of overwritten records by
+//! copying the newest record of every key to new segments and dropping the old ones.
 //!
 //! Writes follow steal/no-force under the write-ahead rule: a change's audit record is appended
 //! before the change ([`DataVolume::put`] refuses an LSN the trail has not given out), a volume
@@ -58,12 +59,38 @@ struct Entry {
     lsn: Lsn,
     /// `None`: deleted (kept so that an older put replayed by redo stays deleted).
     value: Option<Location>,
+    /// Bytes the entry's record takes in its segment.
+    record_bytes: u32,
+}
+
+/// How much of a volume's files is still needed: to decide when to [`compact`](DataVolume::compact).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VolumeStats {
+    pub live_keys: usize,
+    /// Bytes of the newest record of every key (deletion markers included).
+    pub live_bytes: u64,
+    /// Bytes of all records in the volume's segments.
+    pub written_bytes: u64,
+    pub segments: usize,
+}
+
+/// What one compaction did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compaction {
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+    pub segments_removed: usize,
+    pub deletion_markers_dropped: usize,
 }
 
 #[derive(Debug)]
 struct Inner<F> {
     index: BTreeMap<Vec<u8>, Entry>,
     live_keys: usize,
+    live_bytes: u64,
+    written_bytes: u64,
+    /// The oldest segment in use; compaction raises it.
+    first_segment: u64,
     files: BTreeMap<u64, Arc<F>>,
     tail_segment: u64,
     tail_offset: u64,
@@ -155,7 +182,7 @@ impl<S: Store> DataVolume<S> {
             &*store,
             &format!("{dir}/{CHECKPOINT_NAME}"),
             &CHECKPOINT_MAGIC,
-            &slots::body_of(&[0, 1, SEGMENT_HEADER_BYTES]),
+            &slots::body_of(&[0, 1, SEGMENT_HEADER_BYTES, 1]),
         )?;
         let next_lsn = owner.audit.next_lsn();
         Self::open(store, lsg_id, config, name, Some(owner), next_lsn)
@@ -176,17 +203,29 @@ impl<S: Store> DataVolume<S> {
         let dir = format!("{VOLUMES_DIR}/{name}");
         let checkpoint_file = store.open(&format!("{dir}/{CHECKPOINT_NAME}"))?;
         let (checkpoint_sequence, body) = slots::read(&checkpoint_file, &CHECKPOINT_MAGIC)?;
-        let [checkpoint_lsn, synced_segment, synced_offset] =
-            slots::u64s::<3>(&body, checkpoint_file.path())?;
+        let [checkpoint_lsn, synced_segment, synced_offset, first_segment] =
+            slots::u64s::<4>(&body, checkpoint_file.path())?;
         let synced = (synced_segment, synced_offset);
-        let numbers = segment::list(&*store, &dir)?;
-        // Volumes never drop segments: they are numbered 1, 2, ... without a gap.
-        let gap = (1u64..)
+        let mut numbers = segment::list(&*store, &dir)?;
+        // Segments below the first one are leftovers of a compaction that completed.
+        let leftovers: Vec<u64> = numbers
+            .iter()
+            .copied()
+            .filter(|&n| n < first_segment)
+            .collect();
+        numbers.retain(|&n| n >= first_segment);
+        if writable {
+            for n in leftovers {
+                store.remove(&segment::segment_name(&dir, n))?;
+            }
+        }
+        // From the first segment on, segments are numbered without a gap.
+        let gap = (first_segment..)
             .zip(numbers.iter().copied().chain(std::iter::once(u64::MAX)))
             .find(|(want, have)| want != have)
             .map(|(want, _)| want);
         if let Some(want) = gap
-            && (numbers.is_empty() || (want as usize) <= numbers.len())
+            && (numbers.is_empty() || want - first_segment < numbers.len() as u64)
         {
             return Err(LsgError::Missing {
                 path: store.root().join(segment::segment_name(&dir, want)),
@@ -197,6 +236,7 @@ impl<S: Store> DataVolume<S> {
         let mut index = BTreeMap::new();
         let mut files = BTreeMap::new();
         let mut tail = None;
+        let mut written_bytes = 0u64;
         let last_number = numbers[numbers.len() - 1];
         for &n in &numbers {
             let file = Arc::new(segment::open(
@@ -229,6 +269,7 @@ impl<S: Store> DataVolume<S> {
                         Decoded::Record(v) => {
                             apply_to_index(&mut index, n, offset, &v).map_err(|c| (offset, c))?;
                             at += v.encoded_len();
+                            written_bytes += v.encoded_len() as u64;
                         }
                         Decoded::Zero => break,
                         Decoded::Invalid(what) => {
@@ -309,6 +350,7 @@ impl<S: Store> DataVolume<S> {
             .values()
             .filter(|e: &&Entry| e.value.is_some())
             .count();
+        let live_bytes = index.values().map(|e| e.record_bytes as u64).sum();
         Ok(DataVolume {
             name: name.to_string(),
             dir,
@@ -319,6 +361,9 @@ impl<S: Store> DataVolume<S> {
             inner: RwLock::new(Inner {
                 index,
                 live_keys,
+                live_bytes,
+                written_bytes,
+                first_segment,
                 files,
                 tail_segment,
                 tail_offset,
@@ -397,6 +442,30 @@ impl<S: Store> DataVolume<S> {
         if inner.index.get(key).is_some_and(|e| e.lsn >= lsn) {
             return Ok(false);
         }
+        let entry = self.append_record(&mut inner, key, value, lsn)?;
+        let value_is_live = entry.value.is_some();
+        inner.live_bytes += entry.record_bytes as u64;
+        let replaced = inner.index.insert(key.to_vec(), entry);
+        if let Some(old) = replaced {
+            inner.live_bytes -= old.record_bytes as u64;
+        }
+        match (replaced.is_some_and(|e| e.value.is_some()), value_is_live) {
+            (false, true) => inner.live_keys += 1,
+            (true, false) => inner.live_keys -= 1,
+            _ => {}
+        }
+        Ok(true)
+    }
+
+    /// Appends the record of `key` at `lsn` to the tail (rolling to a new segment when full) and
+    /// returns its index entry.
+    fn append_record(
+        &self,
+        inner: &mut Inner<S::File>,
+        key: &[u8],
+        value: Option<&[u8]>,
+        lsn: Lsn,
+    ) -> Result<Entry> {
         let mut payload =
             Vec::with_capacity(KEY_LEN_BYTES + key.len() + value.map_or(0, <[u8]>::len));
         payload.extend_from_slice(&(key.len() as u16).to_le_bytes());
@@ -415,20 +484,7 @@ impl<S: Store> DataVolume<S> {
             .get(&inner.tail_segment)
             .map_or(self.config.volume_segment_bytes, |f| f.len_bytes());
         if inner.tail_offset + buf.len() as u64 > capacity {
-            self.owner()?.fence.check()?;
-            let next = inner.tail_segment + 1;
-            let file = segment::create(
-                &*self.store,
-                &self.dir,
-                SegmentKind::DataVolume,
-                self.lsg_id,
-                next,
-                self.config.volume_segment_bytes,
-                false,
-            )?;
-            inner.files.insert(next, Arc::new(file));
-            inner.tail_segment = next;
-            inner.tail_offset = SEGMENT_HEADER_BYTES;
+            self.start_segment(inner)?;
         }
         let (segment, offset) = (inner.tail_segment, inner.tail_offset);
         let file = inner
@@ -444,23 +500,38 @@ impl<S: Store> DataVolume<S> {
             })?;
         file.write_at(offset, &buf)?;
         inner.tail_offset += buf.len() as u64;
+        inner.written_bytes += buf.len() as u64;
         inner.newest_lsn = inner.newest_lsn.max(lsn);
         inner.dirty.insert(segment);
-        let value = value.map(|v| Location {
-            segment,
-            value_offset: offset + (record::RECORD_HEADER_BYTES + KEY_LEN_BYTES + key.len()) as u64,
-            value_len: v.len() as u32,
-        });
-        let was_live = inner
-            .index
-            .insert(key.to_vec(), Entry { lsn, value })
-            .is_some_and(|e| e.value.is_some());
-        match (was_live, value.is_some()) {
-            (false, true) => inner.live_keys += 1,
-            (true, false) => inner.live_keys -= 1,
-            _ => {}
-        }
-        Ok(true)
+        Ok(Entry {
+            lsn,
+            value: value.map(|v| Location {
+                segment,
+                value_offset: offset
+                    + (record::RECORD_HEADER_BYTES + KEY_LEN_BYTES + key.len()) as u64,
+                value_len: v.len() as u32,
+            }),
+            record_bytes: buf.len() as u32,
+        })
+    }
+
+    /// Creates the next segment and makes it the tail.
+    fn start_segment(&self, inner: &mut Inner<S::File>) -> Result<()> {
+        self.owner()?.fence.check()?;
+        let next = inner.tail_segment + 1;
+        let file = segment::create(
+            &*self.store,
+            &self.dir,
+            SegmentKind::DataVolume,
+            self.lsg_id,
+            next,
+            self.config.volume_segment_bytes,
+            false,
+        )?;
+        inner.files.insert(next, Arc::new(file));
+        inner.tail_segment = next;
+        inner.tail_offset = SEGMENT_HEADER_BYTES;
+        Ok(())
     }
 
     /// The value of `key` and the LSN that wrote it, or `None` if absent or deleted.
@@ -554,7 +625,15 @@ impl<S: Store> DataVolume<S> {
     pub fn flush(&self, checkpoint_lsn: Lsn) -> Result<()> {
         let owner = self.owner()?;
         let mut inner = self.write();
-        // Write-ahead: no change reaches the volume's durable part before its audit record.
+        self.make_durable(owner, &mut inner)?;
+        let lsn = checkpoint_lsn.max(inner.checkpoint_lsn);
+        let first = inner.first_segment;
+        self.write_checkpoint(&mut inner, lsn, first)
+    }
+
+    /// Syncs what was written since the last flush, after the trail is durable up to it
+    /// (write-ahead: no change reaches the volume's durable part before its audit record).
+    fn make_durable(&self, owner: &VolumeOwner<S>, inner: &mut Inner<S::File>) -> Result<()> {
         if inner.newest_lsn > Lsn(0) {
             owner.audit.wait_durable(inner.newest_lsn)?;
         }
@@ -565,8 +644,11 @@ impl<S: Store> DataVolume<S> {
                 file.sync()?;
             }
         }
-        let lsn = checkpoint_lsn.max(inner.checkpoint_lsn);
-        let body = slots::body_of(&[lsn.0, inner.tail_segment, inner.tail_offset]);
+        Ok(())
+    }
+
+    fn write_checkpoint(&self, inner: &mut Inner<S::File>, lsn: Lsn, first: u64) -> Result<()> {
+        let body = slots::body_of(&[lsn.0, inner.tail_segment, inner.tail_offset, first]);
         let next = slots::write(
             &inner.checkpoint_file,
             &CHECKPOINT_MAGIC,
@@ -575,8 +657,66 @@ impl<S: Store> DataVolume<S> {
         )?;
         inner.checkpoint_sequence = next;
         inner.checkpoint_lsn = lsn;
+        inner.first_segment = first;
         inner.newest_lsn = Lsn(0);
         Ok(())
+    }
+
+    pub fn stats(&self) -> VolumeStats {
+        let inner = self.read();
+        VolumeStats {
+            live_keys: inner.live_keys,
+            live_bytes: inner.live_bytes,
+            written_bytes: inner.written_bytes,
+            segments: inner.files.len(),
+        }
+    }
+
+    /// Reclaims the space of overwritten records: copies the newest record of every key to new
+    /// segments, syncs them, records a checkpoint naming the first new segment, then deletes the
+    /// old segments. Deletion markers at or below the checkpoint LSN are dropped (redo never
+    /// replays anything older). A crash before the checkpoint leaves the old segments in charge
+    /// (the copies after them are ordinary records after the checkpoint position); after it, the
+    /// old segments are leftovers removed at the next open. The volume is locked meanwhile.
+    pub fn compact(&self) -> Result<Compaction> {
+        let owner = self.owner()?;
+        let mut inner = self.write();
+        let bytes_before = inner.written_bytes;
+        self.make_durable(owner, &mut inner)?;
+        self.start_segment(&mut inner)?;
+        let new_first = inner.tail_segment;
+        let keep_markers_above = inner.checkpoint_lsn;
+        let entries: Vec<(Vec<u8>, Entry)> = std::mem::take(&mut inner.index).into_iter().collect();
+        let mut dropped = 0;
+        inner.written_bytes = 0;
+        inner.live_bytes = 0;
+        for (key, entry) in entries {
+            let value = match entry.value {
+                Some(loc) => Some(self.read_value(&inner, loc)?),
+                None if entry.lsn <= keep_markers_above => {
+                    dropped += 1;
+                    continue;
+                }
+                None => None,
+            };
+            let copy = self.append_record(&mut inner, &key, value.as_deref(), entry.lsn)?;
+            inner.live_bytes += copy.record_bytes as u64;
+            inner.index.insert(key, copy);
+        }
+        self.make_durable(owner, &mut inner)?;
+        let lsn = inner.checkpoint_lsn;
+        self.write_checkpoint(&mut inner, lsn, new_first)?;
+        let old: Vec<u64> = inner.files.range(..new_first).map(|(&n, _)| n).collect();
+        for n in &old {
+            self.store.remove(&segment::segment_name(&self.dir, *n))?;
+            inner.files.remove(n);
+        }
+        Ok(Compaction {
+            bytes_before,
+            bytes_after: inner.written_bytes,
+            segments_removed: old.len(),
+            deletion_markers_dropped: dropped,
+        })
     }
 }
 
@@ -606,6 +746,13 @@ fn apply_to_index(
         RecordType::VolumeDelete => None,
         _ => return Err(Corruption::UnknownRecordType(v.record_type as u8)),
     };
-    index.insert(key.to_vec(), Entry { lsn: v.lsn, value });
+    index.insert(
+        key.to_vec(),
+        Entry {
+            lsn: v.lsn,
+            value,
+            record_bytes: v.encoded_len() as u32,
+        },
+    );
     Ok(())
 }

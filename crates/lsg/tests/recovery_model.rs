@@ -48,6 +48,7 @@ enum Op {
     VolumeFlush,
     /// The kernel writes the volume's dirty pages back on its own, before any flush.
     WriteBack,
+    Compact,
     Crash,
     CrashInFlush(u64),
 }
@@ -59,6 +60,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => Just(Op::AuditFlush),
         1 => Just(Op::VolumeFlush),
         1 => Just(Op::WriteBack),
+        1 => Just(Op::Compact),
         1 => Just(Op::Crash),
         1 => (1u64..4).prop_map(Op::CrashInFlush),
     ]
@@ -138,7 +140,16 @@ proptest! {
                     v.flush(last).expect("volume flush");
                     acked = acked.max(last.0);
                 }
-                Op::WriteBack => store.write_back("volumes/v/0000000000000001.seg").expect("writeback"),
+                Op::WriteBack => {
+                    // Whichever segments exist now: compaction moves the volume along.
+                    for n in 1..64u64 {
+                        let _ = store.write_back(&format!("volumes/v/{n:016x}.seg"));
+                    }
+                }
+                Op::Compact => {
+                    v.compact().expect("compact");
+                    acked = acked.max(v.checkpoint_lsn().0);
+                }
                 Op::Crash | Op::CrashInFlush(_) => {
                     if let Op::CrashInFlush(n) = op {
                         store.crash_after_writes(n);

@@ -290,3 +290,104 @@ fn a_missing_volume_segment_is_reported() {
         other => panic!("expected a missing segment, got {other:?}"),
     }
 }
+
+#[test]
+fn compaction_reclaims_overwritten_records_and_keeps_every_value() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let expected: Vec<(Vec<u8>, Vec<u8>)>;
+    {
+        let mut lsg = LogStorageGroup::create(dir.path(), LsgId(1), config()).expect("create");
+        let v = lsg.create_volume("v").expect("volume");
+        log_changes(&lsg, 3000);
+        // 100 keys overwritten 20 times each, then a third of them deleted.
+        for round in 0..20u32 {
+            for i in 0..100u32 {
+                let lsn = Lsn((round * 100 + i + 1) as u64);
+                v.put(&key(i), &vec![round as u8; 200], lsn).expect("put");
+            }
+        }
+        for i in (0..100u32).step_by(3) {
+            v.delete(&key(i), Lsn(2001 + i as u64)).expect("delete");
+        }
+        v.flush(Lsn(3000)).expect("flush");
+        let before = v.stats();
+        assert!(before.segments > 3, "{before:?}");
+        let done = v.compact().expect("compact");
+        let after = v.stats();
+        assert_eq!(done.bytes_before, before.written_bytes);
+        assert_eq!(done.bytes_after, after.written_bytes);
+        assert!(
+            after.written_bytes * 10 < before.written_bytes,
+            "{before:?} -> {after:?}"
+        );
+        assert_eq!(done.deletion_markers_dropped, 34);
+        assert_eq!(after.live_keys, 66);
+        expected = v
+            .scan((Bound::Unbounded, Bound::Unbounded), 1000)
+            .expect("scan")
+            .into_iter()
+            .map(|r| (r.key, r.value))
+            .collect();
+        assert_eq!(expected.len(), 66);
+        assert!(expected.iter().all(|(_, value)| *value == vec![19u8; 200]));
+        // Writing after a compaction works as before.
+        v.put(&key(1), b"after", Lsn(2999)).expect("put");
+        v.flush(Lsn(3000)).expect("flush");
+    }
+    let lsg = LogStorageGroup::open(dir.path(), config(), OpenMode::Write).expect("reopen");
+    let v = lsg.volume("v").expect("volume");
+    let got: Vec<(Vec<u8>, Vec<u8>)> = v
+        .scan((Bound::Unbounded, Bound::Unbounded), 1000)
+        .expect("scan")
+        .into_iter()
+        .map(|r| (r.key, r.value))
+        .collect();
+    let mut want = expected;
+    want[0].1 = b"after".to_vec();
+    assert_eq!(got[0].0, key(1));
+    assert_eq!(got, want);
+}
+
+#[test]
+fn a_crash_at_any_write_of_a_compaction_loses_nothing() {
+    let mut points = 0;
+    for crash_at in 1..60u64 {
+        let store = SimStore::new(crash_at);
+        let before;
+        {
+            let mut lsg =
+                LogStorageGroup::create_in(store.clone(), LsgId(1), config()).expect("create");
+            let v = lsg.create_volume("v").expect("volume");
+            log_changes(&lsg, 600);
+            for lsn in 1..=600u64 {
+                let i = (lsn % 50) as u32;
+                if lsn % 7 == 0 {
+                    v.delete(&key(i), Lsn(lsn)).expect("delete");
+                } else {
+                    v.put(&key(i), &vec![lsn as u8; 150], Lsn(lsn))
+                        .expect("put");
+                }
+            }
+            v.flush(Lsn(600)).expect("flush");
+            before = v
+                .scan((Bound::Unbounded, Bound::Unbounded), 1000)
+                .expect("scan");
+            store.crash_after_writes(crash_at);
+            if v.compact().is_ok() {
+                continue;
+            }
+            points += 1;
+        }
+        store.crash();
+        let lsg = LogStorageGroup::open_in(store, config(), OpenMode::Write).expect("reopen");
+        let v = lsg.volume("v").expect("volume");
+        let after = v
+            .scan((Bound::Unbounded, Bound::Unbounded), 1000)
+            .expect("scan");
+        assert_eq!(after, before, "crash at write {crash_at}");
+    }
+    assert!(
+        points > 20,
+        "only {points} crash points fell inside the compaction"
+    );
+}
