@@ -303,7 +303,7 @@ fn compaction_reclaims_overwritten_records_and_keeps_every_value() {
         for round in 0..20u32 {
             for i in 0..100u32 {
                 let lsn = Lsn((round * 100 + i + 1) as u64);
-                v.put(&key(i), &vec![round as u8; 200], lsn).expect("put");
+                v.put(&key(i), &[round as u8; 200], lsn).expect("put");
             }
         }
         for i in (0..100u32).step_by(3) {
@@ -364,7 +364,7 @@ fn a_crash_at_any_write_of_a_compaction_loses_nothing() {
                 if lsn % 7 == 0 {
                     v.delete(&key(i), Lsn(lsn)).expect("delete");
                 } else {
-                    v.put(&key(i), &vec![lsn as u8; 150], Lsn(lsn))
+                    v.put(&key(i), &[lsn as u8; 150], Lsn(lsn))
                         .expect("put");
                 }
             }
