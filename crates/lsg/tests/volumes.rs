@@ -364,8 +364,7 @@ fn a_crash_at_any_write_of_a_compaction_loses_nothing() {
                 if lsn % 7 == 0 {
                     v.delete(&key(i), Lsn(lsn)).expect("delete");
                 } else {
-                    v.put(&key(i), &[lsn as u8; 150], Lsn(lsn))
-                        .expect("put");
+                    v.put(&key(i), &[lsn as u8; 150], Lsn(lsn)).expect("put");
                 }
             }
             v.flush(Lsn(600)).expect("flush");

@@ -11,9 +11,9 @@
 //! the other accepts; so there is never more than one connection per pair and path. A newer
 //! connection from the same peer and path replaces the older one (the peer restarted).
 //!
-//! Failure detection is the sans-IO `FailureDetector`, fed by every frame the readers see and
-//! ticked by one timer task; keep-alives are ordinary frames on the same stream, so a stalled
-//! stream looks exactly like a dead peer.
+//! Failure detection is the sans-IO `FailureDetector`, fed by the frames the readers see (once
+//! per received chunk) and ticked by one timer task; keep-alives are ordinary frames on the
+//! same stream, so a stalled stream looks exactly like a dead peer.
 //!
 //! The detector never waits on the application: peer events and request failures go to a
 //! small control queue that never blocks (peer events coalesce per peer when it is full), and
@@ -47,8 +47,8 @@ use crate::certs::{
 use crate::detector::{DetectorAction, DetectorConfig, FailureDetector, PeerStatus};
 use crate::transport::{Event, RequestId, Transport, TransportError};
 use crate::wire::{
-    DEFAULT_MAX_FRAME_BYTES, Frame, FrameDecoder, FrameError, Hello, PROTOCOL_VERSION, StreamId,
-    negotiate_version,
+    self, DEFAULT_MAX_FRAME_BYTES, Frame, FrameDecoder, FrameError, Hello, PROTOCOL_VERSION,
+    StreamId, negotiate_version,
 };
 
 /// Application close codes, so the other side's log says why its connection ended.
@@ -260,17 +260,14 @@ impl FaultInjector {
     }
 }
 
-/// A frame ready to write: its header and its payload, written without copying the payload.
-#[derive(Debug)]
-struct Outgoing {
-    header: Bytes,
-    payload: Bytes,
-}
+/// Payloads up to this size are copied into the writer's batch buffer next to their header:
+/// one copy is cheaper than one more chunk per frame; larger payloads go out without a copy.
+const COPY_PAYLOAD_MAX_BYTES: usize = 1024;
 
 #[derive(Debug, Clone)]
 struct Link {
     conn: Connection,
-    tx: mpsc::Sender<Outgoing>,
+    tx: mpsc::Sender<Frame>,
     /// Tells a replaced link apart from its successor when it ends.
     generation: u64,
     /// The protocol version this link speaks: the lower of the two announced.
@@ -365,8 +362,13 @@ impl Inner {
     }
 
     /// The link data should use: main while the detector hears the peer there, else failsafe.
-    fn choose_link(entry: &PeerEntry, main_up: bool) -> Option<(Path, &Link)> {
-        let order = if main_up {
+    /// Called under the peers lock; it takes the detector lock only when there is a choice
+    /// (lock order: peers, then detector; nothing takes them the other way round).
+    fn choose_link<'a>(&self, to: EndpointId, entry: &'a PeerEntry) -> Option<(Path, &'a Link)> {
+        if entry.links.len() == 1 {
+            return entry.links.iter().next().map(|(p, l)| (*p, l));
+        }
+        let order = if self.main_preferred(to) {
             [Path::Main, Path::Failsafe]
         } else {
             [Path::Failsafe, Path::Main]
@@ -376,24 +378,19 @@ impl Inner {
             .find_map(|p| entry.links.get(p).map(|l| (*p, l)))
     }
 
+    /// Queues a frame for the link's writer, which encodes it (no allocation per frame here).
     fn enqueue(
         &self,
         to: EndpointId,
         link: &Link,
         path: Path,
-        frame: &Frame,
+        frame: Frame,
     ) -> Result<(), TransportError> {
         if self.faults.drops(to, path) {
             debug!(peer = %to, %path, "fault: frame dropped on send");
             return Ok(());
         }
-        let mut header = BytesMut::with_capacity(24);
-        frame.encode_header(&mut header);
-        let out = Outgoing {
-            header: header.freeze(),
-            payload: frame_payload(frame),
-        };
-        link.tx.try_send(out).map_err(|e| match e {
+        link.tx.try_send(frame).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => TransportError::QueueFull {
                 peer: to,
                 limit: self.config.send_queue_frames,
@@ -428,15 +425,13 @@ impl Inner {
 
     fn send_frame(&self, to: EndpointId, frame: Frame) -> Result<(), TransportError> {
         self.check_sendable(to, frame.payload().len())?;
-        let main_up = self.main_preferred(to);
-        let (path, link) = {
-            let peers = lock(&self.peers);
-            let entry = peers.get(&to).ok_or_else(|| self.unknown_peer(to))?;
-            let (path, link) = Self::choose_link(entry, main_up)
-                .ok_or(TransportError::Unreachable { peer: to })?;
-            (path, link.clone())
-        };
-        self.enqueue(to, &link, path, &frame)
+        // Queued under the peers lock: one lock per send, no clone of the link.
+        let peers = lock(&self.peers);
+        let entry = peers.get(&to).ok_or_else(|| self.unknown_peer(to))?;
+        let (path, link) = self
+            .choose_link(to, entry)
+            .ok_or(TransportError::Unreachable { peer: to })?;
+        self.enqueue(to, link, path, frame)
     }
 
     /// Numbers and queues a stream frame in one critical section (the peers lock), so numbers
@@ -448,17 +443,17 @@ impl Inner {
         payload: Bytes,
     ) -> Result<u64, TransportError> {
         self.check_sendable(to, payload.len())?;
-        let main_up = self.main_preferred(to);
         let mut peers = lock(&self.peers);
         let entry = peers.get_mut(&to).ok_or_else(|| self.unknown_peer(to))?;
         let seq = entry.stream_next_seq.get(&stream).copied().unwrap_or(0);
-        let (path, link) =
-            Self::choose_link(entry, main_up).ok_or(TransportError::Unreachable { peer: to })?;
+        let (path, link) = self
+            .choose_link(to, entry)
+            .ok_or(TransportError::Unreachable { peer: to })?;
         self.enqueue(
             to,
             link,
             path,
-            &Frame::Stream {
+            Frame::Stream {
                 stream,
                 seq,
                 payload,
@@ -512,12 +507,19 @@ impl Inner {
     /// Hands a data event to the application, waiting while its queue is full (the reader then
     /// stops reading and QUIC flow control slows the sender). While waiting, packets still
     /// arriving on the connection prove the peer alive, so the detector keeps hearing it.
-    async fn push_data_event(&self, peer: EndpointId, path: Path, conn: &Connection, event: Event) {
+    /// Returns whether it had to wait.
+    async fn push_data_event(
+        &self,
+        peer: EndpointId,
+        path: Path,
+        conn: &Connection,
+        event: Event,
+    ) -> bool {
         let event = match self.events_tx.try_send(event) {
-            Ok(()) => return,
+            Ok(()) => return false,
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 debug!(local = %self.local(), "event dropped: endpoint closed");
-                return;
+                return false;
             }
             Err(mpsc::error::TrySendError::Full(event)) => event,
         };
@@ -532,7 +534,7 @@ impl Inner {
                     if sent.is_err() {
                         debug!(local = %self.local(), "event dropped: endpoint closed");
                     }
-                    return;
+                    return true;
                 }
                 _ = tokio::time::sleep(interval) => {
                     let now_seen = conn.stats().udp_rx.datagrams;
@@ -566,11 +568,10 @@ impl Inner {
             let Some(action) = action else { break };
             match action {
                 DetectorAction::SendKeepAlive { peer, path } => {
-                    let link = lock(&self.peers)
-                        .get(&peer)
-                        .and_then(|e| e.links.get(&path).cloned());
+                    let peers = lock(&self.peers);
+                    let link = peers.get(&peer).and_then(|e| e.links.get(&path));
                     if let Some(link) = link
-                        && let Err(e) = self.enqueue(peer, &link, path, &Frame::KeepAlive)
+                        && let Err(e) = self.enqueue(peer, link, path, Frame::KeepAlive)
                     {
                         debug!(%peer, %path, "keep-alive not queued: {e}");
                     }
@@ -767,6 +768,9 @@ impl Inner {
         // through it, so delayed and undelayed frames keep their order.
         let mut delayed: Option<mpsc::Sender<(tokio::time::Instant, Frame)>> = None;
         loop {
+            // Frames of one chunk arrived together: the detector hears them once, before the
+            // first event may wait for room, and again after any such wait.
+            let mut heard = false;
             while let Some(frame) = decoder.next_frame()? {
                 if self.faults.drops(peer, path) {
                     debug!(%peer, %path, "fault: frame dropped on receive");
@@ -774,7 +778,13 @@ impl Inner {
                 }
                 let delay = self.faults.delay(peer);
                 if delay.is_none() && delayed.is_none() {
-                    self.on_frame(peer, path, conn, frame).await?;
+                    if !heard {
+                        self.heard(peer, path);
+                        heard = true;
+                    }
+                    if self.on_frame(peer, path, conn, frame).await? {
+                        heard = false;
+                    }
                     continue;
                 }
                 let release = tokio::time::Instant::now() + delay.unwrap_or_default();
@@ -808,6 +818,7 @@ impl Inner {
             async move {
                 while let Some((release, frame)) = rx.recv().await {
                     tokio::time::sleep_until(release).await;
+                    this.heard(peer, path);
                     if let Err(e) = this.on_frame(peer, path, &conn, frame).await {
                         this.close_for(&conn, Some(peer), path, &e);
                         return;
@@ -819,15 +830,15 @@ impl Inner {
         tx
     }
 
+    /// Handles one frame the detector has already heard (liveness comes before anything that
+    /// may wait on the application). Returns whether it waited for room in the event queue.
     async fn on_frame(
         &self,
         from: EndpointId,
         path: Path,
         conn: &Connection,
         frame: Frame,
-    ) -> Result<(), LinkError> {
-        // Liveness first, before anything that may wait on the application.
-        self.heard(from, path);
+    ) -> Result<bool, LinkError> {
         let event = match frame {
             Frame::KeepAlive => None,
             Frame::Hello(_) => {
@@ -878,10 +889,10 @@ impl Inner {
                 payload,
             }),
         };
-        if let Some(event) = event {
-            self.push_data_event(from, path, conn, event).await;
-        }
-        Ok(())
+        Ok(match event {
+            Some(event) => self.push_data_event(from, path, conn, event).await,
+            None => false,
+        })
     }
 
     async fn accept_loop(self: Arc<Self>, path: Path, endpoint: quinn::Endpoint) {
@@ -1037,27 +1048,33 @@ impl Inner {
         }
     }
 }
-fn frame_payload(frame: &Frame) -> Bytes {
-    match frame {
-        Frame::Hello(_) | Frame::KeepAlive => Bytes::new(),
-        Frame::Message { payload }
-        | Frame::Request { payload, .. }
-        | Frame::Response { payload, .. }
-        | Frame::Stream { payload, .. } => payload.clone(),
-    }
-}
-
-/// Writes whatever is queued in one batch: one wake-up per batch, not per frame.
-async fn write_loop(mut send: SendStream, mut rx: mpsc::Receiver<Outgoing>) {
+/// Writes whatever is queued in one batch: one wake-up per batch, not per frame. Headers and
+/// small payloads are encoded back to back into one buffer (one allocation per batch).
+async fn write_loop(mut send: SendStream, mut rx: mpsc::Receiver<Frame>) {
     const BATCH_FRAMES_MAX: usize = 64;
     let mut batch = Vec::with_capacity(BATCH_FRAMES_MAX);
     let mut chunks: Vec<Bytes> = Vec::with_capacity(BATCH_FRAMES_MAX * 2);
     while rx.recv_many(&mut batch, BATCH_FRAMES_MAX).await > 0 {
-        for out in batch.drain(..) {
-            chunks.push(out.header);
-            if !out.payload.is_empty() {
-                chunks.push(out.payload);
+        let size: usize = batch
+            .iter()
+            .map(|f| match f.payload().len() {
+                n if n <= COPY_PAYLOAD_MAX_BYTES => f.encoded_len(),
+                _ => FRAME_OVERHEAD_BYTES + wire::LENGTH_PREFIX_BYTES,
+            })
+            .sum();
+        let mut buf = BytesMut::with_capacity(size);
+        for frame in batch.drain(..) {
+            let payload = frame.payload();
+            if payload.len() <= COPY_PAYLOAD_MAX_BYTES {
+                frame.encode(&mut buf);
+                continue;
             }
+            frame.encode_header(&mut buf);
+            chunks.push(buf.split().freeze());
+            chunks.push(frame.into_payload());
+        }
+        if !buf.is_empty() {
+            chunks.push(buf.freeze());
         }
         if let Err(e) = send.write_all_chunks(&mut chunks).await {
             debug!("writer stopped: {e}");
@@ -1193,6 +1210,10 @@ impl QuicTransport {
     /// Waits for the next event; `None` once the endpoint is closed (events still queued then
     /// are discarded). Peer events and request failures come before queued data events.
     pub async fn next_event(&self) -> Option<Event> {
+        // An event already queued is taken without registering any wake-up.
+        if let Some(event) = Transport::try_next_event(self) {
+            return Some(event);
+        }
         let mut closed = self.inner.closed_tx.subscribe();
         let mut rx = tokio::select! {
             rx = self.inner.events_rx.lock() => rx,

@@ -159,6 +159,17 @@ impl Frame {
         }
     }
 
+    /// The payload as shared bytes (no copy), empty for control frames.
+    pub fn into_payload(self) -> Bytes {
+        match self {
+            Frame::Hello(_) | Frame::KeepAlive => Bytes::new(),
+            Frame::Message { payload }
+            | Frame::Request { payload, .. }
+            | Frame::Response { payload, .. }
+            | Frame::Stream { payload, .. } => payload,
+        }
+    }
+
     /// Bytes of the body's fixed part: the kind byte and the kind's header.
     fn header_bytes(&self) -> usize {
         1 + match self {
