@@ -156,7 +156,14 @@ impl<S: Store> AuditTrail<S> {
             config.audit_segment_bytes,
             true,
         )?;
-        Self::open(store, lsg_id, 1, config, Some(fence))
+        Self::open(
+            store,
+            lsg_id,
+            1,
+            config,
+            config.torn_window_bytes(),
+            Some(fence),
+        )
     }
 
     /// Opens the trail and finds the end of its valid log.
@@ -174,6 +181,7 @@ impl<S: Store> AuditTrail<S> {
         lsg_id: LsgId,
         first_segment: u64,
         config: LsgConfig,
+        recovery_window: u64,
         fence: Option<Arc<Fence<S::File>>>,
     ) -> Result<Self> {
         let writable = fence.is_some();
@@ -185,11 +193,6 @@ impl<S: Store> AuditTrail<S> {
             .filter(|&n| n < first_segment)
             .collect();
         numbers.retain(|&n| n >= first_segment);
-        if writable {
-            for n in leftovers {
-                store.remove(&segment::segment_name(AUDIT_DIR, n))?;
-            }
-        }
         let missing = numbers
             .iter()
             .enumerate()
@@ -202,10 +205,15 @@ impl<S: Store> AuditTrail<S> {
                 what: "audit trail segment",
             });
         }
+        if writable {
+            for n in leftovers {
+                store.remove(&segment::segment_name(AUDIT_DIR, n))?;
+            }
+        }
         let mut files = BTreeMap::new();
         let mut first_lsns = BTreeMap::new();
         let max_payload = config.max_record_bytes;
-        let window = config.torn_window_bytes();
+        let window = recovery_window;
         for &n in &numbers {
             let file = segment::open(&*store, AUDIT_DIR, SegmentKind::AuditTrail, lsg_id, n)?;
             let end = file.len_bytes();
@@ -379,16 +387,25 @@ impl<S: Store> AuditTrail<S> {
             );
         }
         if st.tail.offset + len as u64 > st.tail_capacity {
-            let next = st.tail.segment + 1;
+            // A segment made earlier (a spare preallocated under another configuration) keeps
+            // the size it was made with; one too small for this record is left empty. New
+            // segments take the configured size, which holds any record (`LsgConfig::validate`).
+            let mut next = st.tail.segment + 1;
+            loop {
+                let capacity = st
+                    .files
+                    .get(&next)
+                    .map_or(shared.config.audit_segment_bytes, |f| f.len_bytes());
+                if SEGMENT_HEADER_BYTES + len as u64 <= capacity || !st.files.contains_key(&next) {
+                    st.tail_capacity = capacity;
+                    break;
+                }
+                next += 1;
+            }
             st.tail = Position {
                 segment: next,
                 offset: SEGMENT_HEADER_BYTES,
             };
-            // A segment made earlier (the preallocated spare) keeps the size it was made with.
-            st.tail_capacity = st
-                .files
-                .get(&next)
-                .map_or(shared.config.audit_segment_bytes, |f| f.len_bytes());
         }
         let lsn = st.next_lsn;
         st.next_lsn = Lsn(lsn.0 + 1);
@@ -527,10 +544,10 @@ impl<S: Store> AuditTrail<S> {
                     match record::decode(&bytes[at..], max_payload) {
                         Decoded::Record(v) => {
                             if let Some(prev) = last
-                                && v.lsn.0 != prev.0 + 1
+                                && prev.0.checked_add(1) != Some(v.lsn.0)
                             {
                                 let what = Corruption::LsnOutOfSequence {
-                                    expected: Lsn(prev.0 + 1),
+                                    expected: Lsn(prev.0.saturating_add(1)),
                                     found: v.lsn,
                                 };
                                 return Err((start + at as u64, what));
@@ -786,7 +803,7 @@ impl<S: Store> Shared<S> {
         if let Some(f) = lock(&self.state).files.get(&number) {
             return Ok(Arc::clone(f));
         }
-        let file = Arc::new(segment::create(
+        let created = segment::create(
             &*self.store,
             AUDIT_DIR,
             SegmentKind::AuditTrail,
@@ -794,7 +811,19 @@ impl<S: Store> Shared<S> {
             number,
             self.config.audit_segment_bytes,
             true,
-        )?);
+        );
+        let file = Arc::new(match created {
+            // Made by an earlier owner after we listed the directory: complete (segments are
+            // created under a temporary name and renamed), so use it.
+            Err(LsgError::AlreadyExists { .. }) => segment::open(
+                &*self.store,
+                AUDIT_DIR,
+                SegmentKind::AuditTrail,
+                self.lsg_id,
+                number,
+            )?,
+            other => other?,
+        });
         debug!(number, "audit trail: segment created");
         lock(&self.state).files.insert(number, Arc::clone(&file));
         Ok(file)
@@ -906,7 +935,7 @@ impl<S: Store> AuditReader<S> {
                     },
                 });
             }
-            self.expected = Some(Lsn(rec.lsn.0 + 1));
+            self.expected = Some(Lsn(rec.lsn.0.saturating_add(1)));
             self.pos.offset += record::encoded_len(rec.payload.len()) as u64;
             return Ok(Some(rec));
         }
@@ -992,10 +1021,10 @@ fn scan_tail<F: StoreFile>(file: &F, max_payload: usize) -> Result<TailScan> {
             match record::decode(&bytes[at..], max_payload) {
                 Decoded::Record(v) => {
                     if let Some(prev) = last
-                        && v.lsn.0 != prev.0 + 1
+                        && prev.0.checked_add(1) != Some(v.lsn.0)
                     {
                         bad = Some(Corruption::LsnOutOfSequence {
-                            expected: Lsn(prev.0 + 1),
+                            expected: Lsn(prev.0.saturating_add(1)),
                             found: v.lsn,
                         });
                         break;

@@ -9,13 +9,13 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::audit::AuditTrail;
 use crate::error::{Corruption, LsgError, Result};
 use crate::manifest::{self, Fence, Limits, MANIFEST_NAME, Manifest};
 use crate::store::{FileStore, Store};
-use crate::volume::{DataVolume, VOLUMES_DIR, VolumeOwner};
+use crate::volume::{self, DataVolume, VOLUMES_DIR, VolumeOwner};
 use crate::{LsgConfig, LsgId, OwnerEpoch};
 
 const LOCK_NAME: &str = "LOCK";
@@ -40,10 +40,8 @@ pub struct LogStorageGroup<S: Store = FileStore> {
     mode: OpenMode,
     audit: AuditTrail<S>,
     volumes: BTreeMap<String, Arc<DataVolume<S>>>,
-    /// This owner's claim; `None` when open read-only.
+    /// This owner's claim, holding the ownership lock; `None` when open read-only.
     fence: Option<Arc<Fence<S::File>>>,
-    // Dropped last: ownership outlives every handle that writes.
-    _lock: Option<S::Lock>,
 }
 
 impl LogStorageGroup<FileStore> {
@@ -81,7 +79,7 @@ impl<S: Store> LogStorageGroup<S> {
                 epoch: 0,
             })?;
         let (manifest_file, manifest) = manifest::create(&*store, lsg_id, &config)?;
-        let fence = Arc::new(Fence::new(manifest_file, manifest.owner_epoch));
+        let fence = Arc::new(Fence::new(manifest_file, manifest.owner_epoch, lock));
         let audit = AuditTrail::create(Arc::clone(&store), lsg_id, config, Arc::clone(&fence))?;
         store.create_dir(VOLUMES_DIR)?;
         info!(lsg = %lsg_id, path = %store.root().display(), "LSG created");
@@ -93,7 +91,6 @@ impl<S: Store> LogStorageGroup<S> {
             audit,
             volumes: BTreeMap::new(),
             fence: Some(fence),
-            _lock: Some(lock),
         })
     }
 
@@ -124,9 +121,13 @@ impl<S: Store> LogStorageGroup<S> {
         };
         let manifest_file = store.open(MANIFEST_NAME)?;
         let mut manifest = manifest::read(&manifest_file)?;
-        // Recovery must judge the files by the limits they were written with.
-        let config = manifest.limits.applied_to(config)?;
-        let fence = if lock.is_some() {
+        // Appends may use the larger of the stored limits and ours; recovery must judge the files
+        // by the limits they were written with (a larger torn window would take corruption for
+        // a torn tail), so the manifest is raised only after recovery.
+        let stored = manifest.limits;
+        let config = stored.applied_to(config)?;
+        let recovery_window = stored.torn_window_bytes();
+        let fence = if let Some(lock) = lock {
             let bump = |v: u64, what| {
                 v.checked_add(1).ok_or_else(|| LsgError::Corrupt {
                     path: store.root().join(MANIFEST_NAME),
@@ -140,11 +141,14 @@ impl<S: Store> LogStorageGroup<S> {
                     "owner epoch at its maximum",
                 )?),
                 boot_sequence: bump(manifest.boot_sequence, "boot sequence at its maximum")?,
-                limits: manifest.limits.max(Limits::of(&config)),
                 ..manifest
             };
             manifest = manifest::write(&manifest_file, &manifest, next)?;
-            Some(Arc::new(Fence::new(manifest_file, manifest.owner_epoch)))
+            Some(Arc::new(Fence::new(
+                manifest_file,
+                manifest.owner_epoch,
+                lock,
+            )))
         } else {
             None
         };
@@ -153,10 +157,15 @@ impl<S: Store> LogStorageGroup<S> {
             manifest.lsg_id,
             manifest.first_segment,
             config,
+            recovery_window,
             fence.clone(),
         )?;
         let mut volumes = BTreeMap::new();
         for name in store.list(VOLUMES_DIR)? {
+            if !volume::is_complete(&*store, &name)? {
+                warn!(volume = %name, "data volume creation did not finish before a crash; ignored");
+                continue;
+            }
             let owner = fence.as_ref().map(|fence| VolumeOwner {
                 fence: Arc::clone(fence),
                 audit: audit.handle(),
@@ -170,6 +179,15 @@ impl<S: Store> LogStorageGroup<S> {
                 audit.next_lsn(),
             )?;
             volumes.insert(name, Arc::new(v));
+        }
+        if let Some(fence) = &fence {
+            let raised = stored.max(Limits::of(&config));
+            if raised != stored {
+                manifest = fence.update(|m| Manifest {
+                    limits: raised,
+                    ..m
+                })?;
+            }
         }
         info!(
             lsg = %manifest.lsg_id,
@@ -187,7 +205,6 @@ impl<S: Store> LogStorageGroup<S> {
             audit,
             volumes,
             fence,
-            _lock: lock,
         })
     }
 

@@ -8,6 +8,7 @@
 //! good records for corruption or corruption for a torn tail. Stored limits only ever grow.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{LsgError, Result};
 use crate::slots;
@@ -60,6 +61,12 @@ impl Limits {
             max_key_bytes: self.max_key_bytes.max(other.max_key_bytes),
             max_value_bytes: self.max_value_bytes.max(other.max_value_bytes),
         }
+    }
+
+    /// How far one flush of files written under these limits can reach.
+    pub(crate) fn torn_window_bytes(&self) -> u64 {
+        self.max_batch_bytes
+            .max(crate::record::encoded_len(self.max_record_bytes as usize) as u64)
     }
 
     /// `config` with its limits raised to these: what the files may hold.
@@ -151,24 +158,42 @@ pub(crate) fn write<F: StoreFile>(
     Ok(Manifest { sequence, ..next })
 }
 
-/// An owner's claim on its LSG: the epoch it opened with and the manifest to check it against.
-/// Every write that could clash with a newer owner (each audit flush, each volume flush and
-/// segment, each manifest update) checks the manifest on disk first and stops for good with
-/// [`LsgError::Fenced`] once the epoch there is higher than its own.
+/// An owner's claim on its LSG: the ownership lock, the epoch it opened with and the manifest to
+/// check it against. The audit trail and every volume share it, so the lock is held while any
+/// handle that writes lives. Every write that could clash with a newer owner (each audit flush,
+/// each volume flush and segment, each manifest update) checks the manifest on disk first and
+/// stops for good with [`LsgError::Fenced`] once the epoch there is higher than its own; single
+/// volume writes check the sticky flag that leaves behind.
 #[derive(Debug)]
 pub(crate) struct Fence<F> {
     file: F,
     epoch: OwnerEpoch,
     /// Serialises this owner's own manifest updates.
     updating: Mutex<()>,
+    fenced: AtomicBool,
+    _lock: Box<dyn std::fmt::Debug + Send + Sync>,
 }
 
 impl<F: StoreFile> Fence<F> {
-    pub(crate) fn new(file: F, epoch: OwnerEpoch) -> Self {
+    pub(crate) fn new(
+        file: F,
+        epoch: OwnerEpoch,
+        lock: impl std::fmt::Debug + Send + Sync + 'static,
+    ) -> Self {
         Fence {
             file,
             epoch,
             updating: Mutex::new(()),
+            fenced: AtomicBool::new(false),
+            _lock: Box::new(lock),
+        }
+    }
+
+    fn fenced_error(&self, found: u64) -> LsgError {
+        LsgError::Fenced {
+            path: self.file.path().to_path_buf(),
+            ours: self.epoch.0,
+            found,
         }
     }
 
@@ -176,13 +201,18 @@ impl<F: StoreFile> Fence<F> {
     pub(crate) fn check(&self) -> Result<Manifest> {
         let found = read(&self.file)?;
         if found.owner_epoch > self.epoch {
-            return Err(LsgError::Fenced {
-                path: self.file.path().to_path_buf(),
-                ours: self.epoch.0,
-                found: found.owner_epoch.0,
-            });
+            self.fenced.store(true, Ordering::Release);
+            return Err(self.fenced_error(found.owner_epoch.0));
         }
         Ok(found)
+    }
+
+    /// Fails if an earlier check found a newer owner: a cheap test for every single write.
+    pub(crate) fn check_not_fenced(&self) -> Result<()> {
+        if self.fenced.load(Ordering::Acquire) {
+            return Err(self.fenced_error(self.epoch.0 + 1));
+        }
+        Ok(())
     }
 
     /// Replaces the manifest on disk by `change(current)`, after checking the fence against it.

@@ -33,6 +33,9 @@ pub enum RecordType {
     VolumePut = 16,
     /// A data volume's deletion marker for a key.
     VolumeDelete = 17,
+    /// Closes a data volume segment: its records are complete, the next ones are in the next
+    /// segment. Lets recovery tell a segment that ended from one that lost its end.
+    SegmentEnd = 18,
 }
 
 impl TryFrom<u8> for RecordType {
@@ -46,6 +49,7 @@ impl TryFrom<u8> for RecordType {
             5 => RecordType::Checkpoint,
             16 => RecordType::VolumePut,
             17 => RecordType::VolumeDelete,
+            18 => RecordType::SegmentEnd,
             other => return Err(Corruption::UnknownRecordType(other)),
         })
     }
@@ -195,6 +199,7 @@ mod tests {
             RecordType::Checkpoint,
             RecordType::VolumePut,
             RecordType::VolumeDelete,
+            RecordType::SegmentEnd,
         ])
     }
 

@@ -37,6 +37,8 @@ pub(crate) const VOLUMES_DIR: &str = "volumes";
 const CHECKPOINT_NAME: &str = "CHECKPOINT";
 const CHECKPOINT_MAGIC: [u8; 8] = *b"DPLXVCP1";
 const KEY_LEN_BYTES: usize = 2;
+/// Bytes of the end marker that closes a segment (a record with an empty payload).
+const SEGMENT_END_BYTES: usize = record::RECORD_HEADER_BYTES;
 
 /// A key's newest value and the LSN of the change that wrote it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,6 +96,10 @@ struct Inner<F> {
     files: BTreeMap<u64, Arc<F>>,
     tail_segment: u64,
     tail_offset: u64,
+    /// The tail segment ends in its end marker: the next record goes to a new segment.
+    tail_closed: bool,
+    /// A sync failed: what was written may not be on disk, so nothing more is accepted.
+    failure: Option<String>,
     /// The highest LSN written since the last flush (the trail must be durable up to it first).
     newest_lsn: Lsn,
     dirty: BTreeSet<u64>,
@@ -129,6 +135,11 @@ pub struct DataVolume<S: Store> {
     /// `None` when the LSG is open read-only.
     owner: Option<VolumeOwner<S>>,
     inner: RwLock<Inner<S::File>>,
+}
+
+/// Whether volume `name` was fully created (its checkpoint file exists).
+pub(crate) fn is_complete<S: Store>(store: &S, name: &str) -> Result<bool> {
+    store.exists(&format!("{VOLUMES_DIR}/{name}/{CHECKPOINT_NAME}"))
 }
 
 /// Volume names become directory names: keep them plain.
@@ -169,6 +180,10 @@ impl<S: Store> DataVolume<S> {
             });
         }
         store.create_dir(&dir)?;
+        // Leftovers of a creation that crashed before its checkpoint file existed.
+        for n in segment::list(&*store, &dir)? {
+            store.remove(&segment::segment_name(&dir, n))?;
+        }
         segment::create(
             &*store,
             &dir,
@@ -214,11 +229,6 @@ impl<S: Store> DataVolume<S> {
             .filter(|&n| n < first_segment)
             .collect();
         numbers.retain(|&n| n >= first_segment);
-        if writable {
-            for n in leftovers {
-                store.remove(&segment::segment_name(&dir, n))?;
-            }
-        }
         // From the first segment on, segments are numbered without a gap.
         let gap = (first_segment..)
             .zip(numbers.iter().copied().chain(std::iter::once(u64::MAX)))
@@ -231,6 +241,11 @@ impl<S: Store> DataVolume<S> {
                 path: store.root().join(segment::segment_name(&dir, want)),
                 what: "data volume segment",
             });
+        }
+        if writable {
+            for n in leftovers {
+                store.remove(&segment::segment_name(&dir, n))?;
+            }
         }
         let max_payload = config.max_volume_payload_bytes();
         let mut index = BTreeMap::new();
@@ -256,9 +271,14 @@ impl<S: Store> DataVolume<S> {
             let scanned = file.with_bytes(start, len, |bytes| {
                 let mut at = 0usize;
                 let mut problem = None;
+                let mut closed = false;
                 while at < bytes.len() {
                     let offset = start + at as u64;
                     match record::decode(&bytes[at..], max_payload) {
+                        Decoded::Record(v) if v.record_type == RecordType::SegmentEnd => {
+                            closed = true;
+                            break;
+                        }
                         Decoded::Record(v) if v.lsn >= audit_next_lsn => {
                             problem = Some(Corruption::LsnOutOfSequence {
                                 expected: Lsn(audit_next_lsn.0.saturating_sub(1)),
@@ -278,64 +298,66 @@ impl<S: Store> DataVolume<S> {
                         }
                     }
                 }
-                let written_after = segment::written_len(&bytes[at..]) > 0;
+                let marker = if closed { SEGMENT_END_BYTES } else { 0 };
+                let written_after = segment::written_len(&bytes[at + marker..]) > 0;
                 if problem.is_none() && written_after {
-                    problem = Some(Corruption::Malformed(
-                        "zeros where a record header should be, with data after them",
-                    ));
+                    problem = Some(Corruption::Malformed(if closed {
+                        "data after the segment's end marker"
+                    } else {
+                        "zeros where a record header should be, with data after them"
+                    }));
                 }
-                Ok((start + at as u64, problem))
+                Ok((start + at as u64, problem, closed))
             })?;
-            let (end, problem) = scanned.map_err(|(offset, what)| LsgError::Corrupt {
+            let (end, problem, closed) = scanned.map_err(|(offset, what)| LsgError::Corrupt {
                 path: file.path().to_path_buf(),
                 offset,
                 what,
             })?;
-            let before_synced = (n, end) < synced;
+            let corrupt = |what| LsgError::Corrupt {
+                path: file.path().to_path_buf(),
+                offset: end,
+                what,
+            };
+            if n < synced.0 {
+                // Every record of a segment before the checkpoint's is durable, and the segment
+                // was closed with its end marker before the checkpoint was written.
+                match problem {
+                    Some(what) => return Err(corrupt(what)),
+                    None if !closed => {
+                        return Err(corrupt(Corruption::Malformed(
+                            "volume segment before the checkpoint ends without its end marker",
+                        )));
+                    }
+                    None => continue,
+                }
+            }
+            if n == synced.0 && end < synced.1 {
+                return Err(corrupt(problem.unwrap_or(Corruption::Truncated {
+                    needed: synced.1 - SEGMENT_HEADER_BYTES,
+                    available: end - SEGMENT_HEADER_BYTES,
+                })));
+            }
+            // At or past the checkpoint position: the first thing amiss ends the volume.
             match problem {
-                Some(what) if before_synced => {
-                    return Err(LsgError::Corrupt {
-                        path: file.path().to_path_buf(),
-                        offset: end,
-                        what,
-                    });
-                }
-                None if before_synced && n == synced.0 => {
-                    return Err(LsgError::Corrupt {
-                        path: file.path().to_path_buf(),
-                        offset: end,
-                        what: Corruption::Truncated {
-                            needed: synced.1 - SEGMENT_HEADER_BYTES,
-                            available: end - SEGMENT_HEADER_BYTES,
-                        },
-                    });
-                }
                 Some(what) => {
                     warn!(path = %file.path().display(), offset = end, %what,
                         "data volume: end after its checkpoint cut off; redo restores it");
-                    tail = Some((n, end));
+                    tail = Some((n, end, false));
                 }
-                None if n == last_number => {
-                    if before_synced {
-                        return Err(LsgError::Corrupt {
-                            path: file.path().to_path_buf(),
-                            offset: end,
-                            what: Corruption::Malformed("volume ends before its checkpoint"),
-                        });
-                    }
-                    tail = Some((n, end));
-                }
-                None => {}
+                None if closed && n != last_number => {}
+                None => tail = Some((n, end, closed)),
             }
         }
-        let (tail_segment, tail_offset) = tail.unwrap_or((last_number, SEGMENT_HEADER_BYTES));
+        let (tail_segment, tail_offset, tail_closed) =
+            tail.unwrap_or((last_number, SEGMENT_HEADER_BYTES, false));
         if writable {
             // Nothing after the end may ever be taken for a record: zero it, drop later files.
             let file = &files[&tail_segment];
             let written_end = file.with_bytes(0, file.len_bytes() as usize, |b| {
                 segment::written_len(b) as u64
             })?;
-            if written_end > tail_offset {
+            if !tail_closed && written_end > tail_offset {
                 let zeros = vec![0u8; (written_end - tail_offset) as usize];
                 file.write_at(tail_offset, &zeros)?;
                 file.sync()?;
@@ -367,6 +389,8 @@ impl<S: Store> DataVolume<S> {
                 files,
                 tail_segment,
                 tail_offset,
+                tail_closed,
+                failure: None,
                 newest_lsn: Lsn(0),
                 dirty: BTreeSet::new(),
                 checkpoint_file,
@@ -408,7 +432,9 @@ impl<S: Store> DataVolume<S> {
 
     /// A change must come after its audit record: refuse LSNs the trail has not given out.
     fn check_logged(&self, lsn: Lsn) -> Result<()> {
-        let next = self.owner()?.audit.next_lsn();
+        let owner = self.owner()?;
+        owner.fence.check_not_fenced()?;
+        let next = owner.audit.next_lsn();
         if lsn >= next || lsn == Lsn(0) {
             return Err(LsgError::LsnNotAppended { lsn, next });
         }
@@ -439,6 +465,7 @@ impl<S: Store> DataVolume<S> {
 
     fn write_record(&self, key: &[u8], value: Option<&[u8]>, lsn: Lsn) -> Result<bool> {
         let mut inner = self.write();
+        check_not_failed(&inner)?;
         if inner.index.get(key).is_some_and(|e| e.lsn >= lsn) {
             return Ok(false);
         }
@@ -483,7 +510,9 @@ impl<S: Store> DataVolume<S> {
             .files
             .get(&inner.tail_segment)
             .map_or(self.config.volume_segment_bytes, |f| f.len_bytes());
-        if inner.tail_offset + buf.len() as u64 > capacity {
+        if inner.tail_closed
+            || inner.tail_offset + (buf.len() + SEGMENT_END_BYTES) as u64 > capacity
+        {
             self.start_segment(inner)?;
         }
         let (segment, offset) = (inner.tail_segment, inner.tail_offset);
@@ -515,9 +544,35 @@ impl<S: Store> DataVolume<S> {
         })
     }
 
-    /// Creates the next segment and makes it the tail.
+    /// Closes the tail segment with its end marker, creates the next segment and makes it the
+    /// tail.
     fn start_segment(&self, inner: &mut Inner<S::File>) -> Result<()> {
         self.owner()?.fence.check()?;
+        if !inner.tail_closed {
+            let mut marker = Vec::with_capacity(SEGMENT_END_BYTES);
+            record::encode_into(
+                &mut marker,
+                Lsn(0),
+                RecordType::SegmentEnd,
+                RecordFlags::NONE,
+                &[],
+            );
+            let tail = inner.tail_segment;
+            let file = inner
+                .files
+                .get(&tail)
+                .cloned()
+                .ok_or_else(|| LsgError::Missing {
+                    path: self
+                        .store
+                        .root()
+                        .join(segment::segment_name(&self.dir, tail)),
+                    what: "volume tail segment",
+                })?;
+            file.write_at(inner.tail_offset, &marker)?;
+            inner.dirty.insert(tail);
+            inner.tail_closed = true;
+        }
         let next = inner.tail_segment + 1;
         let file = segment::create(
             &*self.store,
@@ -531,6 +586,7 @@ impl<S: Store> DataVolume<S> {
         inner.files.insert(next, Arc::new(file));
         inner.tail_segment = next;
         inner.tail_offset = SEGMENT_HEADER_BYTES;
+        inner.tail_closed = false;
         Ok(())
     }
 
@@ -625,6 +681,7 @@ impl<S: Store> DataVolume<S> {
     pub fn flush(&self, checkpoint_lsn: Lsn) -> Result<()> {
         let owner = self.owner()?;
         let mut inner = self.write();
+        check_not_failed(&inner)?;
         self.make_durable(owner, &mut inner)?;
         let lsn = checkpoint_lsn.max(inner.checkpoint_lsn);
         let first = inner.first_segment;
@@ -638,11 +695,16 @@ impl<S: Store> DataVolume<S> {
             owner.audit.wait_durable(inner.newest_lsn)?;
         }
         owner.fence.check()?;
-        let dirty: Vec<u64> = std::mem::take(&mut inner.dirty).into_iter().collect();
-        for n in &dirty {
-            if let Some(file) = inner.files.get(n) {
-                file.sync()?;
+        let dirty: Vec<u64> = inner.dirty.iter().copied().collect();
+        for n in dirty {
+            if let Some(file) = inner.files.get(&n) {
+                if let Err(e) = file.sync() {
+                    // After a failed sync the page cache cannot be trusted: stop for good.
+                    inner.failure = Some(e.to_string());
+                    return Err(e);
+                }
             }
+            inner.dirty.remove(&n);
         }
         Ok(())
     }
@@ -681,15 +743,18 @@ impl<S: Store> DataVolume<S> {
     pub fn compact(&self) -> Result<Compaction> {
         let owner = self.owner()?;
         let mut inner = self.write();
+        check_not_failed(&inner)?;
         let bytes_before = inner.written_bytes;
         self.make_durable(owner, &mut inner)?;
         self.start_segment(&mut inner)?;
         let new_first = inner.tail_segment;
         let keep_markers_above = inner.checkpoint_lsn;
-        let entries: Vec<(Vec<u8>, Entry)> = std::mem::take(&mut inner.index).into_iter().collect();
-        let mut dropped = 0;
-        inner.written_bytes = 0;
-        inner.live_bytes = 0;
+        // The index in use stays whole until the copies are checkpointed: a compaction that
+        // fails half way leaves the volume as it was, plus copies that read the same.
+        let entries: Vec<(Vec<u8>, Entry)> =
+            inner.index.iter().map(|(k, e)| (k.clone(), *e)).collect();
+        let mut copies = BTreeMap::new();
+        let (mut dropped, mut copied_bytes, mut live_bytes) = (0, 0u64, 0u64);
         for (key, entry) in entries {
             let value = match entry.value {
                 Some(loc) => Some(self.read_value(&inner, loc)?),
@@ -700,12 +765,16 @@ impl<S: Store> DataVolume<S> {
                 None => None,
             };
             let copy = self.append_record(&mut inner, &key, value.as_deref(), entry.lsn)?;
-            inner.live_bytes += copy.record_bytes as u64;
-            inner.index.insert(key, copy);
+            copied_bytes += copy.record_bytes as u64;
+            live_bytes += copy.record_bytes as u64;
+            copies.insert(key, copy);
         }
         self.make_durable(owner, &mut inner)?;
         let lsn = inner.checkpoint_lsn;
         self.write_checkpoint(&mut inner, lsn, new_first)?;
+        inner.index = copies;
+        inner.live_bytes = live_bytes;
+        inner.written_bytes = copied_bytes;
         let old: Vec<u64> = inner.files.range(..new_first).map(|(&n, _)| n).collect();
         for n in &old {
             self.store.remove(&segment::segment_name(&self.dir, *n))?;
@@ -713,10 +782,17 @@ impl<S: Store> DataVolume<S> {
         }
         Ok(Compaction {
             bytes_before,
-            bytes_after: inner.written_bytes,
+            bytes_after: copied_bytes,
             segments_removed: old.len(),
             deletion_markers_dropped: dropped,
         })
+    }
+}
+
+fn check_not_failed<F>(inner: &Inner<F>) -> Result<()> {
+    match &inner.failure {
+        Some(f) => Err(LsgError::Failed(f.clone())),
+        None => Ok(()),
     }
 }
 

@@ -536,3 +536,64 @@ fn an_opener_with_smaller_limits_still_reads_what_was_written() {
     assert_eq!(records.len(), 50);
     assert!(records.iter().all(|(lsn, p)| *p == payload_for(*lsn, 4000)));
 }
+
+#[test]
+fn a_record_too_large_for_an_older_spare_segment_skips_it() {
+    let store = SimStore::new(10);
+    let small = small_config();
+    {
+        let lsg = LogStorageGroup::create_in(store.clone(), LsgId(1), small).expect("create");
+        lsg.audit().preallocate_next().expect("spare");
+        append_range(&lsg, 1..=1, 10);
+        lsg.audit().flush().expect("flush");
+    }
+    let big = LsgConfig {
+        audit_segment_bytes: 1 << 20,
+        max_record_bytes: 200 << 10,
+        max_batch_bytes: 256 << 10,
+        ..small
+    };
+    let lsg = LogStorageGroup::open_in(store.clone(), big, OpenMode::Write).expect("open");
+    append_range(&lsg, 2..=16, 4000);
+    append_range(&lsg, 17..=17, 100 << 10);
+    append_range(&lsg, 18..=18, 10);
+    lsg.audit().flush().expect("flush");
+    drop(lsg);
+    let lsg = LogStorageGroup::open_in(store, big, OpenMode::Write).expect("reopen");
+    let records = read_all(&lsg);
+    assert_eq!(records.len(), 18);
+}
+
+#[test]
+fn an_opener_with_a_larger_window_still_reports_corruption() {
+    for larger in [false, true] {
+        let store = SimStore::new(11);
+        let small = small_config();
+        {
+            let lsg = LogStorageGroup::create_in(store.clone(), LsgId(1), small).expect("create");
+            for _ in 0..40 {
+                lsg.audit()
+                    .append_durable(RecordType::Update, RecordFlags::NONE, &[3u8; 1000])
+                    .expect("append");
+            }
+        }
+        // Inside record 10: about 30 KiB of acknowledged records follow, several windows' worth.
+        store
+            .flip_bit("audit/0000000000000001.seg", 4096 + 9 * 1024 + 100, 0)
+            .expect("flip");
+        let config = if larger {
+            LsgConfig {
+                max_batch_bytes: 48 << 10,
+                ..small
+            }
+        } else {
+            small
+        };
+        let opened = LogStorageGroup::open_in(store, config, OpenMode::Write);
+        assert!(
+            matches!(opened, Err(LsgError::Corrupt { .. })),
+            "larger window {larger}: {:?}",
+            opened.map(|l| l.audit().next_lsn())
+        );
+    }
+}

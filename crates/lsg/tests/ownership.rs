@@ -169,3 +169,37 @@ fn a_fenced_owner_cannot_roll_the_epoch_back_by_truncating() {
     assert_eq!(now.owner_epoch().0, taken);
     assert_eq!(now.audit().first_lsn(), Lsn(1));
 }
+
+#[test]
+fn ownership_lasts_while_any_writing_handle_lives() {
+    let store = duplex_lsg::SimStore::new(8);
+    let mut a = LogStorageGroup::create_in(store.clone(), LsgId(1), small()).expect("create");
+    let volume = a.create_volume("v").expect("volume");
+    drop(a);
+    // The LSG handle is gone but its volume still writes: nobody else may own the LSG.
+    let e = LogStorageGroup::open_in(store.clone(), small(), OpenMode::Write).expect_err("owned");
+    assert!(matches!(e, LsgError::OwnedBy { .. }), "{e}");
+    drop(volume);
+    LogStorageGroup::open_in(store, small(), OpenMode::Write)
+        .expect("free once every handle is gone");
+}
+
+#[test]
+fn a_fenced_owner_refuses_volume_writes_too() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut old = LogStorageGroup::create(dir.path(), LsgId(5), small()).expect("create");
+    let v = old.create_volume("v").expect("volume");
+    let lsn = old
+        .audit()
+        .append_durable(RecordType::Update, RecordFlags::NONE, b"change")
+        .expect("append");
+    v.put(b"k", b"before", lsn).expect("put");
+    bump_epoch(dir.path());
+    assert!(matches!(v.flush(lsn), Err(LsgError::Fenced { .. })));
+    let lsn = old
+        .audit()
+        .append(RecordType::Update, RecordFlags::NONE, b"change")
+        .expect("append to memory");
+    let e = v.put(b"k2", b"after", lsn).expect_err("fenced");
+    assert!(matches!(e, LsgError::Fenced { .. }), "{e}");
+}

@@ -5,7 +5,7 @@ use std::ops::Bound;
 
 use duplex_lsg::{
     LogStorageGroup, LsgConfig, LsgError, LsgId, Lsn, OpenMode, RecordFlags, RecordType, SimStore,
-    Store, VolumeRecord,
+    Store, StoreFile, VolumeRecord,
 };
 
 fn config() -> LsgConfig {
@@ -389,4 +389,110 @@ fn a_crash_at_any_write_of_a_compaction_loses_nothing() {
         points > 20,
         "only {points} crash points fell inside the compaction"
     );
+}
+
+/// Bytes the store holds now: to leave room for exactly one more volume segment.
+fn used_bytes(store: &SimStore) -> u64 {
+    let mut names: Vec<String> = vec!["MANIFEST".into(), "volumes/v/CHECKPOINT".into()];
+    for dir in ["volumes/v", "audit"] {
+        for n in store.list(dir).expect("list") {
+            if n.ends_with(".seg") {
+                names.push(format!("{dir}/{n}"));
+            }
+        }
+    }
+    names
+        .iter()
+        .map(|n| store.open(n).expect("open").len_bytes())
+        .sum()
+}
+
+#[test]
+fn a_compaction_that_fails_half_way_changes_nothing() {
+    let store = SimStore::new(7);
+    let mut lsg = LogStorageGroup::create_in(store.clone(), LsgId(1), config()).expect("create");
+    let v = lsg.create_volume("v").expect("volume");
+    log_changes(&lsg, 200);
+    for i in 0..200u32 {
+        v.put(&key(i), &[i as u8; 500], Lsn(i as u64 + 1))
+            .expect("put");
+    }
+    v.flush(Lsn(200)).expect("flush");
+    store.set_capacity_bytes(Some(used_bytes(&store) + (32 << 10)));
+    let e = v.compact().expect_err("the disk fills up");
+    assert!(matches!(e, LsgError::DiskFull { .. }), "{e}");
+    for i in 0..200u32 {
+        let r = v.get(&key(i)).expect("get");
+        assert_eq!(r.map(|r| r.value), Some(vec![i as u8; 500]), "key {i}");
+    }
+    store.set_capacity_bytes(None);
+    v.compact().expect("compact once space returns");
+    drop(v);
+    drop(lsg);
+    store.crash();
+    let lsg = LogStorageGroup::open_in(store, config(), OpenMode::Write).expect("reopen");
+    let v = lsg.volume("v").expect("volume");
+    for i in 0..200u32 {
+        assert!(v.get(&key(i)).expect("get").is_some(), "key {i} lost");
+    }
+}
+
+#[test]
+fn a_lost_end_of_a_segment_before_the_checkpoint_is_reported() {
+    let store = SimStore::new(9);
+    {
+        let mut lsg =
+            LogStorageGroup::create_in(store.clone(), LsgId(1), config()).expect("create");
+        let v = lsg.create_volume("v").expect("volume");
+        log_changes(&lsg, 100);
+        for i in 0..100u32 {
+            v.put(&key(i), &[1u8; 500], Lsn(i as u64 + 1)).expect("put");
+        }
+        v.flush(Lsn(100)).expect("flush");
+    }
+    // Zero segment 1 from its last record on (end marker included): a lost write.
+    let name = "volumes/v/0000000000000001.seg";
+    let f = store.open(name).expect("open");
+    let mut bytes = vec![0u8; f.len_bytes() as usize];
+    f.read_at(0, &mut bytes).expect("read");
+    let end = bytes.iter().rposition(|&b| b != 0).expect("data") + 1;
+    let record = duplex_lsg::record::encoded_len(2 + 10 + 500);
+    let start = end.next_multiple_of(8) - 24 - record;
+    for (offset, byte) in bytes.iter().enumerate().take(end).skip(start) {
+        for bit in 0..8 {
+            if byte & (1 << bit) != 0 {
+                store.flip_bit(name, offset as u64, bit).expect("flip");
+            }
+        }
+    }
+    match LogStorageGroup::open_in(store, config(), OpenMode::ReadOnly) {
+        Err(LsgError::Corrupt { path, offset, .. }) => {
+            assert!(path.ends_with(name), "{}", path.display());
+            assert_eq!(offset as usize, start);
+        }
+        other => panic!("expected corruption, got {other:?}"),
+    }
+}
+
+#[test]
+fn an_unfinished_volume_creation_is_ignored_and_can_be_redone() {
+    let store = SimStore::new(13);
+    drop(LogStorageGroup::create_in(store.clone(), LsgId(1), config()).expect("create"));
+    // A crash after the volume's first segment but before its checkpoint file.
+    store.create_dir("volumes/half").expect("dir");
+    store
+        .create(
+            "volumes/half/0000000000000001.seg",
+            &[7u8; 64],
+            32 << 10,
+            false,
+        )
+        .expect("segment");
+    let mut lsg = LogStorageGroup::open_in(store, config(), OpenMode::Write).expect("open");
+    assert!(matches!(
+        lsg.volume("half"),
+        Err(LsgError::UnknownVolume { .. })
+    ));
+    let v = lsg.create_volume("half").expect("create again");
+    assert!(v.is_empty());
 }
