@@ -697,12 +697,12 @@ impl<S: Store> DataVolume<S> {
         owner.fence.check()?;
         let dirty: Vec<u64> = inner.dirty.iter().copied().collect();
         for n in dirty {
-            if let Some(file) = inner.files.get(&n) {
-                if let Err(e) = file.sync() {
-                    // After a failed sync the page cache cannot be trusted: stop for good.
-                    inner.failure = Some(e.to_string());
-                    return Err(e);
-                }
+            if let Some(file) = inner.files.get(&n)
+                && let Err(e) = file.sync()
+            {
+                // After a failed sync the page cache cannot be trusted: stop for good.
+                inner.failure = Some(e.to_string());
+                return Err(e);
             }
             inner.dirty.remove(&n);
         }
