@@ -50,6 +50,25 @@ fn append_range<S: Store>(
     }
 }
 
+/// A trail on real files holding `records` durable records of [`payload_for`] payloads.
+fn written_trail(config: LsgConfig, records: u64, max: usize) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lsg = LogStorageGroup::create(dir.path(), LsgId(1), config).expect("create");
+    append_range(&lsg, 1..=records, max);
+    lsg.audit().flush().expect("flush");
+    dir
+}
+
+/// Offset of record `index` (from 0) in the bytes of the first segment.
+fn record_offset(segment: &[u8], index: usize) -> usize {
+    let mut at = 4096usize;
+    for _ in 0..index {
+        let len = u32::from_le_bytes(segment[at + 4..at + 8].try_into().expect("4")) as usize;
+        at += (24 + len).next_multiple_of(8);
+    }
+    at
+}
+
 fn read_all<S: Store>(lsg: &LogStorageGroup<S>) -> Vec<(u64, Vec<u8>)> {
     lsg.audit()
         .reader(Lsn(1))
@@ -192,24 +211,12 @@ fn a_torn_tail_is_cut_at_the_last_whole_record() {
 
 #[test]
 fn a_flipped_bit_inside_durable_data_is_reported_with_its_offset() {
-    let dir = tempfile::tempdir().expect("tempdir");
     let config = small_config();
-    {
-        let lsg = LogStorageGroup::create(dir.path(), LsgId(1), config).expect("create");
-        append_range(&lsg, 1..=100, 300);
-        lsg.audit().flush().expect("flush");
-    }
+    let dir = written_trail(config, 100, 300);
     // Flip a bit in the payload of the third record: far more than one batch follows it.
     let segment = dir.path().join("audit/0000000000000001.seg");
     let mut bytes = std::fs::read(&segment).expect("read");
-    let third = {
-        let mut at = 4096usize;
-        for _ in 0..2 {
-            let len = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().expect("4")) as usize;
-            at += (24 + len).next_multiple_of(8);
-        }
-        at
-    };
+    let third = record_offset(&bytes, 2);
     bytes[third + 30] ^= 0x10;
     std::fs::write(&segment, &bytes).expect("write");
     match LogStorageGroup::open(dir.path(), config, OpenMode::Write) {
@@ -234,13 +241,8 @@ fn a_flipped_bit_inside_durable_data_is_reported_with_its_offset() {
 
 #[test]
 fn corruption_in_an_older_segment_is_reported_by_the_reader() {
-    let dir = tempfile::tempdir().expect("tempdir");
     let config = small_config();
-    {
-        let lsg = LogStorageGroup::create(dir.path(), LsgId(1), config).expect("create");
-        append_range(&lsg, 1..=600, 300);
-        lsg.audit().flush().expect("flush");
-    }
+    let dir = written_trail(config, 600, 300);
     let segment = dir.path().join("audit/0000000000000001.seg");
     let mut bytes = std::fs::read(&segment).expect("read");
     bytes[20_000] ^= 0x01;
@@ -422,22 +424,13 @@ fn a_crash_inside_a_flush_tears_it_and_recovery_keeps_a_whole_prefix() {
 
 #[test]
 fn a_zeroed_sector_inside_durable_data_is_corruption_not_a_tail() {
-    let dir = tempfile::tempdir().expect("tempdir");
     let config = small_config();
-    {
-        let lsg = LogStorageGroup::create(dir.path(), LsgId(1), config).expect("create");
-        append_range(&lsg, 1..=100, 300);
-        lsg.audit().flush().expect("flush");
-    }
+    let dir = written_trail(config, 100, 300);
     // Lose the 512-byte sector holding the third record's header: far more than one flush
     // window of acknowledged records follows it.
     let segment = dir.path().join("audit/0000000000000001.seg");
     let mut bytes = std::fs::read(&segment).expect("read");
-    let mut third = 4096usize;
-    for _ in 0..2 {
-        let len = u32::from_le_bytes(bytes[third + 4..third + 8].try_into().expect("4")) as usize;
-        third += (24 + len).next_multiple_of(8);
-    }
+    let third = record_offset(&bytes, 2);
     let sector = third / 512 * 512;
     bytes[sector..sector + 512].fill(0);
     std::fs::write(&segment, &bytes).expect("write");
@@ -455,13 +448,8 @@ fn a_zeroed_sector_inside_durable_data_is_corruption_not_a_tail() {
 
 #[test]
 fn a_zeroed_segment_start_is_reported_where_the_records_stop() {
-    let dir = tempfile::tempdir().expect("tempdir");
     let config = small_config();
-    {
-        let lsg = LogStorageGroup::create(dir.path(), LsgId(1), config).expect("create");
-        append_range(&lsg, 1..=800, 300);
-        lsg.audit().flush().expect("flush");
-    }
+    let dir = written_trail(config, 800, 300);
     let second = dir.path().join("audit/0000000000000002.seg");
     assert!(
         dir.path().join("audit/0000000000000004.seg").exists(),
