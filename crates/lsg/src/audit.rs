@@ -599,28 +599,32 @@ impl<S: Store> AuditTrail<S> {
     /// is durable, so the trail never loses track of its next LSN. Returns how many were deleted.
     pub fn truncate_below(&self, lsn: Lsn) -> Result<usize> {
         let shared = &*self.shared;
-        let victims: Vec<(u64, Arc<S::File>)> = {
+        // The first segment to keep: the newest one whose first record is durable and at or
+        // below `lsn`. Everything before it goes, empty skipped segments included.
+        let (keep_from, victims): (u64, Vec<u64>) = {
             let st = lock(&shared.state);
             let limit = lsn.min(Lsn(st.durable_lsn.0 + 1));
             let firsts: Vec<(u64, Lsn)> = st.first_lsns.iter().map(|(&s, &l)| (s, l)).collect();
-            firsts
+            let keep_from = firsts
                 .windows(2)
                 .take_while(|w| w[1].1 <= limit && w[1].0 <= st.durable_end.segment)
-                .filter_map(|w| st.files.get(&w[0].0).map(|f| (w[0].0, Arc::clone(f))))
-                .collect()
-        };
-        let Some(&(last_victim, _)) = victims.last() else {
-            return Ok(0);
+                .last()
+                .map(|w| w[1].0);
+            let Some(keep_from) = keep_from else {
+                return Ok(0);
+            };
+            let victims = st.files.range(..keep_from).map(|(&n, _)| n).collect();
+            (keep_from, victims)
         };
         let fence = shared.fence.as_ref().ok_or_else(|| LsgError::ReadOnly {
             op: "truncate",
             path: shared.store.root().join(AUDIT_DIR),
         })?;
         fence.update(|m| Manifest {
-            first_segment: last_victim + 1,
+            first_segment: keep_from,
             ..m
         })?;
-        for (number, _) in &victims {
+        for number in &victims {
             shared
                 .store
                 .remove(&segment::segment_name(AUDIT_DIR, *number))?;

@@ -99,8 +99,10 @@ impl LsgConfig {
                 "an audit record of max_record_bytes does not fit in an audit segment",
             ),
             (
-                record::encoded_len(self.max_volume_payload_bytes()) as u64 > volume_room,
-                "a volume record of max_key_bytes + max_value_bytes does not fit in a volume segment",
+                (record::encoded_len(self.max_volume_payload_bytes()) + record::RECORD_HEADER_BYTES)
+                    as u64
+                    > volume_room,
+                "a volume record of max_key_bytes + max_value_bytes and the segment's end marker do not fit in a volume segment",
             ),
             (
                 self.max_key_bytes > u16::MAX as usize,

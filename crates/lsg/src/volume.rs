@@ -349,8 +349,13 @@ impl<S: Store> DataVolume<S> {
                 None => tail = Some((n, end, closed)),
             }
         }
-        let (tail_segment, tail_offset, tail_closed) =
-            tail.unwrap_or((last_number, SEGMENT_HEADER_BYTES, false));
+        // Every segment was closed and before the checkpoint's: the checkpoint's segment is gone.
+        let Some((tail_segment, tail_offset, tail_closed)) = tail else {
+            return Err(LsgError::Missing {
+                path: store.root().join(segment::segment_name(&dir, synced.0)),
+                what: "the data volume segment its checkpoint names",
+            });
+        };
         if writable {
             // Nothing after the end may ever be taken for a record: zero it, drop later files.
             let file = &files[&tail_segment];
@@ -716,7 +721,8 @@ impl<S: Store> DataVolume<S> {
             &CHECKPOINT_MAGIC,
             inner.checkpoint_sequence,
             &body,
-        )?;
+        )
+        .inspect_err(|e| inner.failure = Some(e.to_string()))?;
         inner.checkpoint_sequence = next;
         inner.checkpoint_lsn = lsn;
         inner.first_segment = first;

@@ -585,3 +585,41 @@ fn an_opener_with_a_larger_window_still_reports_corruption() {
         );
     }
 }
+
+#[test]
+fn truncation_takes_skipped_empty_segments_along() {
+    let store = SimStore::new(15);
+    let small = small_config();
+    {
+        let lsg = LogStorageGroup::create_in(store.clone(), LsgId(1), small).expect("create");
+        lsg.audit().preallocate_next().expect("spare");
+        append_range(&lsg, 1..=1, 10);
+        lsg.audit().flush().expect("flush");
+    }
+    let big = LsgConfig {
+        audit_segment_bytes: 1 << 20,
+        max_record_bytes: 200 << 10,
+        max_batch_bytes: 256 << 10,
+        ..small
+    };
+    let lsg = LogStorageGroup::open_in(store.clone(), big, OpenMode::Write).expect("open");
+    append_range(&lsg, 2..=16, 4000);
+    // Too large for the small spare (segment 2): it goes to segment 3, leaving 2 empty.
+    append_range(&lsg, 17..=17, 100 << 10);
+    append_range(&lsg, 18..=400, 4000);
+    lsg.audit().flush().expect("flush");
+    assert!(lsg.audit().truncate_below(Lsn(300)).expect("truncate") >= 2);
+    let first = lsg.audit().first_lsn();
+    let from_zero: Vec<u64> = lsg
+        .audit()
+        .reader(Lsn(0))
+        .expect("reader")
+        .map(|r| r.expect("record").lsn.0)
+        .collect();
+    assert_eq!(from_zero.first().copied(), Some(first.0));
+    assert_eq!(from_zero.last().copied(), Some(400));
+    assert!(!store.exists("audit/0000000000000002.seg").expect("exists"));
+    drop(lsg);
+    let lsg = LogStorageGroup::open_in(store, big, OpenMode::Write).expect("reopen");
+    assert_eq!(lsg.audit().first_lsn(), first);
+}

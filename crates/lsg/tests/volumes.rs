@@ -496,3 +496,47 @@ fn an_unfinished_volume_creation_is_ignored_and_can_be_redone() {
     let v = lsg.create_volume("half").expect("create again");
     assert!(v.is_empty());
 }
+
+#[test]
+fn a_missing_checkpoint_segment_is_reported() {
+    let store = SimStore::new(14);
+    {
+        let mut lsg =
+            LogStorageGroup::create_in(store.clone(), LsgId(1), config()).expect("create");
+        let v = lsg.create_volume("v").expect("volume");
+        log_changes(&lsg, 300);
+        for i in 0..300u32 {
+            v.put(&key(i), &[5; 300], Lsn(i as u64 + 1)).expect("put");
+        }
+        v.flush(Lsn(300)).expect("flush");
+    }
+    let segments = store.list("volumes/v").expect("list");
+    let last = segments
+        .iter()
+        .filter(|n| n.ends_with(".seg"))
+        .max()
+        .expect("segments")
+        .clone();
+    store.remove(&format!("volumes/v/{last}")).expect("remove");
+    match LogStorageGroup::open_in(store, config(), OpenMode::Write) {
+        Err(LsgError::Missing { path, .. }) => assert!(path.ends_with(&last), "{}", path.display()),
+        other => panic!("expected the checkpoint's segment to be missing, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_segment_too_small_for_a_record_and_its_end_marker_is_refused() {
+    let tight = LsgConfig {
+        volume_segment_bytes: 4096 + duplex_lsg::record::encoded_len(2 + 64 + 1024) as u64,
+        ..config()
+    };
+    let e = tight.validate().expect_err("no room for the end marker");
+    assert!(matches!(e, LsgError::InvalidConfig(_)), "{e}");
+    let roomy = LsgConfig {
+        volume_segment_bytes: tight.volume_segment_bytes + 24,
+        ..tight
+    };
+    roomy
+        .validate()
+        .expect("room for one record and the marker");
+}
