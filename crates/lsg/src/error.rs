@@ -90,7 +90,9 @@ pub enum LsgError {
         "disk full while {op} {path}; nothing acknowledged was lost, retry when space is freed"
     )]
     DiskFull { op: &'static str, path: PathBuf },
-    #[error("{path} is read-only ({op}); open the LSG read-only to read it")]
+    #[error(
+        "{path} cannot be written ({op}): read-only file system or permission denied; open the LSG read-only to read it"
+    )]
     ReadOnly { op: &'static str, path: PathBuf },
     #[error("corrupt data in {path} at offset {offset}: {what}")]
     Corrupt {

@@ -8,7 +8,7 @@
 //! good records for corruption or corruption for a torn tail. Stored limits only ever grow.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{LsgError, Result};
 use crate::slots;
@@ -170,7 +170,8 @@ pub(crate) struct Fence<F> {
     epoch: OwnerEpoch,
     /// Serialises this owner's own manifest updates.
     updating: Mutex<()>,
-    fenced: AtomicBool,
+    /// The newer epoch a check found in the manifest (0: none yet).
+    fenced_by: AtomicU64,
     _lock: Box<dyn std::fmt::Debug + Send + Sync>,
 }
 
@@ -184,7 +185,7 @@ impl<F: StoreFile> Fence<F> {
             file,
             epoch,
             updating: Mutex::new(()),
-            fenced: AtomicBool::new(false),
+            fenced_by: AtomicU64::new(0),
             _lock: Box::new(lock),
         }
     }
@@ -201,7 +202,7 @@ impl<F: StoreFile> Fence<F> {
     pub(crate) fn check(&self) -> Result<Manifest> {
         let found = read(&self.file)?;
         if found.owner_epoch > self.epoch {
-            self.fenced.store(true, Ordering::Release);
+            self.fenced_by.store(found.owner_epoch.0, Ordering::Release);
             return Err(self.fenced_error(found.owner_epoch.0));
         }
         Ok(found)
@@ -209,10 +210,10 @@ impl<F: StoreFile> Fence<F> {
 
     /// Fails if an earlier check found a newer owner: a cheap test for every single write.
     pub(crate) fn check_not_fenced(&self) -> Result<()> {
-        if self.fenced.load(Ordering::Acquire) {
-            return Err(self.fenced_error(self.epoch.0 + 1));
+        match self.fenced_by.load(Ordering::Acquire) {
+            0 => Ok(()),
+            found => Err(self.fenced_error(found)),
         }
-        Ok(())
     }
 
     /// Replaces the manifest on disk by `change(current)`, after checking the fence against it.

@@ -194,12 +194,15 @@ fn a_fenced_owner_refuses_volume_writes_too() {
         .append_durable(RecordType::Update, RecordFlags::NONE, b"change")
         .expect("append");
     v.put(b"k", b"before", lsn).expect("put");
-    bump_epoch(dir.path());
+    let taken = bump_epoch(dir.path());
     assert!(matches!(v.flush(lsn), Err(LsgError::Fenced { .. })));
     let lsn = old
         .audit()
         .append(RecordType::Update, RecordFlags::NONE, b"change")
         .expect("append to memory");
     let e = v.put(b"k2", b"after", lsn).expect_err("fenced");
-    assert!(matches!(e, LsgError::Fenced { .. }), "{e}");
+    assert!(
+        matches!(e, LsgError::Fenced { ours: 1, found, .. } if found == taken),
+        "{e}"
+    );
 }
