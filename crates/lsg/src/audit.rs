@@ -30,6 +30,9 @@ use crate::{LsgConfig, LsgId, Lsn};
 
 const AUDIT_DIR: &str = "audit";
 
+/// Flushed chunk buffers kept for reuse (each at most one torn window).
+const MAX_SPARE_BUFFERS: usize = 4;
+
 /// One record read from the audit trail.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditRecord {
@@ -89,6 +92,8 @@ struct State<F> {
     first_lsns: BTreeMap<u64, Lsn>,
     preallocated_up_to: u64,
     stats: AuditStats,
+    /// Buffers of flushed chunks, kept for the next ones: no allocation per flush.
+    spare_buffers: Vec<Vec<u8>>,
 }
 
 #[derive(Debug)]
@@ -315,6 +320,7 @@ impl<S: Store> AuditTrail<S> {
                 first_lsns,
                 preallocated_up_to,
                 stats: AuditStats::default(),
+                spare_buffers: Vec::new(),
             }),
             flushed: [Condvar::new(), Condvar::new()],
             creating: Mutex::new(()),
@@ -416,11 +422,17 @@ impl<S: Store> AuditTrail<S> {
         let extend = matches!(st.pending.last(), Some(c) if c.segment == at.segment
             && c.offset + c.bytes.len() as u64 == at.offset);
         if !extend {
-            let capacity = shared.config.max_batch_bytes.min(1 << 20).max(len);
+            let bytes = match st.spare_buffers.pop() {
+                Some(mut spare) => {
+                    spare.clear();
+                    spare
+                }
+                None => Vec::with_capacity(len.max(64 << 10)),
+            };
             st.pending.push(Chunk {
                 segment: at.segment,
                 offset: at.offset,
-                bytes: Vec::with_capacity(capacity),
+                bytes,
                 last_lsn: lsn,
             });
         }
@@ -736,6 +748,11 @@ impl<S: Store> Shared<S> {
                     st.durable_end = batch_end;
                     st.stats.flushes += 1;
                     st.stats.bytes_flushed += batch_bytes as u64;
+                    for chunk in batch {
+                        if st.spare_buffers.len() < MAX_SPARE_BUFFERS {
+                            st.spare_buffers.push(chunk.bytes);
+                        }
+                    }
                     // The next leader first, so its flush starts before the woken commit.
                     self.flushed[((g + 1) % 2) as usize].notify_one();
                     self.flushed[(g % 2) as usize].notify_all();
