@@ -464,6 +464,28 @@ impl Inner {
     }
 
     /// Registers a waiter for request `id`, within `max_pending_requests`.
+    /// Sends request `id`, whose waiter is registered; forgets the waiter if it cannot be sent.
+    fn send_request(
+        &self,
+        to: EndpointId,
+        id: u64,
+        timeout_ms: u32,
+        payload: Bytes,
+    ) -> Result<(), TransportError> {
+        let sent = self.send_frame(
+            to,
+            Frame::Request {
+                id,
+                timeout_ms,
+                payload,
+            },
+        );
+        if sent.is_err() {
+            lock(&self.pending).remove(&id);
+        }
+        sent
+    }
+
     fn add_waiter(&self, id: u64, waiter: Waiter) -> Result<(), TransportError> {
         let mut pending = lock(&self.pending);
         if pending.len() >= self.config.max_pending_requests {
@@ -1247,19 +1269,8 @@ impl QuicTransport {
             let id = self.inner.next_request_id.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = oneshot::channel();
             self.inner.add_waiter(id, Waiter::Call { to, tx })?;
-            let timeout = timeout.min(REQUEST_TIMEOUT_MAX);
-            let timeout_ms = timeout.as_millis().min(u128::from(u32::MAX)) as u32;
-            if let Err(e) = self.inner.send_frame(
-                to,
-                Frame::Request {
-                    id,
-                    timeout_ms,
-                    payload,
-                },
-            ) {
-                lock(&self.inner.pending).remove(&id);
-                return Err(e);
-            }
+            let (timeout, timeout_ms) = wire_timeout(timeout);
+            self.inner.send_request(to, id, timeout_ms, payload)?;
             match tokio::time::timeout(timeout, rx).await {
                 Ok(Ok(answer)) => answer,
                 Ok(Err(_)) => Err(TransportError::Closed {
@@ -1299,6 +1310,15 @@ impl QuicTransport {
     }
 }
 
+/// A request timeout as waited for and as carried on the wire (milliseconds, at most `u32`).
+fn wire_timeout(timeout: Duration) -> (Duration, u32) {
+    let timeout = timeout.min(REQUEST_TIMEOUT_MAX);
+    (
+        timeout,
+        timeout.as_millis().min(u128::from(u32::MAX)) as u32,
+    )
+}
+
 impl Transport for QuicTransport {
     fn local_id(&self) -> EndpointId {
         self.inner.local()
@@ -1315,8 +1335,7 @@ impl Transport for QuicTransport {
         timeout: Duration,
     ) -> Result<RequestId, TransportError> {
         let id = self.inner.next_request_id.fetch_add(1, Ordering::Relaxed);
-        let timeout = timeout.min(REQUEST_TIMEOUT_MAX);
-        let timeout_ms = timeout.as_millis().min(u128::from(u32::MAX)) as u32;
+        let (timeout, timeout_ms) = wire_timeout(timeout);
         let now = self.inner.now();
         let deadline = now.checked_add(timeout).unwrap_or(Duration::MAX);
         self.inner.add_waiter(
@@ -1328,17 +1347,7 @@ impl Transport for QuicTransport {
             },
         )?;
         self.inner.detector_wake.notify_one();
-        if let Err(e) = self.inner.send_frame(
-            to,
-            Frame::Request {
-                id,
-                timeout_ms,
-                payload,
-            },
-        ) {
-            lock(&self.inner.pending).remove(&id);
-            return Err(e);
-        }
+        self.inner.send_request(to, id, timeout_ms, payload)?;
         Ok(RequestId(id))
     }
 
