@@ -7,23 +7,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use duplex_lsg::{LogStorageGroup, LsgConfig, LsgId, Lsn, OpenMode};
+use duplex_lsg::{LogStorageGroup, LsgConfig, Lsn, OpenMode};
 use rand::{Rng, SeedableRng};
 
 const DUPLEX: &str = env!("CARGO_BIN_EXE_duplex");
 const LINE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Must match `duplex lsg`'s drill configuration (the torn window depends on it).
-fn config() -> LsgConfig {
-    LsgConfig {
-        audit_segment_bytes: 4 << 20,
-        volume_segment_bytes: 4 << 20,
-        max_batch_bytes: 1 << 20,
-        max_record_bytes: 64 << 10,
-        max_key_bytes: 1 << 10,
-        max_value_bytes: 32 << 10,
-    }
-}
 
 /// The writer's payload for an LSN, derived here independently of the writer's code.
 fn expected_payload(lsn: u64) -> Vec<u8> {
@@ -31,6 +19,20 @@ fn expected_payload(lsn: u64) -> Vec<u8> {
     let mut p = lsn.to_le_bytes().to_vec();
     p.extend((0..len - 8).map(|i| (lsn as usize).wrapping_mul(31).wrapping_add(i) as u8));
     p
+}
+
+/// Creates the LSG the way an operator does, with the CLI's own configuration.
+fn create_lsg(dir: &Path) {
+    let out = Command::new(DUPLEX)
+        .args(["lsg", "create", "--dir"])
+        .arg(dir)
+        .output()
+        .expect("run duplex lsg create");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A child process that is SIGKILLed and reaped however the test ends.
@@ -86,7 +88,7 @@ fn every_acknowledged_record_survives_sigkill_at_random_points() {
     println!("seed {seed} (rerun with DUPLEX_TEST_SEED={seed})");
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let dir = tempfile::tempdir().expect("tempdir");
-    drop(LogStorageGroup::create(dir.path(), LsgId(1), config()).expect("create"));
+    create_lsg(dir.path());
     let kill_points = 50;
     let mut unacked_kept = 0u64;
     let mut last_epoch = 1;
@@ -111,7 +113,9 @@ fn every_acknowledged_record_survives_sigkill_at_random_points() {
                 acked = lsn.parse().expect("lsn");
             }
         }
-        let lsg = LogStorageGroup::open(dir.path(), config(), OpenMode::Write).expect("recover");
+        // Any configuration opens it: the LSG's own limits are in its manifest.
+        let lsg = LogStorageGroup::open(dir.path(), LsgConfig::default(), OpenMode::Write)
+            .expect("recover");
         assert!(
             lsg.owner_epoch().0 > last_epoch,
             "round {round}: epoch did not rise"
@@ -148,7 +152,7 @@ fn every_acknowledged_record_survives_sigkill_at_random_points() {
 #[test]
 fn a_waiter_owns_the_lsg_with_a_higher_epoch_after_the_holder_is_killed() {
     let dir = tempfile::tempdir().expect("tempdir");
-    drop(LogStorageGroup::create(dir.path(), LsgId(1), config()).expect("create"));
+    create_lsg(dir.path());
     let mut holder = Proc::spawn(&["lsg", "hold"], dir.path());
     let owned = holder.line();
     let holder_epoch: u64 = owned
