@@ -69,6 +69,24 @@ fn record_offset(segment: &[u8], index: usize) -> usize {
     at
 }
 
+/// A trail of one record with a small preallocated spare, and a configuration with larger
+/// segments and records to reopen it with.
+fn trail_with_small_spare(seed: u64) -> (SimStore, LsgConfig) {
+    let store = SimStore::new(seed);
+    let small = small_config();
+    let lsg = LogStorageGroup::create_in(store.clone(), LsgId(1), small).expect("create");
+    lsg.audit().preallocate_next().expect("spare");
+    append_range(&lsg, 1..=1, 10);
+    lsg.audit().flush().expect("flush");
+    let big = LsgConfig {
+        audit_segment_bytes: 1 << 20,
+        max_record_bytes: 200 << 10,
+        max_batch_bytes: 256 << 10,
+        ..small
+    };
+    (store, big)
+}
+
 fn read_all<S: Store>(lsg: &LogStorageGroup<S>) -> Vec<(u64, Vec<u8>)> {
     lsg.audit()
         .reader(Lsn(1))
@@ -527,20 +545,7 @@ fn an_opener_with_smaller_limits_still_reads_what_was_written() {
 
 #[test]
 fn a_record_too_large_for_an_older_spare_segment_skips_it() {
-    let store = SimStore::new(10);
-    let small = small_config();
-    {
-        let lsg = LogStorageGroup::create_in(store.clone(), LsgId(1), small).expect("create");
-        lsg.audit().preallocate_next().expect("spare");
-        append_range(&lsg, 1..=1, 10);
-        lsg.audit().flush().expect("flush");
-    }
-    let big = LsgConfig {
-        audit_segment_bytes: 1 << 20,
-        max_record_bytes: 200 << 10,
-        max_batch_bytes: 256 << 10,
-        ..small
-    };
+    let (store, big) = trail_with_small_spare(10);
     let lsg = LogStorageGroup::open_in(store.clone(), big, OpenMode::Write).expect("open");
     append_range(&lsg, 2..=16, 4000);
     append_range(&lsg, 17..=17, 100 << 10);
@@ -588,20 +593,7 @@ fn an_opener_with_a_larger_window_still_reports_corruption() {
 
 #[test]
 fn truncation_takes_skipped_empty_segments_along() {
-    let store = SimStore::new(15);
-    let small = small_config();
-    {
-        let lsg = LogStorageGroup::create_in(store.clone(), LsgId(1), small).expect("create");
-        lsg.audit().preallocate_next().expect("spare");
-        append_range(&lsg, 1..=1, 10);
-        lsg.audit().flush().expect("flush");
-    }
-    let big = LsgConfig {
-        audit_segment_bytes: 1 << 20,
-        max_record_bytes: 200 << 10,
-        max_batch_bytes: 256 << 10,
-        ..small
-    };
+    let (store, big) = trail_with_small_spare(15);
     let lsg = LogStorageGroup::open_in(store.clone(), big, OpenMode::Write).expect("open");
     append_range(&lsg, 2..=16, 4000);
     // Too large for the small spare (segment 2): it goes to segment 3, leaving 2 empty.

@@ -191,17 +191,7 @@ fn a_crash_keeps_the_checkpointed_volume_and_cuts_what_tore_after_it() {
 
 #[test]
 fn corruption_before_the_checkpoint_is_reported() {
-    let store = SimStore::new(4);
-    {
-        let mut lsg =
-            LogStorageGroup::create_in(store.clone(), LsgId(1), config()).expect("create");
-        let v = lsg.create_volume("v").expect("volume");
-        log_changes(&lsg, 20);
-        for i in 0..20u32 {
-            v.put(&key(i), &[1; 100], Lsn(i as u64 + 1)).expect("put");
-        }
-        v.flush(Lsn(20)).expect("flush");
-    }
+    let store = checkpointed_volume(4, 20, &[1; 100]);
     store
         .flip_bit("volumes/v/0000000000000001.seg", 4096 + 500, 2)
         .expect("flip");
@@ -265,17 +255,7 @@ fn a_change_whose_audit_record_was_lost_does_not_survive() {
 
 #[test]
 fn a_missing_volume_segment_is_reported() {
-    let store = SimStore::new(6);
-    {
-        let mut lsg =
-            LogStorageGroup::create_in(store.clone(), LsgId(1), config()).expect("create");
-        let v = lsg.create_volume("v").expect("volume");
-        log_changes(&lsg, 300);
-        for i in 0..300u32 {
-            v.put(&key(i), &[5; 300], Lsn(i as u64 + 1)).expect("put");
-        }
-        v.flush(Lsn(300)).expect("flush");
-    }
+    let store = checkpointed_volume(6, 300, &[5; 300]);
     store
         .remove("volumes/v/0000000000000002.seg")
         .expect("remove");
@@ -391,6 +371,20 @@ fn a_crash_at_any_write_of_a_compaction_loses_nothing() {
     );
 }
 
+/// A simulated LSG whose volume "v" holds `keys` keys, each changed once at LSNs 1..=keys, all
+/// logged and checkpointed.
+fn checkpointed_volume(seed: u64, keys: u32, value: &[u8]) -> SimStore {
+    let store = SimStore::new(seed);
+    let mut lsg = LogStorageGroup::create_in(store.clone(), LsgId(1), config()).expect("create");
+    let v = lsg.create_volume("v").expect("volume");
+    log_changes(&lsg, keys as u64);
+    for i in 0..keys {
+        v.put(&key(i), value, Lsn(i as u64 + 1)).expect("put");
+    }
+    v.flush(Lsn(keys as u64)).expect("flush");
+    store
+}
+
 /// Bytes the store holds now: to leave room for exactly one more volume segment.
 fn used_bytes(store: &SimStore) -> u64 {
     let mut names: Vec<String> = vec!["MANIFEST".into(), "volumes/v/CHECKPOINT".into()];
@@ -439,17 +433,7 @@ fn a_compaction_that_fails_half_way_changes_nothing() {
 
 #[test]
 fn a_lost_end_of_a_segment_before_the_checkpoint_is_reported() {
-    let store = SimStore::new(9);
-    {
-        let mut lsg =
-            LogStorageGroup::create_in(store.clone(), LsgId(1), config()).expect("create");
-        let v = lsg.create_volume("v").expect("volume");
-        log_changes(&lsg, 100);
-        for i in 0..100u32 {
-            v.put(&key(i), &[1u8; 500], Lsn(i as u64 + 1)).expect("put");
-        }
-        v.flush(Lsn(100)).expect("flush");
-    }
+    let store = checkpointed_volume(9, 100, &[1; 500]);
     // Zero segment 1 from its last record on (end marker included): a lost write.
     let name = "volumes/v/0000000000000001.seg";
     let f = store.open(name).expect("open");
@@ -499,17 +483,7 @@ fn an_unfinished_volume_creation_is_ignored_and_can_be_redone() {
 
 #[test]
 fn a_missing_checkpoint_segment_is_reported() {
-    let store = SimStore::new(14);
-    {
-        let mut lsg =
-            LogStorageGroup::create_in(store.clone(), LsgId(1), config()).expect("create");
-        let v = lsg.create_volume("v").expect("volume");
-        log_changes(&lsg, 300);
-        for i in 0..300u32 {
-            v.put(&key(i), &[5; 300], Lsn(i as u64 + 1)).expect("put");
-        }
-        v.flush(Lsn(300)).expect("flush");
-    }
+    let store = checkpointed_volume(14, 300, &[5; 300]);
     let segments = store.list("volumes/v").expect("list");
     let last = segments
         .iter()
