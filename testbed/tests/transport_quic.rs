@@ -150,6 +150,15 @@ async fn connected_pair(failsafe: bool) -> (tempfile::TempDir, QuicTransport, Pe
     (certs, t, peer)
 }
 
+/// Calls the peer (an echo) and checks the answer.
+async fn assert_echoed(t: &QuicTransport, message: &'static [u8]) {
+    let answer = t
+        .call(PEER, Bytes::from_static(message), Duration::from_secs(2))
+        .await
+        .expect("call");
+    assert_eq!(&answer[..], message);
+}
+
 #[tokio::test]
 async fn request_response_messages_and_streams_between_processes() {
     let (_certs, t, _peer) = connected_pair(false).await;
@@ -265,15 +274,7 @@ async fn partition_injected_and_healed_is_reported_down_then_up() {
     })
     .await;
     assert!(up.is_some(), "heal reported up");
-    let answer = t
-        .call(
-            PEER,
-            Bytes::from_static(b"after heal"),
-            Duration::from_secs(2),
-        )
-        .await
-        .expect("call");
-    assert_eq!(&answer[..], b"after heal");
+    assert_echoed(&t, b"after heal").await;
     // The peer process can inject faults too (testbed drills do it at run time).
     peer.command("partition 1.0 all");
     let down = wait_event(&t, Duration::from_secs(3), |e| {
@@ -305,15 +306,7 @@ async fn main_link_cut_with_failsafe_alive_is_a_link_failure() {
             path: Path::Main
         }))
     );
-    let answer = t
-        .call(
-            PEER,
-            Bytes::from_static(b"over failsafe"),
-            Duration::from_secs(2),
-        )
-        .await
-        .expect("call");
-    assert_eq!(&answer[..], b"over failsafe");
+    assert_echoed(&t, b"over failsafe").await;
     let more = wait_event(&t, Duration::from_millis(3 * DETECTION_MS), |e| {
         matches!(e, Event::Peer(_))
     })
@@ -338,11 +331,7 @@ async fn adjacent_protocol_version_talks() {
         Some(1),
         "the link speaks the lower version"
     );
-    let answer = t
-        .call(PEER, Bytes::from_static(b"v2"), Duration::from_secs(2))
-        .await
-        .expect("call");
-    assert_eq!(&answer[..], b"v2");
+    assert_echoed(&t, b"v2").await;
 }
 
 /// A raw quinn client that holds a cluster certificate but speaks whatever bytes we give it.
@@ -491,13 +480,5 @@ async fn bad_frames_and_versions_close_only_that_connection() {
         err.contains("closed by peer") && err.contains("error 48") && err.contains("UnknownIssuer"),
         "the server refuses the client certificate as of an unknown issuer: {err}"
     );
-    let answer = t
-        .call(
-            PEER,
-            Bytes::from_static(b"still here"),
-            Duration::from_secs(2),
-        )
-        .await
-        .expect("call");
-    assert_eq!(&answer[..], b"still here");
+    assert_echoed(&t, b"still here").await;
 }
