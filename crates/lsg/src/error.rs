@@ -79,12 +79,12 @@ impl std::fmt::Display for Corruption {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LsgError {
-    #[error("{op} {path}: {source}")]
+    /// The OS error is part of the message (not a separate cause), so it is printed once.
+    #[error("{op} {path}: {error}")]
     Io {
         op: &'static str,
         path: PathBuf,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     #[error(
         "disk full while {op} {path}; nothing acknowledged was lost, retry when space is freed"
@@ -155,7 +155,11 @@ impl LsgError {
             Some(code) if code == EROFS || code == EACCES || code == EPERM => {
                 LsgError::ReadOnly { op, path }
             }
-            _ => LsgError::Io { op, path, source },
+            _ => LsgError::Io {
+                op,
+                path,
+                error: source,
+            },
         }
     }
 

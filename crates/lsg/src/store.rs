@@ -330,10 +330,10 @@ impl StoreFile for RealFile {
 
     fn sync(&self) -> Result<()> {
         // Never "disk full" (retriable): after a failed sync the page cache cannot be trusted.
-        self.file.sync_data().map_err(|source| LsgError::Io {
+        self.file.sync_data().map_err(|error| LsgError::Io {
             op: "fdatasync",
             path: self.path.clone(),
-            source,
+            error,
         })
     }
 
