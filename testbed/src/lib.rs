@@ -50,8 +50,8 @@ pub fn print_comparisons(comparisons: &[Comparison]) {
     }
 }
 
-/// Median and 99th percentile of a set of microsecond samples.
-pub fn percentiles_us(samples: &mut [f64]) -> (f64, f64) {
+/// Median and 99th percentile of a set of samples (any one unit).
+pub fn percentiles(samples: &mut [f64]) -> (f64, f64) {
     if samples.is_empty() {
         return (0.0, 0.0);
     }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use duplex_lsg::{LogStorageGroup, LsgConfig, LsgId, Lsn, OpenMode, RecordFlags, RecordType};
-use duplex_testbed::{Better, Comparison, percentiles_us, print_comparisons};
+use duplex_testbed::{Better, Comparison, percentiles, print_comparisons};
 
 struct Plan {
     run: Duration,
@@ -357,7 +357,7 @@ fn latency_vs_raw(dir: &Path, samples: usize) -> Result<((f64, f64), (f64, f64))
             }
         }
     }
-    Ok((percentiles_us(&mut ours), percentiles_us(&mut base)))
+    Ok((percentiles(&mut ours), percentiles(&mut base)))
 }
 
 fn recovery_scan(dir: &Path, bytes: u64) -> Result<(f64, f64)> {
@@ -489,7 +489,7 @@ fn takeover(exe: &Path, dir: &Path, what: &str, rounds: usize) -> Result<(f64, f
         let _ = holder.0.wait();
         ms.push(owned_ns.saturating_sub(killed_ns) as f64 / 1e6);
     }
-    Ok(percentiles_us(&mut ms))
+    Ok(percentiles(&mut ms))
 }
 
 /// 64 KiB per durable write through each path, to keep the faster for the audit trail.

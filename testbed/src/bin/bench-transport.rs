@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use clap::Parser;
-use duplex_testbed::{Better, Comparison, percentiles_us, print_comparisons};
+use duplex_testbed::{Better, Comparison, percentiles, print_comparisons};
 use duplex_transport::certs::{
     NodeCredentials, QuicTiming, ensure_cluster_certs, node_server_name, quinn_configs,
 };
@@ -187,8 +187,8 @@ async fn run(args: Args) -> Result<()> {
             bare_samples.extend(bare_rtt(&conn, size_bytes, RTT_BLOCK).await?);
             our_samples.extend(ours_rtt(&ours, peer_id, size_bytes, RTT_BLOCK).await?);
         }
-        let (bp50, bp99) = percentiles_us(&mut bare_samples);
-        let (op50, op99) = percentiles_us(&mut our_samples);
+        let (bp50, bp99) = percentiles(&mut bare_samples);
+        let (op50, op99) = percentiles(&mut our_samples);
         println!(
             "round trip {label}: duplex p50 {op50:.1} us p99 {op99:.1} us; bare quinn p50 {bp50:.1} us p99 {bp99:.1} us ({} calls)",
             sizes.rtt_calls
@@ -248,8 +248,8 @@ async fn run(args: Args) -> Result<()> {
         our_kill.push(ours_kill_to_down(&ours, certs.path(), node).await?);
         bare_kill.push(bare_kill_to_close(&bare, certs.path(), node).await?);
     }
-    let (op50, op99) = percentiles_us(&mut our_kill);
-    let (bp50, bp99) = percentiles_us(&mut bare_kill);
+    let (op50, op99) = percentiles(&mut our_kill);
+    let (bp50, bp99) = percentiles(&mut bare_kill);
     println!(
         "SIGKILL to down ({DETECTION_MS} ms detection, {KILL_ROUNDS} kills): duplex p50 {:.1} ms p99 {:.1} ms; bare quinn idle timeout p50 {:.1} ms p99 {:.1} ms",
         op50 / 1e3,
