@@ -448,15 +448,7 @@ impl<S: Store> AuditTrail<S> {
     /// Blocks until every record up to `lsn` is on stable storage. One flush serves every record
     /// written before it.
     pub fn wait_durable(&self, lsn: Lsn) -> Result<()> {
-        let shared = &*self.shared;
-        let st = lock(&shared.state);
-        if lsn >= st.next_lsn {
-            return Err(LsgError::LsnNotAppended {
-                lsn,
-                next: st.next_lsn,
-            });
-        }
-        shared.flush_locked(st, lsn).map(drop)
+        self.shared.wait_durable(lsn)
     }
 
     /// Appends one record and waits until it is durable.
@@ -686,6 +678,17 @@ impl<S: Store> Shared<S> {
         }
     }
 
+    fn wait_durable(&self, lsn: Lsn) -> Result<()> {
+        let st = lock(&self.state);
+        if lsn >= st.next_lsn {
+            return Err(LsgError::LsnNotAppended {
+                lsn,
+                next: st.next_lsn,
+            });
+        }
+        self.flush_locked(st, lsn).map(drop)
+    }
+
     /// Makes records up to `lsn` durable, leading a flush or waiting for the one under way.
     fn flush_locked<'a>(
         &'a self,
@@ -897,8 +900,7 @@ impl<S: Store> AuditHandle<S> {
     }
 
     pub(crate) fn wait_durable(&self, lsn: Lsn) -> Result<()> {
-        let st = lock(&self.shared.state);
-        self.shared.flush_locked(st, lsn).map(drop)
+        self.shared.wait_durable(lsn)
     }
 }
 
