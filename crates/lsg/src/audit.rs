@@ -180,7 +180,9 @@ impl<S: Store> AuditTrail<S> {
     /// can only be the unfinished last flush, which nobody was told is durable. Otherwise a later
     /// flush started after X was synced: that is **corruption**, reported with file, offset and
     /// what was found. With `fence` (opening for writing) torn bytes are zeroed so nothing after
-    /// the tail can ever be taken for a record; without it nothing is changed.
+    /// the tail can ever be taken for a record, and the tail segment is synced, so every record
+    /// recovery accepted is durable before the new owner acknowledges anything; without it
+    /// nothing is changed.
     pub(crate) fn open(
         store: Arc<S>,
         lsg_id: LsgId,
@@ -284,6 +286,14 @@ impl<S: Store> AuditTrail<S> {
             }
             None => (numbers[0], Lsn(0), SEGMENT_HEADER_BYTES),
         };
+        if writable {
+            // What recovery accepted may sit only in the page cache of an owner killed before its
+            // flush synced; this owner vouches for it from now on, so make it durable first.
+            // Segments before the tail were synced before anything was written after them.
+            for file in files.range(tail_segment..).map(|(_, f)| f) {
+                file.sync()?;
+            }
+        }
         let tail_capacity = files[&tail_segment].len_bytes();
         let tail_pos = Position {
             segment: tail_segment,

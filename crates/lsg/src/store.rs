@@ -2,8 +2,9 @@
 //!
 //! [`FileStore`] is the real thing: files in a directory, `pwrite` + `fdatasync` for durable
 //! writes (measured faster than map + `msync` on these machines, see `docs/storage-format.md`), and
-//! read-only memory maps for reads. [`SimStore`] keeps files in memory and models a crash: only
-//! what was synced survives, and the last unsynced write of a file may be torn. Later issues crash
+//! read-only memory maps for reads. [`SimStore`] keeps files in memory and models a process kill
+//! (unsynced writes stay visible to the next opener) and a power loss (only what was synced
+//! survives, and the last unsynced write of a file may be torn). Later issues crash
 //! storage inside deterministic whole-cluster simulations through it.
 //!
 //! Names are relative to the LSG's root, with `/` separating directories (`audit/…seg`).
@@ -357,11 +358,14 @@ impl StoreFile for RealFile {
     }
 }
 
-/// An in-memory store whose files survive a simulated crash only as far as they were synced.
+/// An in-memory store whose files survive a simulated power loss only as far as they were synced.
 ///
-/// Every handle belongs to one incarnation of the simulated process; after [`SimStore::crash`]
-/// old handles fail with [`LsgError::Crashed`], locks are free, and each file holds what its
-/// last sync made durable, plus possibly a torn prefix of its last unsynced write.
+/// Every handle belongs to one incarnation of the simulated process. After
+/// [`SimStore::kill_process`] old handles fail with [`LsgError::Crashed`] and locks are free, but
+/// unsynced writes stay visible (the page cache outlives the process). After
+/// [`SimStore::power_loss`] each file also holds only what syncs made durable, plus possibly a
+/// torn prefix of its last unsynced write. A sync makes every write of the file durable,
+/// whichever incarnation made it.
 #[derive(Debug, Clone)]
 pub struct SimStore {
     root: PathBuf,
@@ -419,20 +423,29 @@ impl SimStore {
 
     /// Arms a crash in the middle of I/O: the `n`-th write from now lands (unsynced) and then the
     /// simulated process is dead, every later operation failing with [`LsgError::Crashed`] until
-    /// [`crash`](Self::crash) is called.
+    /// [`kill_process`](Self::kill_process) or [`power_loss`](Self::power_loss) is called.
     pub fn crash_after_writes(&self, n: u64) {
         self.inner().writes_until_death = Some(n.max(1));
     }
 
-    /// Simulates the crash of the process (and of the machine's volatile caches): unsynced writes
-    /// are lost, except that the last unsynced write of each file may survive torn: each of its
-    /// 512-byte sectors independently survives or not, as a disk may write them in any order.
-    pub fn crash(&self) {
+    /// Simulates `kill -9` of the process: its handles and locks die with it, but every write it
+    /// made stays in the (shared) page cache, visible to the next opener and still not durable:
+    /// a later [`power_loss`](Self::power_loss) can lose it, unless someone syncs the file first.
+    pub fn kill_process(&self) {
         let mut inner = self.inner();
         inner.incarnation += 1;
         inner.locks.clear();
         inner.dead = false;
         inner.writes_until_death = None;
+    }
+
+    /// Simulates the loss of power (the process dies and the machine's volatile caches with it):
+    /// unsynced writes are lost, except that the last unsynced write of each file may survive
+    /// torn: each of its 512-byte sectors independently survives or not, as a disk may write them
+    /// in any order.
+    pub fn power_loss(&self) {
+        self.kill_process();
+        let mut inner = self.inner();
         let SimInner { files, rng, .. } = &mut *inner;
         for data in files.values_mut() {
             if let Some(&(offset, len)) = data.unsynced.last() {
@@ -610,7 +623,7 @@ impl Store for SimStore {
     }
 }
 
-/// The ownership lock of a [`SimStore`]; a crash releases it.
+/// The ownership lock of a [`SimStore`]; the death of its process releases it.
 #[derive(Debug)]
 pub struct SimLock {
     store: SimStore,

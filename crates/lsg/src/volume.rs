@@ -372,6 +372,11 @@ impl<S: Store> DataVolume<S> {
                 store.remove(&segment::segment_name(&dir, n))?;
                 files.remove(&n);
             }
+            // Records after the checkpoint position may be only in the page cache of an earlier
+            // owner (killed, or closed without a flush); the next checkpoint vouches for them.
+            for file in files.range(synced.0..).map(|(_, f)| f) {
+                file.sync()?;
+            }
         }
         let live_keys = index
             .values()

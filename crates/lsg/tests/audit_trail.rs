@@ -391,7 +391,7 @@ proptest! {
                         }
                     }
                     drop(lsg);
-                    store.crash();
+                    store.power_loss();
                     lsg = LogStorageGroup::open_in(store.clone(), config, OpenMode::Write).expect("reopen");
                     let records: Vec<_> = lsg.audit().reader(Lsn(1)).expect("reader")
                         .map(|r| r.expect("record")).collect();
@@ -420,7 +420,7 @@ fn a_crash_inside_a_flush_tears_it_and_recovery_keeps_a_whole_prefix() {
         store.crash_after_writes(1);
         assert!(matches!(lsg.audit().flush(), Err(LsgError::Crashed)));
         drop(lsg);
-        store.crash();
+        store.power_loss();
         let lsg = LogStorageGroup::open_in(store.clone(), config, OpenMode::Write).expect("reopen");
         let records = read_all(&lsg);
         assert!(

@@ -70,14 +70,14 @@ fn the_simulated_store_conforms() {
 }
 
 #[test]
-fn a_simulated_crash_keeps_what_was_synced_and_frees_locks() {
+fn a_simulated_power_loss_keeps_what_was_synced_and_frees_locks() {
     let store = SimStore::new(7);
     let f = store.create("f", b"", 4096, true).expect("create");
     f.write_at(0, b"synced").expect("write");
     f.sync().expect("sync");
     f.write_at(512, &[9u8; 512]).expect("write");
     let _lock = store.lock("LOCK", false).expect("lock").expect("free");
-    store.crash();
+    store.power_loss();
     // The old handle belongs to the dead process.
     assert!(matches!(f.write_at(0, b"x"), Err(LsgError::Crashed)));
     let f = store.open("f").expect("open");
@@ -88,4 +88,31 @@ fn a_simulated_crash_keeps_what_was_synced_and_frees_locks() {
     let torn = f.with_bytes(512, 512, <[u8]>::to_vec).expect("read");
     assert!(torn == vec![9u8; 512] || torn == vec![0u8; 512]);
     assert!(store.lock("LOCK", false).expect("lock").is_some());
+}
+
+#[test]
+fn a_killed_process_leaves_its_unsynced_writes_visible_until_power_is_lost() {
+    let store = SimStore::new(8);
+    let f = store.create("f", b"", 4096, true).expect("create");
+    let g = store.create("g", b"", 4096, true).expect("create");
+    f.write_at(0, b"cached").expect("write");
+    g.write_at(0, b"cached").expect("write");
+    let _lock = store.lock("LOCK", false).expect("lock").expect("free");
+    store.kill_process();
+    assert!(matches!(f.write_at(0, b"x"), Err(LsgError::Crashed)));
+    assert!(store.lock("LOCK", false).expect("lock").is_some());
+    // The next process sees the dead one's writes and makes one file durable.
+    let f = store.open("f").expect("open");
+    let g = store.open("g").expect("open");
+    assert_eq!(f.with_bytes(0, 6, <[u8]>::to_vec).expect("read"), b"cached");
+    assert_eq!(g.with_bytes(0, 6, <[u8]>::to_vec).expect("read"), b"cached");
+    f.sync().expect("sync");
+    drop((f, g));
+    store.power_loss();
+    let f = store.open("f").expect("open");
+    let g = store.open("g").expect("open");
+    assert_eq!(f.with_bytes(0, 6, <[u8]>::to_vec).expect("read"), b"cached");
+    // The unsynced write of `g` is its last: each sector survives or not.
+    let torn = g.with_bytes(0, 6, <[u8]>::to_vec).expect("read");
+    assert!(torn == b"cached" || torn == [0u8; 6], "{torn:?}");
 }

@@ -169,7 +169,7 @@ fn a_crash_keeps_the_checkpointed_volume_and_cuts_what_tore_after_it() {
                 }
             }
         }
-        store.crash();
+        store.power_loss();
         let lsg =
             LogStorageGroup::open_in(store.clone(), config(), OpenMode::Write).expect("reopen");
         let v = lsg.volume("v").expect("volume");
@@ -239,7 +239,7 @@ fn a_change_whose_audit_record_was_lost_does_not_survive() {
             .write_back("volumes/v/0000000000000001.seg")
             .expect("writeback");
     }
-    store.crash();
+    store.power_loss();
     let lsg = LogStorageGroup::open_in(store, config(), OpenMode::Write).expect("reopen");
     assert_eq!(lsg.audit().next_lsn(), Lsn(2));
     let v = lsg.volume("v").expect("volume");
@@ -357,7 +357,7 @@ fn a_crash_at_any_write_of_a_compaction_loses_nothing() {
             }
             points += 1;
         }
-        store.crash();
+        store.power_loss();
         let lsg = LogStorageGroup::open_in(store, config(), OpenMode::Write).expect("reopen");
         let v = lsg.volume("v").expect("volume");
         let after = v
@@ -423,7 +423,7 @@ fn a_compaction_that_fails_half_way_changes_nothing() {
     v.compact().expect("compact once space returns");
     drop(v);
     drop(lsg);
-    store.crash();
+    store.power_loss();
     let lsg = LogStorageGroup::open_in(store, config(), OpenMode::Write).expect("reopen");
     let v = lsg.volume("v").expect("volume");
     for i in 0..200u32 {
