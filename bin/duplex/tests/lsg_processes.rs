@@ -1,5 +1,6 @@
-//! Real processes, real files, real SIGKILL: the audit trail across writer crashes, and LSG
-//! ownership handed from a killed holder to a waiting one.
+//! Real processes, real files, real SIGKILL: the audit trail across writer crashes, LSG
+//! ownership handed from a killed holder to a waiting one, and the system calls that make an
+//! LSG's directory entries durable.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -206,4 +207,79 @@ fn the_readme_drill_runs() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("drill passed: 3 kill points"), "{stdout}");
+}
+
+/// Every directory, rename and unlink of an LSG is followed by an fsync of its parent directory,
+/// checked on the system calls `duplex lsg create` makes (traced with strace) from a directory
+/// whose parents do not exist yet.
+#[test]
+fn every_new_name_is_made_durable_by_syncing_its_directory() {
+    let has_strace = Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_strace {
+        println!("strace not installed: directory sync test not run (.ci/run installs it)");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lsg = dir.path().join("new/parents/lsg");
+    let trace = dir.path().join("trace");
+    let out = Command::new("strace")
+        .args(["-f", "-y", "-o"])
+        .arg(&trace)
+        .args([
+            "-e",
+            "trace=mkdir,mkdirat,rename,renameat,renameat2,unlink,unlinkat,fsync,fdatasync",
+            DUPLEX,
+            "lsg",
+            "create",
+            "--dir",
+        ])
+        .arg(&lsg)
+        .output()
+        .expect("run strace");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&trace).expect("trace");
+    let root = dir.path().to_string_lossy().into_owned();
+    // (index, path) of each new or removed name, and of each fsync'ed directory.
+    let mut names = Vec::new();
+    let mut synced = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let Some(call) = line.split_whitespace().nth(1) else {
+            continue;
+        };
+        if !line.trim_end().ends_with("= 0") {
+            continue;
+        }
+        let quoted: Vec<&str> = line.split('"').skip(1).step_by(2).collect();
+        if call.starts_with("mkdir") || call.starts_with("unlink") {
+            names.extend(quoted.first().map(|p| (i, p.to_string())));
+        } else if call.starts_with("rename") {
+            names.extend(quoted.last().map(|p| (i, p.to_string())));
+        } else if call.starts_with("fsync(") {
+            let fd_path = call
+                .split_once('<')
+                .and_then(|(_, rest)| rest.split_once('>'))
+                .map(|(p, _)| p.to_string());
+            synced.extend(fd_path.map(|p| (i, p)));
+        }
+    }
+    let ours: Vec<_> = names.iter().filter(|(_, p)| p.starts_with(&root)).collect();
+    assert!(ours.len() >= 6, "too few names traced:\n{text}");
+    for (i, path) in ours {
+        let parent = Path::new(path)
+            .parent()
+            .expect("parent")
+            .to_string_lossy()
+            .into_owned();
+        assert!(
+            synced.iter().any(|(j, p)| j > i && *p == parent),
+            "{path} (trace line {i}) is not followed by an fsync of {parent}:\n{text}"
+        );
+    }
 }

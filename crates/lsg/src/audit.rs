@@ -25,10 +25,10 @@ use crate::error::{Corruption, LsgError, Result};
 use crate::manifest::{Fence, Manifest};
 use crate::record::{self, Decoded, RecordFlags, RecordType, RecordView};
 use crate::segment::{self, SEGMENT_HEADER_BYTES, SegmentKind};
-use crate::store::{Store, StoreFile};
+use crate::store::{self, Store, StoreFile};
 use crate::{LsgConfig, LsgId, Lsn};
 
-const AUDIT_DIR: &str = "audit";
+pub(crate) const AUDIT_DIR: &str = "audit";
 
 /// Flushed chunk buffers kept for reuse (each at most one torn window).
 const MAX_SPARE_BUFFERS: usize = 4;
@@ -144,33 +144,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl<S: Store> AuditTrail<S> {
-    /// Creates the first segment of a new, empty trail.
-    pub(crate) fn create(
-        store: Arc<S>,
-        lsg_id: LsgId,
-        config: LsgConfig,
-        fence: Arc<Fence<S::File>>,
-    ) -> Result<Self> {
-        store.create_dir(AUDIT_DIR)?;
-        segment::create(
-            &*store,
-            AUDIT_DIR,
-            SegmentKind::AuditTrail,
-            lsg_id,
-            1,
-            config.audit_segment_bytes,
-            true,
-        )?;
-        Self::open(
-            store,
-            lsg_id,
-            1,
-            config,
-            config.torn_window_bytes(),
-            Some(fence),
-        )
-    }
-
     /// Opens the trail and finds the end of its valid log.
     ///
     /// From the newest segment backwards, each segment is scanned to the end of its valid records
@@ -781,9 +754,31 @@ impl<S: Store> Shared<S> {
                     return Err(e);
                 }
                 Err(e) => {
+                    if matches!(e, LsgError::Io { .. }) {
+                        self.scrub(&st, &batch);
+                    }
                     st.failure = Some(e.to_string());
                     self.wake_all();
                     return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Overwrites the bytes of a batch whose write or sync failed with zeros, best effort. They
+    /// may still be readable in the page cache though not on disk (Linux keeps a page whose
+    /// writeback failed, marked clean); the next owner must find the trail's end before them,
+    /// not take them for records and build on them. Only while this owner still holds the LSG.
+    fn scrub(&self, st: &State<S::File>, batch: &[Chunk]) {
+        if self.fence.as_ref().is_none_or(|f| f.check().is_err()) {
+            return;
+        }
+        for chunk in batch {
+            if let Some(file) = st.files.get(&chunk.segment) {
+                let zeros = vec![0u8; chunk.bytes.len()];
+                if let Err(e) = file.write_at(chunk.offset, &zeros) {
+                    warn!(path = %file.path().display(), offset = chunk.offset, error = %e,
+                        "audit trail: could not scrub a failed flush");
                 }
             }
         }
@@ -847,15 +842,19 @@ impl<S: Store> Shared<S> {
             true,
         );
         let file = Arc::new(match created {
-            // Made by an earlier owner after we listed the directory: complete (segments are
-            // created under a temporary name and renamed), so use it.
-            Err(LsgError::AlreadyExists { .. }) => segment::open(
-                &*self.store,
-                AUDIT_DIR,
-                SegmentKind::AuditTrail,
-                self.lsg_id,
-                number,
-            )?,
+            // Made by an earlier attempt whose directory sync failed (or by an earlier owner
+            // after we listed the directory): complete, as segments are created under a
+            // temporary name and renamed, but its name must be durable before records go in.
+            Err(LsgError::AlreadyExists { .. }) => {
+                self.store.sync_dir(AUDIT_DIR)?;
+                segment::open(
+                    &*self.store,
+                    AUDIT_DIR,
+                    SegmentKind::AuditTrail,
+                    self.lsg_id,
+                    number,
+                )?
+            }
             other => other?,
         });
         debug!(number, "audit trail: segment created");
@@ -887,6 +886,25 @@ impl<S: Store> Shared<S> {
             offset: SEGMENT_HEADER_BYTES,
         })
     }
+}
+
+/// Creates the audit directory and the first segment of a new, empty trail.
+pub(crate) fn create_first_segment<S: Store>(
+    store: &S,
+    lsg_id: LsgId,
+    config: &LsgConfig,
+) -> Result<()> {
+    store.create_dir(AUDIT_DIR)?;
+    segment::create(
+        store,
+        AUDIT_DIR,
+        SegmentKind::AuditTrail,
+        lsg_id,
+        1,
+        config.audit_segment_bytes,
+        true,
+    )
+    .map(drop)
 }
 
 /// What a data volume needs of its trail: the next LSN (a change must be logged first) and a
@@ -1007,20 +1025,20 @@ enum Slot {
 fn read_record<F: StoreFile>(file: &F, at: u64, end: u64, max_payload: usize) -> Result<Slot> {
     let available = end.saturating_sub(at) as usize;
     let header_len = available.min(record::RECORD_HEADER_BYTES);
-    let payload_len = file.with_bytes(at, header_len, |h| {
-        if h.iter().all(|&b| b == 0) {
-            None
-        } else if h.len() < record::RECORD_HEADER_BYTES {
-            Some(usize::MAX)
-        } else {
-            Some(u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as usize)
-        }
-    })?;
-    let Some(payload_len) = payload_len else {
+    let mut header = [0u8; record::RECORD_HEADER_BYTES];
+    let header = &mut header[..header_len];
+    file.read_at(at, header)?;
+    if header.iter().all(|&b| b == 0) {
         return Ok(Slot::Zero);
+    }
+    let payload_len = if header.len() < record::RECORD_HEADER_BYTES {
+        usize::MAX
+    } else {
+        u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize
     };
     let take = record::encoded_len(payload_len.min(max_payload)).min(available);
-    file.with_bytes(at, take, |b| match record::decode(b, max_payload) {
+    let bytes = store::read_checked(file, at, take)?;
+    Ok(match record::decode(&bytes, max_payload) {
         Decoded::Record(v) => Slot::Record(AuditRecord {
             lsn: v.lsn,
             record_type: v.record_type,
@@ -1046,39 +1064,39 @@ fn zeros_inside<F: StoreFile>(file: &F, offset: u64) -> LsgError {
 fn scan_tail<F: StoreFile>(file: &F, max_payload: usize) -> Result<TailScan> {
     let start = SEGMENT_HEADER_BYTES;
     let len = (file.len_bytes() - start) as usize;
-    file.with_bytes(start, len, |bytes| {
-        let mut at = 0usize;
-        let mut last: Option<Lsn> = None;
-        let mut bad = None;
-        while at < bytes.len() {
-            match record::decode(&bytes[at..], max_payload) {
-                Decoded::Record(v) => {
-                    if let Some(prev) = last
-                        && prev.0.checked_add(1) != Some(v.lsn.0)
-                    {
-                        bad = Some(Corruption::LsnOutOfSequence {
-                            expected: Lsn(prev.0.saturating_add(1)),
-                            found: v.lsn,
-                        });
-                        break;
-                    }
-                    last = Some(v.lsn);
-                    at += v.encoded_len();
-                }
-                Decoded::Zero => break,
-                Decoded::Invalid(what) => {
-                    bad = Some(what);
+    let bytes = store::read_checked(file, start, len)?;
+    let bytes = &bytes[..];
+    let mut at = 0usize;
+    let mut last: Option<Lsn> = None;
+    let mut bad = None;
+    while at < bytes.len() {
+        match record::decode(&bytes[at..], max_payload) {
+            Decoded::Record(v) => {
+                if let Some(prev) = last
+                    && prev.0.checked_add(1) != Some(v.lsn.0)
+                {
+                    bad = Some(Corruption::LsnOutOfSequence {
+                        expected: Lsn(prev.0.saturating_add(1)),
+                        found: v.lsn,
+                    });
                     break;
                 }
+                last = Some(v.lsn);
+                at += v.encoded_len();
+            }
+            Decoded::Zero => break,
+            Decoded::Invalid(what) => {
+                bad = Some(what);
+                break;
             }
         }
-        let written_end = at + segment::written_len(&bytes[at..]);
-        TailScan {
-            last_lsn: last,
-            end_offset: start + at as u64,
-            bad,
-            written_end: start + written_end as u64,
-        }
+    }
+    let written_end = at + segment::written_len(&bytes[at..]);
+    Ok(TailScan {
+        last_lsn: last,
+        end_offset: start + at as u64,
+        bad,
+        written_end: start + written_end as u64,
     })
 }
 

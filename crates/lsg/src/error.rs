@@ -100,6 +100,15 @@ pub enum LsgError {
         offset: u64,
         what: Corruption,
     },
+    #[error(
+        "cannot read {len} bytes at offset {offset} of {path}: {error} (the device or file system failed the read: a media error)"
+    )]
+    Unreadable {
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+        error: io::Error,
+    },
     #[error("{path} is missing: {what}")]
     Missing { path: PathBuf, what: &'static str },
     #[error("{path} is not a Duplex LSG file: {what}")]

@@ -11,10 +11,10 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
-use crate::audit::AuditTrail;
+use crate::audit::{self, AUDIT_DIR, AuditTrail};
 use crate::error::{Corruption, LsgError, Result};
 use crate::manifest::{self, Fence, Limits, MANIFEST_NAME, Manifest};
-use crate::store::{FileStore, Store};
+use crate::store::{self, FileStore, Store};
 use crate::volume::{self, DataVolume, VOLUMES_DIR, VolumeOwner};
 use crate::{LsgConfig, LsgId, OwnerEpoch};
 
@@ -48,7 +48,7 @@ impl LogStorageGroup<FileStore> {
     /// Creates a new LSG in `dir` (created if missing; must not hold an LSG) and owns it.
     pub fn create(dir: impl AsRef<Path>, lsg_id: LsgId, config: LsgConfig) -> Result<Self> {
         let dir = dir.as_ref();
-        std::fs::create_dir_all(dir).map_err(|e| LsgError::io("create directory", dir, e))?;
+        store::create_dir_durably(dir)?;
         Self::create_in(FileStore::new(dir), lsg_id, config)
     }
 
@@ -64,6 +64,9 @@ impl LogStorageGroup<FileStore> {
 }
 
 impl<S: Store> LogStorageGroup<S> {
+    /// Creates a new LSG in `store`. The manifest is written last, under its final name in one
+    /// rename: it is the commit point. A creation stopped before it (crash, full disk) leaves no
+    /// LSG, and its leftovers are removed by the next creation.
     pub fn create_in(store: S, lsg_id: LsgId, config: LsgConfig) -> Result<Self> {
         config.validate()?;
         let store = Arc::new(store);
@@ -78,10 +81,22 @@ impl<S: Store> LogStorageGroup<S> {
                 path: store.root().to_path_buf(),
                 epoch: 0,
             })?;
+        // A creation stopped before its manifest may have left audit files behind.
+        for name in store.list(AUDIT_DIR)? {
+            store.remove(&format!("{AUDIT_DIR}/{name}"))?;
+        }
+        audit::create_first_segment(&*store, lsg_id, &config)?;
+        store.create_dir(VOLUMES_DIR)?;
         let (manifest_file, manifest) = manifest::create(&*store, lsg_id, &config)?;
         let fence = Arc::new(Fence::new(manifest_file, manifest.owner_epoch, lock));
-        let audit = AuditTrail::create(Arc::clone(&store), lsg_id, config, Arc::clone(&fence))?;
-        store.create_dir(VOLUMES_DIR)?;
+        let audit = AuditTrail::open(
+            Arc::clone(&store),
+            lsg_id,
+            manifest.first_segment,
+            config,
+            config.torn_window_bytes(),
+            Some(Arc::clone(&fence)),
+        )?;
         info!(lsg = %lsg_id, path = %store.root().display(), "LSG created");
         Ok(LogStorageGroup {
             store,
@@ -152,6 +167,16 @@ impl<S: Store> LogStorageGroup<S> {
         } else {
             None
         };
+        if fence.is_some() {
+            // A file an earlier owner created may have a name that is not durable yet (its
+            // directory sync failed or never ran); this owner builds on every file it finds.
+            store.sync_dir("")?;
+            store.sync_dir(AUDIT_DIR)?;
+            store.sync_dir(VOLUMES_DIR)?;
+            for name in store.list(VOLUMES_DIR)? {
+                store.sync_dir(&format!("{VOLUMES_DIR}/{name}"))?;
+            }
+        }
         let audit = AuditTrail::open(
             Arc::clone(&store),
             manifest.lsg_id,

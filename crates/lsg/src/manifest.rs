@@ -172,6 +172,8 @@ pub(crate) struct Fence<F> {
     updating: Mutex<()>,
     /// The newer epoch a check found in the manifest (0: none yet).
     fenced_by: AtomicU64,
+    /// Why a manifest update failed, if one did.
+    failure: Mutex<Option<String>>,
     _lock: Box<dyn std::fmt::Debug + Send + Sync>,
 }
 
@@ -186,6 +188,7 @@ impl<F: StoreFile> Fence<F> {
             epoch,
             updating: Mutex::new(()),
             fenced_by: AtomicU64::new(0),
+            failure: Mutex::new(None),
             _lock: Box::new(lock),
         }
     }
@@ -198,8 +201,16 @@ impl<F: StoreFile> Fence<F> {
         }
     }
 
+    fn check_not_failed(&self) -> Result<()> {
+        match &*self.failure.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(why) => Err(LsgError::Failed(format!("manifest update failed: {why}"))),
+            None => Ok(()),
+        }
+    }
+
     /// The manifest on disk, if it still names this owner's epoch.
     pub(crate) fn check(&self) -> Result<Manifest> {
+        self.check_not_failed()?;
         let found = read(&self.file)?;
         if found.owner_epoch > self.epoch {
             self.fenced_by.store(found.owner_epoch.0, Ordering::Release);
@@ -210,6 +221,7 @@ impl<F: StoreFile> Fence<F> {
 
     /// Fails if an earlier check found a newer owner: a cheap test for every single write.
     pub(crate) fn check_not_fenced(&self) -> Result<()> {
+        self.check_not_failed()?;
         match self.fenced_by.load(Ordering::Acquire) {
             0 => Ok(()),
             found => Err(self.fenced_error(found)),
@@ -220,6 +232,8 @@ impl<F: StoreFile> Fence<F> {
     pub(crate) fn update(&self, change: impl FnOnce(Manifest) -> Manifest) -> Result<Manifest> {
         let _one_at_a_time = self.updating.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.check()?;
-        write(&self.file, &current, change(current))
+        write(&self.file, &current, change(current)).inspect_err(|e| {
+            *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+        })
     }
 }

@@ -44,7 +44,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     fn list(&self, dir: &str) -> Result<Vec<String>>;
     /// Removes `name` durably. Open handles (and maps) of it stay valid.
     fn remove(&self, name: &str) -> Result<()>;
+    /// Creates directory `dir` and any missing parents, each entry durable in its parent.
     fn create_dir(&self, dir: &str) -> Result<()>;
+    /// Makes the entries of directory `dir` durable: after a `create` that failed after its file
+    /// got its name (the directory sync failed), the file exists but may vanish in a power loss
+    /// until this succeeds.
+    fn sync_dir(&self, dir: &str) -> Result<()>;
     /// Takes the exclusive ownership lock `name`, released when the guard drops or the process
     /// dies. Without `wait`, returns `None` if another owner holds it.
     fn lock(&self, name: &str, wait: bool) -> Result<Option<Self::Lock>>;
@@ -57,10 +62,13 @@ pub trait StoreFile: Send + Sync + std::fmt::Debug + 'static {
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()>;
     /// Makes every completed write of this file durable.
     fn sync(&self) -> Result<()>;
-    /// Copies bytes out (a system call on real files): safe against concurrent writers anywhere.
+    /// Copies bytes out (a system call on real files): safe against concurrent writers anywhere,
+    /// and a media error is an [`LsgError::Unreadable`] naming the offset, not a signal.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
     /// Lends the bytes `offset..offset + len` without copying where the store can. Callers only ask
     /// for ranges that no one writes while they look (below the durable tail of an append-only file).
+    /// On real files this is a memory map: a media error under it kills the process (SIGBUS), so
+    /// recovery reads through [`read_checked`] instead.
     fn with_bytes<R>(&self, offset: u64, len: usize, f: impl FnOnce(&[u8]) -> R) -> Result<R>;
 }
 
@@ -80,6 +88,17 @@ fn check_range(path: &Path, offset: u64, len: usize, file_len: u64) -> Result<()
 }
 
 const SECTOR_BYTES: usize = 512;
+
+/// Reads `len` bytes at `offset` with `read_at`, a chunk at a time so that a media error names
+/// where it is: what recovery judges is read this way, never through a map.
+pub(crate) fn read_checked<F: StoreFile>(file: &F, offset: u64, len: usize) -> Result<Vec<u8>> {
+    const CHUNK_BYTES: usize = 1 << 20;
+    let mut buf = vec![0u8; len];
+    for (i, chunk) in buf.chunks_mut(CHUNK_BYTES).enumerate() {
+        file.read_at(offset + (i * CHUNK_BYTES) as u64, chunk)?;
+    }
+    Ok(buf)
+}
 
 /// Real files in a directory.
 #[derive(Debug, Clone)]
@@ -108,12 +127,6 @@ impl FileStore {
 
     fn path_of(&self, name: &str) -> PathBuf {
         self.root.join(name)
-    }
-
-    fn sync_dir(&self, dir: &Path) -> Result<()> {
-        let d = File::open(dir).map_err(|e| LsgError::io("open directory", dir, e))?;
-        d.sync_all()
-            .map_err(|e| LsgError::io("fsync directory", dir, e))
     }
 
     fn open_path(&self, path: PathBuf, write: bool) -> Result<RealFile> {
@@ -187,7 +200,7 @@ impl Store for FileStore {
             }
             f.sync_all().map_err(|e| LsgError::io("fsync", &tmp, e))?;
             fs::rename(&tmp, &path).map_err(|e| LsgError::io("rename", &tmp, e))?;
-            self.sync_dir(path.parent().unwrap_or(&self.root))
+            sync_dir_path(path.parent().unwrap_or(&self.root))
         })();
         if let Err(e) = result {
             let _ = fs::remove_file(&tmp);
@@ -239,13 +252,15 @@ impl Store for FileStore {
             },
             _ => LsgError::io("remove", &path, e),
         })?;
-        self.sync_dir(path.parent().unwrap_or(&self.root))
+        sync_dir_path(path.parent().unwrap_or(&self.root))
     }
 
     fn create_dir(&self, dir: &str) -> Result<()> {
-        let path = self.path_of(dir);
-        fs::create_dir_all(&path).map_err(|e| LsgError::io("create directory", &path, e))?;
-        self.sync_dir(path.parent().unwrap_or(&self.root))
+        create_dir_durably(&self.path_of(dir))
+    }
+
+    fn sync_dir(&self, dir: &str) -> Result<()> {
+        sync_dir_path(&self.path_of(dir))
     }
 
     fn lock(&self, name: &str, wait: bool) -> Result<Option<FileLock>> {
@@ -268,6 +283,39 @@ impl Store for FileStore {
         }
         Ok(Some(FileLock { _file: file, path }))
     }
+}
+
+fn sync_dir_path(dir: &Path) -> Result<()> {
+    let d = File::open(dir).map_err(|e| LsgError::io("open directory", dir, e))?;
+    d.sync_all()
+        .map_err(|e| LsgError::io("fsync directory", dir, e))
+}
+
+/// Creates `dir` and its missing ancestors, syncing each new entry's parent, so that a directory
+/// that exists after a crash was created whole.
+pub(crate) fn create_dir_durably(dir: &Path) -> Result<()> {
+    let mut missing = Vec::new();
+    let mut at = dir;
+    while !at.try_exists().map_err(|e| LsgError::io("stat", at, e))? {
+        missing.push(at);
+        match at.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => at = parent,
+            _ => break,
+        }
+    }
+    for created in missing.into_iter().rev() {
+        match fs::create_dir(created) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(LsgError::io("create directory", created, e)),
+        }
+        let parent = created
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        sync_dir_path(parent)?;
+    }
+    Ok(())
 }
 
 /// An exclusive `flock` on a file of the LSG; the kernel drops it when the process dies.
@@ -342,7 +390,12 @@ impl StoreFile for RealFile {
         check_range(&self.path, offset, buf.len(), self.len)?;
         self.file
             .read_exact_at(buf, offset)
-            .map_err(|e| LsgError::io("read", &self.path, e))
+            .map_err(|error| LsgError::Unreadable {
+                path: self.path.clone(),
+                offset,
+                len: buf.len() as u64,
+                error,
+            })
     }
 
     fn with_bytes<R>(&self, offset: u64, len: usize, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
@@ -381,12 +434,19 @@ struct SimInner {
     capacity_bytes: Option<u64>,
     /// Writes left before the simulated process dies right after one (see `crash_after_writes`).
     writes_until_death: Option<u64>,
+    /// Injected faults, by file name: syncs left to fail, and byte ranges that cannot be read.
+    failing_syncs: BTreeMap<String, u64>,
+    unreadable: BTreeMap<String, (u64, u64)>,
+    /// Files whose `create` names them but fails to make the name durable.
+    failing_entry_syncs: BTreeSet<String>,
     dead: bool,
     rng: ChaCha8Rng,
 }
 
 #[derive(Debug)]
 struct SimFileData {
+    /// Whether the file's directory entry is durable; a power loss removes it otherwise.
+    entry_durable: bool,
     durable: Vec<u8>,
     current: Vec<u8>,
     /// Writes since the last sync, oldest first: (offset, length).
@@ -405,6 +465,9 @@ impl SimStore {
                 incarnation: 0,
                 capacity_bytes: None,
                 writes_until_death: None,
+                failing_syncs: BTreeMap::new(),
+                unreadable: BTreeMap::new(),
+                failing_entry_syncs: BTreeSet::new(),
                 dead: false,
                 rng: ChaCha8Rng::seed_from_u64(seed),
             })),
@@ -447,6 +510,7 @@ impl SimStore {
         self.kill_process();
         let mut inner = self.inner();
         let SimInner { files, rng, .. } = &mut *inner;
+        files.retain(|_, data| data.entry_durable);
         for data in files.values_mut() {
             if let Some(&(offset, len)) = data.unsynced.last() {
                 let end = offset as usize + len;
@@ -478,6 +542,29 @@ impl SimStore {
         data.durable = data.current.clone();
         data.unsynced.clear();
         Ok(())
+    }
+
+    /// Makes the next `n` syncs of file `name` fail with an I/O error. As on Linux, the failed
+    /// sync's data stays readable but is no longer pending: a later successful sync does not make
+    /// it durable, and a power loss loses it.
+    pub fn fail_syncs(&self, name: &str, n: u64) {
+        self.inner().failing_syncs.insert(name.to_string(), n);
+    }
+
+    /// Makes `len` bytes at `offset` of file `name` unreadable, as a media error does: `read_at`
+    /// fails with an I/O error, and lending them (a memory map on real files) kills the process
+    /// (SIGBUS), here a panic.
+    pub fn fail_reads(&self, name: &str, offset: u64, len: u64) {
+        self.inner()
+            .unreadable
+            .insert(name.to_string(), (offset, offset.saturating_add(len)));
+    }
+
+    /// The `create` of `name` names the file but fails to make the name durable, as when the
+    /// directory sync fails after the rename: the file exists until a power loss, unless
+    /// [`Store::sync_dir`] of its directory succeeds first.
+    pub fn fail_entry_sync(&self, name: &str) {
+        self.inner().failing_entry_syncs.insert(name.to_string());
     }
 
     /// Flips one bit of a file as it is on "disk": for corruption tests.
@@ -528,14 +615,23 @@ impl Store for SimStore {
         }
         let mut bytes = vec![0u8; size_bytes.max(initial.len() as u64) as usize];
         bytes[..initial.len()].copy_from_slice(initial);
+        let entry_durable = !inner.failing_entry_syncs.remove(name);
         inner.files.insert(
             name.to_string(),
             SimFileData {
+                entry_durable,
                 durable: bytes.clone(),
                 current: bytes,
                 unsynced: Vec::new(),
             },
         );
+        if !entry_durable {
+            return Err(LsgError::Io {
+                op: "fsync directory",
+                path,
+                error: io::Error::other("injected directory sync failure"),
+            });
+        }
         Ok(SimFile {
             store: self.clone(),
             name: name.to_string(),
@@ -606,6 +702,24 @@ impl Store for SimStore {
             }
             at.push_str(part);
             inner.dirs.insert(at.clone());
+        }
+        Ok(())
+    }
+
+    fn sync_dir(&self, dir: &str) -> Result<()> {
+        let mut inner = self.inner();
+        let prefix = if dir.is_empty() {
+            String::new()
+        } else {
+            format!("{dir}/")
+        };
+        for (name, data) in inner.files.iter_mut() {
+            if name
+                .strip_prefix(&prefix)
+                .is_some_and(|rest| !rest.contains('/'))
+            {
+                data.entry_durable = true;
+            }
         }
         Ok(())
     }
@@ -694,6 +808,17 @@ impl StoreFile for SimFile {
 
     fn sync(&self) -> Result<()> {
         let mut inner = self.store.inner();
+        if let Some(left) = inner.failing_syncs.get_mut(&self.name)
+            && *left > 0
+        {
+            *left -= 1;
+            self.data(&mut inner)?.unsynced.clear();
+            return Err(LsgError::Io {
+                op: "fdatasync",
+                path: self.path.clone(),
+                error: io::Error::other("injected sync failure"),
+            });
+        }
         let file = self.data(&mut inner)?;
         for &(offset, len) in &file.unsynced {
             let start = offset as usize;
@@ -704,11 +829,38 @@ impl StoreFile for SimFile {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let len = buf.len();
-        self.with_bytes(offset, len, |bytes| buf.copy_from_slice(bytes))
+        if self.unreadable(offset, buf.len()) {
+            return Err(LsgError::Unreadable {
+                path: self.path.clone(),
+                offset,
+                len: buf.len() as u64,
+                error: io::Error::other("injected media error"),
+            });
+        }
+        self.lend(offset, buf.len(), |bytes| buf.copy_from_slice(bytes))
     }
 
     fn with_bytes<R>(&self, offset: u64, len: usize, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
+        assert!(
+            !self.unreadable(offset, len),
+            "SIGBUS: {} has a media error in {offset}..{}",
+            self.path.display(),
+            offset + len as u64
+        );
+        self.lend(offset, len, f)
+    }
+}
+
+impl SimFile {
+    fn unreadable(&self, offset: u64, len: usize) -> bool {
+        let inner = self.store.inner();
+        inner
+            .unreadable
+            .get(&self.name)
+            .is_some_and(|&(from, to)| offset < to && offset + (len as u64) > from)
+    }
+
+    fn lend<R>(&self, offset: u64, len: usize, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
         check_range(&self.path, offset, len, self.len)?;
         let mut inner = self.store.inner();
         let file = self.data(&mut inner)?;

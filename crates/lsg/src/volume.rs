@@ -30,7 +30,7 @@ use crate::manifest::Fence;
 use crate::record::{self, Decoded, RecordFlags, RecordType};
 use crate::segment::{self, SEGMENT_HEADER_BYTES, SegmentKind};
 use crate::slots;
-use crate::store::{Store, StoreFile};
+use crate::store::{self, Store, StoreFile};
 use crate::{LsgConfig, LsgId, Lsn};
 
 pub(crate) const VOLUMES_DIR: &str = "volumes";
@@ -268,7 +268,8 @@ impl<S: Store> DataVolume<S> {
             }
             let start = SEGMENT_HEADER_BYTES;
             let len = (file.len_bytes() - start) as usize;
-            let scanned = file.with_bytes(start, len, |bytes| {
+            let bytes = store::read_checked(&*file, start, len)?;
+            let scanned = (|| {
                 let mut at = 0usize;
                 let mut problem = None;
                 let mut closed = false;
@@ -308,7 +309,7 @@ impl<S: Store> DataVolume<S> {
                     }));
                 }
                 Ok((start + at as u64, problem, closed))
-            })?;
+            })();
             let (end, problem, closed) = scanned.map_err(|(offset, what)| LsgError::Corrupt {
                 path: file.path().to_path_buf(),
                 offset,
@@ -359,9 +360,9 @@ impl<S: Store> DataVolume<S> {
         if writable {
             // Nothing after the end may ever be taken for a record: zero it, drop later files.
             let file = &files[&tail_segment];
-            let written_end = file.with_bytes(0, file.len_bytes() as usize, |b| {
-                segment::written_len(b) as u64
-            })?;
+            let written_end =
+                segment::written_len(&store::read_checked(&**file, 0, file.len_bytes() as usize)?)
+                    as u64;
             if !tail_closed && written_end > tail_offset {
                 let zeros = vec![0u8; (written_end - tail_offset) as usize];
                 file.write_at(tail_offset, &zeros)?;
@@ -584,7 +585,7 @@ impl<S: Store> DataVolume<S> {
             inner.tail_closed = true;
         }
         let next = inner.tail_segment + 1;
-        let file = segment::create(
+        let created = segment::create(
             &*self.store,
             &self.dir,
             SegmentKind::DataVolume,
@@ -592,7 +593,22 @@ impl<S: Store> DataVolume<S> {
             next,
             self.config.volume_segment_bytes,
             false,
-        )?;
+        );
+        let file = match created {
+            // An earlier attempt named it but its directory sync failed: make the name durable
+            // before records go in. (Segments after the tail are removed at open.)
+            Err(LsgError::AlreadyExists { .. }) => {
+                self.store.sync_dir(&self.dir)?;
+                segment::open(
+                    &*self.store,
+                    &self.dir,
+                    SegmentKind::DataVolume,
+                    self.lsg_id,
+                    next,
+                )?
+            }
+            other => other?,
+        };
         inner.files.insert(next, Arc::new(file));
         inner.tail_segment = next;
         inner.tail_offset = SEGMENT_HEADER_BYTES;

@@ -286,3 +286,25 @@ fn a_power_loss_after_a_new_owner_wrote_on_loses_nothing_on_ext4() {
         assert_eq!(got.map(|r| r.value), Some(value(i)), "key {i} lost");
     }
 }
+
+/// `duplex lsg create` on a file system too small for it: the failure leaves no LSG behind, so
+/// the retry after space is freed creates one (it used to say the LSG already existed, and the
+/// LSG it named had no audit trail).
+#[test]
+fn a_creation_that_fills_the_disk_can_be_retried_once_space_is_freed() {
+    if !is_root() {
+        println!("not root: cannot mount a small tmpfs, real creation test not run");
+        return;
+    }
+    let fs = Tmpfs::mount("1m");
+    let dir = fs.path.join("lsg");
+    let e = LogStorageGroup::create(&dir, LsgId(2), config()).expect_err("1 MiB is too small");
+    assert!(matches!(e, LsgError::DiskFull { .. }), "{e}");
+    let missing = LogStorageGroup::open(&dir, config(), OpenMode::ReadOnly).expect_err("no LSG");
+    assert!(matches!(missing, LsgError::Missing { .. }), "{missing}");
+    fs.remount("size=16m");
+    let lsg = LogStorageGroup::create(&dir, LsgId(2), config()).expect("retry");
+    lsg.audit()
+        .append_durable(RecordType::Commit, RecordFlags::NONE, b"first")
+        .expect("append");
+}
