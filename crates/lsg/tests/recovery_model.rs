@@ -55,6 +55,8 @@ enum Op {
     /// `kill -9` of the owner: its unsynced writes stay in the page cache for the next owner.
     Kill,
     KillInFlush(u64),
+    /// The owner's next audit sync fails (its trail stops for good); then it is killed.
+    FailedSyncThenKill,
     /// The owner closes without a flush and a new one opens.
     Close,
     PowerLoss,
@@ -72,6 +74,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Kill),
         1 => (1u64..4).prop_map(Op::KillInFlush),
         1 => Just(Op::Close),
+        1 => Just(Op::FailedSyncThenKill),
         1 => Just(Op::PowerLoss),
         1 => (1u64..4).prop_map(Op::PowerLossInFlush),
     ]
@@ -161,17 +164,28 @@ proptest! {
                     v.compact().expect("compact");
                     acked = acked.max(v.checkpoint_lsn().0);
                 }
-                Op::Kill | Op::KillInFlush(_) | Op::Close | Op::PowerLoss | Op::PowerLossInFlush(_) => {
+                Op::Kill | Op::KillInFlush(_) | Op::FailedSyncThenKill | Op::Close | Op::PowerLoss | Op::PowerLossInFlush(_) => {
                     if let Op::KillInFlush(n) | Op::PowerLossInFlush(n) = op {
                         store.crash_after_writes(n);
                         if let Ok(l) = lsg.audit().flush() {
                             acked = l.0;
                         }
                     }
+                    if let Op::FailedSyncThenKill = op {
+                        for n in 1..64u64 {
+                            store.fail_syncs(&format!("audit/{n:016x}.seg"), 1);
+                        }
+                        if let Ok(l) = lsg.audit().flush() {
+                            acked = l.0;
+                        }
+                        for n in 1..64u64 {
+                            store.fail_syncs(&format!("audit/{n:016x}.seg"), 0);
+                        }
+                    }
                     drop(v);
                     drop(lsg);
                     match op {
-                        Op::Kill | Op::KillInFlush(_) => store.kill_process(),
+                        Op::Kill | Op::KillInFlush(_) | Op::FailedSyncThenKill => store.kill_process(),
                         Op::PowerLoss | Op::PowerLossInFlush(_) => store.power_loss(),
                         _ => {}
                     }
