@@ -171,10 +171,16 @@ impl<S: Store> LogStorageGroup<S> {
             // A file an earlier owner created may have a name that is not durable yet (its
             // directory sync failed or never ran); this owner builds on every file it finds.
             store.sync_dir("")?;
-            store.sync_dir(AUDIT_DIR)?;
-            store.sync_dir(VOLUMES_DIR)?;
-            for name in store.list(VOLUMES_DIR)? {
-                store.sync_dir(&format!("{VOLUMES_DIR}/{name}"))?;
+            let volume_dirs = store.list(VOLUMES_DIR)?;
+            let volume_dirs = volume_dirs.iter().map(|n| format!("{VOLUMES_DIR}/{n}"));
+            for dir in [AUDIT_DIR.to_string(), VOLUMES_DIR.to_string()]
+                .into_iter()
+                .chain(volume_dirs)
+            {
+                // A missing directory is reported by what needs it, with its own error.
+                if store.exists(&dir)? {
+                    store.sync_dir(&dir)?;
+                }
             }
         }
         let audit = AuditTrail::open(

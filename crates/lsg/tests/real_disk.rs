@@ -110,7 +110,9 @@ fn a_full_disk_is_a_clear_retriable_error_and_loses_nothing() {
         .wait_durable(Lsn(next.0 - 1))
         .expect("flush after space returns");
     drop(lsg);
-    let lsg = LogStorageGroup::open(&dir, config(), OpenMode::Write).expect("reopen");
+    // Waiting: a process another test thread is spawning holds a copy of the lock's descriptor
+    // from its fork until its exec.
+    let lsg = LogStorageGroup::open(&dir, config(), OpenMode::WriteWaiting).expect("reopen");
     assert_eq!(lsg.audit().next_lsn(), next);
     for r in lsg.audit().reader(Lsn(1)).expect("reader") {
         assert_eq!(r.expect("record").payload, payload);
