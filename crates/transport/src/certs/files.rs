@@ -509,3 +509,136 @@ fn read_secret(path: &Path) -> Result<String, CertError> {
     file.read_to_string(&mut text).map_err(read_err)?;
     Ok(text)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: Duration = Duration::from_secs(SECS_PER_DAY);
+
+    #[test]
+    fn validity_status_at_its_edges() {
+        let not_before = UNIX_EPOCH + DAY * 20_000;
+        let validity = Validity {
+            not_before,
+            not_after: not_before + DAY * 100,
+        };
+        let warn_from = validity.not_after - DAY * EXPIRY_WARNING_DAYS as u32;
+        let second = Duration::from_secs(1);
+        let cases = [
+            (not_before - second, ValidityStatus::NotYetValid),
+            (
+                not_before,
+                ValidityStatus::Valid {
+                    remaining_secs: 100 * SECS_PER_DAY,
+                },
+            ),
+            (
+                warn_from - second,
+                ValidityStatus::Valid {
+                    remaining_secs: EXPIRY_WARNING_DAYS * SECS_PER_DAY + 1,
+                },
+            ),
+            (
+                warn_from,
+                ValidityStatus::ExpiresSoon {
+                    remaining_secs: EXPIRY_WARNING_DAYS * SECS_PER_DAY,
+                },
+            ),
+            (
+                validity.not_after,
+                ValidityStatus::ExpiresSoon { remaining_secs: 0 },
+            ),
+            (validity.not_after + second, ValidityStatus::Expired),
+        ];
+        for (now, expected) in cases {
+            assert_eq!(validity.status_at(now), expected, "at {}", UtcTime(now));
+        }
+    }
+
+    #[test]
+    fn utc_time_shows_a_date_and_time() {
+        assert_eq!(
+            UtcTime(UNIX_EPOCH + Duration::from_secs(1_700_000_000)).to_string(),
+            "2023-11-14 22:13:20 UTC"
+        );
+        assert_eq!(
+            UtcTime(UNIX_EPOCH - DAY).to_string(),
+            "1969-12-31 00:00:00 UTC"
+        );
+    }
+
+    #[test]
+    fn loading_at_a_later_time_warns_then_refuses() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let issued = SystemTime::now();
+        ensure_cluster_certs(dir.path(), &[1]).expect("create");
+        let node_cert = dir.path().join("node-1.pem");
+        let (_, warnings) =
+            NodeCredentials::load_at(dir.path(), 1, issued + DAY * 334).expect("31 days left");
+        assert_eq!(warnings, Vec::new());
+        let (_, warnings) =
+            NodeCredentials::load_at(dir.path(), 1, issued + DAY * 336).expect("29 days left");
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].path, node_cert);
+        // 29 days less the moments between `issued` and the issue, in whole days.
+        assert!(
+            (28..=29).contains(&(warnings[0].remaining_secs / SECS_PER_DAY)),
+            "{}",
+            warnings[0]
+        );
+        match NodeCredentials::load_at(dir.path(), 1, issued + DAY * 366) {
+            Err(CertError::Expired { path, .. }) => assert_eq!(path, node_cert),
+            other => panic!("a year and a day later: {other:?}"),
+        }
+        match NodeCredentials::load_at(dir.path(), 1, issued - DAY) {
+            Err(CertError::NotYetValid { path, .. }) => {
+                assert_eq!(path, dir.path().join("ca.pem"));
+            }
+            other => panic!("a day before issue: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_cert_dir_lists_the_ca_then_nodes_by_number() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        ensure_cluster_certs(dir.path(), &[10, 2, 1]).expect("create");
+        fs::write(dir.path().join("node-x.pem"), "not a node").expect("write");
+        fs::write(dir.path().join("node-01.pem"), "not a node either").expect("write");
+        let listed = read_cert_dir(dir.path()).expect("list");
+        let names: Vec<_> = listed
+            .iter()
+            .map(|c| {
+                c.path
+                    .file_name()
+                    .expect("name")
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        assert_eq!(names, ["ca.pem", "node-1.pem", "node-2.pem", "node-10.pem"]);
+        assert!(listed[0].subject.starts_with("CN=Duplex cluster CA "));
+        assert_eq!(listed[3].subject, "CN=node-10.duplex");
+    }
+
+    #[test]
+    fn renewing_replaces_a_node_certificate_under_the_same_ca() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        ensure_cluster_certs(dir.path(), &[1]).expect("create");
+        let read = |name: &str| fs::read(dir.path().join(name)).expect("read");
+        let (ca, cert, key) = (read("ca.pem"), read("node-1.pem"), read("node-1.key"));
+        renew_node_cert(dir.path(), 1).expect("renew");
+        assert_eq!(read("ca.pem"), ca);
+        assert_ne!(read("node-1.pem"), cert);
+        assert_ne!(read("node-1.key"), key);
+        NodeCredentials::load(dir.path(), 1).expect("the renewed pair loads");
+
+        fs::remove_file(dir.path().join("ca.key")).expect("CA key kept elsewhere");
+        match renew_node_cert(dir.path(), 1) {
+            Err(CertError::Read { path, .. }) => assert_eq!(path, dir.path().join("ca.key")),
+            other => panic!("renewing without the CA key: {other:?}"),
+        }
+        ensure_cluster_certs(dir.path(), &[1])
+            .expect("nothing to issue, so the CA key is not needed");
+    }
+}
