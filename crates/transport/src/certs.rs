@@ -44,28 +44,30 @@ pub const NOT_BEFORE_BACKDATE_SECS: u64 = 3600;
 
 const SECS_PER_DAY: u64 = 86_400;
 
+/// What went wrong with a certificate or a cert directory, naming the file. The underlying error
+/// (OS, rcgen) is part of the message, not a separate cause, so it is printed once.
 #[derive(Debug, Error)]
 pub enum CertError {
-    #[error("generating {what}: {source}")]
-    Generate { what: String, source: rcgen::Error },
-    #[error("reading {path}: {source}")]
+    #[error("generating {what}: {error}")]
+    Generate { what: String, error: rcgen::Error },
+    #[error("reading {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("writing {path}: {source}")]
+    #[error("writing {path}: {error}")]
     Write {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("parsing {path}: {reason}")]
     Parse { path: PathBuf, reason: String },
     #[error("building TLS configuration: {reason}")]
     Tls { reason: String },
-    #[error("locking {path}: {source}")]
+    #[error("locking {path}: {error}")]
     Lock {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(
         "{key} exists but {cert} does not: refusing to make a new CA over an existing CA key \
@@ -142,9 +144,9 @@ pub fn verify_node_certificate(cert: &CertificateDer<'_>, node: u16) -> Result<(
 
 fn ca_params(key: &KeyPair) -> Result<CertificateParams, CertError> {
     let mut params =
-        CertificateParams::new(Vec::<String>::new()).map_err(|source| CertError::Generate {
+        CertificateParams::new(Vec::<String>::new()).map_err(|error| CertError::Generate {
             what: "CA parameters".into(),
-            source,
+            error,
         })?;
     params
         .distinguished_name
@@ -196,17 +198,17 @@ pub struct NodeCert {
 impl ClusterCa {
     /// A new CA, valid for `CA_VALIDITY_DAYS` from now.
     pub fn generate() -> Result<Self, CertError> {
-        let key = KeyPair::generate().map_err(|source| CertError::Generate {
+        let key = KeyPair::generate().map_err(|error| CertError::Generate {
             what: "CA key".into(),
-            source,
+            error,
         })?;
         let mut params = ca_params(&key)?;
         set_validity(&mut params, SystemTime::now(), CA_VALIDITY_DAYS)?;
         let cert = params
             .self_signed(&key)
-            .map_err(|source| CertError::Generate {
+            .map_err(|error| CertError::Generate {
                 what: "CA certificate".into(),
-                source,
+                error,
             })?;
         Ok(ClusterCa {
             cert_pem: cert.pem(),
@@ -217,31 +219,30 @@ impl ClusterCa {
     /// A new key and certificate for `node`, valid for `NODE_VALIDITY_DAYS` from now.
     pub fn issue_node(&self, node: u16) -> Result<NodeCert, CertError> {
         let what = |w: &str| format!("{w} of node {node}");
-        let ca_key = KeyPair::from_pem(&self.key_pem).map_err(|source| CertError::Generate {
+        let ca_key = KeyPair::from_pem(&self.key_pem).map_err(|error| CertError::Generate {
             what: "loading the CA key".into(),
-            source,
+            error,
         })?;
         let issuer = Issuer::new(ca_params(&ca_key)?, ca_key);
-        let key = KeyPair::generate().map_err(|source| CertError::Generate {
+        let key = KeyPair::generate().map_err(|error| CertError::Generate {
             what: what("key"),
-            source,
+            error,
         })?;
-        let mut params =
-            CertificateParams::new(vec![node_server_name(node)]).map_err(|source| {
-                CertError::Generate {
-                    what: what("parameters"),
-                    source,
-                }
-            })?;
+        let mut params = CertificateParams::new(vec![node_server_name(node)]).map_err(|error| {
+            CertError::Generate {
+                what: what("parameters"),
+                error,
+            }
+        })?;
         params
             .distinguished_name
             .push(DnType::CommonName, node_server_name(node));
         set_validity(&mut params, SystemTime::now(), NODE_VALIDITY_DAYS)?;
         let cert = params
             .signed_by(&key, &issuer)
-            .map_err(|source| CertError::Generate {
+            .map_err(|error| CertError::Generate {
                 what: what("certificate"),
-                source,
+                error,
             })?;
         Ok(NodeCert {
             node,

@@ -179,9 +179,9 @@ pub struct CertFileSummary {
 /// The CA certificate and every node certificate in `dir`, CA first, then by node number.
 /// Other files are ignored.
 pub fn read_cert_dir(dir: &Path) -> Result<Vec<CertFileSummary>, CertError> {
-    let read_err = |source| CertError::Read {
+    let read_err = |error| CertError::Read {
         path: dir.to_path_buf(),
-        source,
+        error,
     };
     let mut files: Vec<(Option<u16>, PathBuf)> = Vec::new();
     for entry in fs::read_dir(dir).map_err(read_err)? {
@@ -231,9 +231,9 @@ pub fn ensure_cluster_certs(dir: &Path, nodes: &[u16]) -> Result<(), CertError> 
         .mode(0o700)
         .create(dir)
         .and_then(|()| sync_dir(parent_dir(dir)))
-        .map_err(|source| CertError::Write {
+        .map_err(|error| CertError::Write {
             path: dir.to_path_buf(),
-            source,
+            error,
         })?;
     let _lock = lock_cert_dir(dir)?;
     let ca_cert_path = dir.join(CA_CERT_FILE);
@@ -409,12 +409,12 @@ fn lock_cert_dir(dir: &Path) -> Result<File, CertError> {
         .truncate(false)
         .mode(KEY_MODE)
         .open(&path)
-        .map_err(|source| CertError::Lock {
+        .map_err(|error| CertError::Lock {
             path: path.clone(),
-            source,
+            error,
         })?;
     file.lock()
-        .map_err(|source| CertError::Lock { path, source })?;
+        .map_err(|error| CertError::Lock { path, error })?;
     Ok(file)
 }
 
@@ -434,7 +434,7 @@ enum Publish {
 fn write_file(path: &Path, text: &str, mode: u32, publish: Publish) -> Result<(), CertError> {
     let write_err = |path: &Path| {
         let path = path.to_path_buf();
-        move |source| CertError::Write { path, source }
+        move |error| CertError::Write { path, error }
     };
     let dir = parent_dir(path);
     let name = path.file_name().unwrap_or_default().to_string_lossy();
@@ -477,25 +477,25 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 fn exists(path: &Path) -> Result<bool, CertError> {
-    path.try_exists().map_err(|source| CertError::Read {
+    path.try_exists().map_err(|error| CertError::Read {
         path: path.to_path_buf(),
-        source,
+        error,
     })
 }
 
 fn read(path: &Path) -> Result<String, CertError> {
-    fs::read_to_string(path).map_err(|source| CertError::Read {
+    fs::read_to_string(path).map_err(|error| CertError::Read {
         path: path.to_path_buf(),
-        source,
+        error,
     })
 }
 
 /// Reads a private key, refusing it if group or others may access it. The mode is checked on
 /// the opened file, so it is the mode of the bytes read.
 fn read_secret(path: &Path) -> Result<String, CertError> {
-    let read_err = |source| CertError::Read {
+    let read_err = |error| CertError::Read {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     let mut file = File::open(path).map_err(read_err)?;
     let mode = file.metadata().map_err(read_err)?.permissions().mode() & 0o7777;
