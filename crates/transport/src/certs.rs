@@ -86,10 +86,8 @@ pub enum CertError {
     )]
     KeyMismatch { key: PathBuf, cert: PathBuf },
     #[error(
-        "{path} is not valid before {} (valid {} to {}) and the clock says {}: check this host's \
-         clock",
-        UtcTime(validity.not_before), UtcTime(validity.not_before), UtcTime(validity.not_after),
-        UtcTime(*now)
+        "{path} is not valid yet (valid {} to {}) and the clock says {}: check this host's clock",
+        UtcTime(validity.not_before), UtcTime(validity.not_after), UtcTime(*now)
     )]
     NotYetValid {
         path: PathBuf,
