@@ -2,10 +2,12 @@
 //!
 //! Until the cluster exists it drives log storage groups directly: create and inspect one, and
 //! run a crash drill that kills a writer process at random points and checks what recovery finds.
+//! It also makes and shows a cluster's certificates.
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod certs_cmd;
 mod lsg_cmd;
 
 #[derive(Debug, Parser)]
@@ -25,6 +27,11 @@ enum Command {
     Lsg {
         #[command(subcommand)]
         command: lsg_cmd::LsgCommand,
+    },
+    /// Create, show and renew a cluster's certificates (CA and nodes) in a cert directory.
+    Certs {
+        #[command(subcommand)]
+        command: certs_cmd::CertsCommand,
     },
 }
 
@@ -49,5 +56,6 @@ fn run() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Lsg { command } => lsg_cmd::run(command),
+        Command::Certs { command } => certs_cmd::run(command),
     }
 }

@@ -2,15 +2,16 @@
 //! rcgen. Only holders of a certificate signed by the cluster CA can connect (mutual TLS 1.3),
 //! and a dialer checks that the server's certificate names the node it meant to reach.
 //!
-//! Files in a cluster's cert directory: `ca.pem`, `ca.key`, and `node-N.pem` / `node-N.key` for
-//! every node. A local cluster creates them at first start with `ensure_cluster_certs`.
+//! Every certificate has an explicit validity (`CA_VALIDITY_DAYS`, `NODE_VALIDITY_DAYS`), so a
+//! stolen node key stops working within a year and an operator has a date to plan renewal by.
+//! The cert directory on disk (`ca.pem`, `ca.key`, `node-N.pem`, `node-N.key`), how it is
+//! created, renewed and loaded, and what loading checks, is in `files`.
 //! rustls is built with the ring provider only, passed explicitly, so no process-wide provider
 //! has to be installed.
 
-use std::fs;
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::RootCertStore;
@@ -18,28 +19,94 @@ use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use thiserror::Error;
+use time::OffsetDateTime;
+
+mod files;
+
+pub use files::{
+    CertFileSummary, EXPIRY_WARNING_DAYS, ExpiryWarning, UtcTime, Validity, ValidityStatus,
+    ensure_cluster_certs, read_cert_dir, renew_node_cert,
+};
 
 /// ALPN label of the cluster protocol; versions are negotiated inside, not by ALPN.
 pub const ALPN: &[u8] = b"duplex";
 
+/// How long a new cluster CA is valid: ten years, longer than most clusters' hardware lives,
+/// because replacing a CA means re-issuing every node certificate at once.
+pub const CA_VALIDITY_DAYS: u64 = 3650;
+
+/// How long a new node certificate is valid: one year, renewed one node at a time.
+pub const NODE_VALIDITY_DAYS: u64 = 365;
+
+/// How far before its issue a certificate's validity starts, so that a host whose clock is
+/// behind the issuer's by up to this much accepts a new certificate at once.
+pub const NOT_BEFORE_BACKDATE_SECS: u64 = 3600;
+
+const SECS_PER_DAY: u64 = 86_400;
+
+/// What went wrong with a certificate or a cert directory, naming the file. The underlying error
+/// (OS, rcgen) is part of the message, not a separate cause, so it is printed once.
 #[derive(Debug, Error)]
 pub enum CertError {
-    #[error("generating {what}: {source}")]
-    Generate { what: String, source: rcgen::Error },
-    #[error("reading {path}: {source}")]
+    #[error("generating {what}: {error}")]
+    Generate { what: String, error: rcgen::Error },
+    #[error("reading {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("writing {path}: {source}")]
+    #[error("writing {path}: {error}")]
     Write {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("parsing {path}: {reason}")]
     Parse { path: PathBuf, reason: String },
     #[error("building TLS configuration: {reason}")]
     Tls { reason: String },
+    #[error("locking {path}: {error}")]
+    Lock {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error(
+        "{key} exists but {cert} does not: refusing to make a new CA over an existing CA key \
+         (node certificates it issued may be in use); restore {cert} from a backup, or move \
+         {key} aside to start a new CA and re-issue every node certificate"
+    )]
+    CaCertMissing { key: PathBuf, cert: PathBuf },
+    #[error(
+        "{path} has mode {mode:04o}: a private key must not be accessible by group or others \
+         (expected 0600 or 0400); run `chmod 600 {path}`"
+    )]
+    KeyAccessibleByOthers { path: PathBuf, mode: u32 },
+    #[error(
+        "{key} is not the key of {cert}: was a renewal interrupted? run `duplex certs renew` \
+         for this node"
+    )]
+    KeyMismatch { key: PathBuf, cert: PathBuf },
+    #[error(
+        "{path} is not valid yet (valid {} to {}) and the clock says {}: check this host's clock",
+        UtcTime(validity.not_before), UtcTime(validity.not_after), UtcTime(*now)
+    )]
+    NotYetValid {
+        path: PathBuf,
+        validity: Validity,
+        now: SystemTime,
+    },
+    #[error(
+        "{path} expired at {} (valid {} to {}) and the clock says {}: renew it (docs/transport.md, \
+         Certificates)",
+        UtcTime(validity.not_after), UtcTime(validity.not_before), UtcTime(validity.not_after),
+        UtcTime(*now)
+    )]
+    Expired {
+        path: PathBuf,
+        validity: Validity,
+        now: SystemTime,
+    },
+    #[error("the clock says {}, which a certificate's validity cannot carry", UtcTime(*now))]
+    ClockOutOfRange { now: SystemTime },
 }
 
 /// The name a node's certificate carries and a dialer checks.
@@ -75,9 +142,9 @@ pub fn verify_node_certificate(cert: &CertificateDer<'_>, node: u16) -> Result<(
 
 fn ca_params(key: &KeyPair) -> Result<CertificateParams, CertError> {
     let mut params =
-        CertificateParams::new(Vec::<String>::new()).map_err(|source| CertError::Generate {
+        CertificateParams::new(Vec::<String>::new()).map_err(|error| CertError::Generate {
             what: "CA parameters".into(),
-            source,
+            error,
         })?;
     params
         .distinguished_name
@@ -89,6 +156,26 @@ fn ca_params(key: &KeyPair) -> Result<CertificateParams, CertError> {
         KeyUsagePurpose::DigitalSignature,
     ];
     Ok(params)
+}
+
+/// Sets `params`' validity: from `NOT_BEFORE_BACKDATE_SECS` before `now` to `days` after it.
+fn set_validity(
+    params: &mut CertificateParams,
+    now: SystemTime,
+    days: u64,
+) -> Result<(), CertError> {
+    let out_of_range = || CertError::ClockOutOfRange { now };
+    let at = |t: Option<SystemTime>| {
+        let secs = t?.duration_since(UNIX_EPOCH).ok()?.as_secs();
+        OffsetDateTime::from_unix_timestamp(i64::try_from(secs).ok()?).ok()
+    };
+    params.not_before = at(now.checked_sub(Duration::from_secs(NOT_BEFORE_BACKDATE_SECS)))
+        .ok_or_else(out_of_range)?;
+    params.not_after = at(days
+        .checked_mul(SECS_PER_DAY)
+        .and_then(|secs| now.checked_add(Duration::from_secs(secs))))
+    .ok_or_else(out_of_range)?;
+    Ok(())
 }
 
 /// A cluster CA: its certificate and the key that signs node certificates.
@@ -107,16 +194,19 @@ pub struct NodeCert {
 }
 
 impl ClusterCa {
+    /// A new CA, valid for `CA_VALIDITY_DAYS` from now.
     pub fn generate() -> Result<Self, CertError> {
-        let key = KeyPair::generate().map_err(|source| CertError::Generate {
+        let key = KeyPair::generate().map_err(|error| CertError::Generate {
             what: "CA key".into(),
-            source,
+            error,
         })?;
-        let cert = ca_params(&key)?
+        let mut params = ca_params(&key)?;
+        set_validity(&mut params, SystemTime::now(), CA_VALIDITY_DAYS)?;
+        let cert = params
             .self_signed(&key)
-            .map_err(|source| CertError::Generate {
+            .map_err(|error| CertError::Generate {
                 what: "CA certificate".into(),
-                source,
+                error,
             })?;
         Ok(ClusterCa {
             cert_pem: cert.pem(),
@@ -124,32 +214,33 @@ impl ClusterCa {
         })
     }
 
+    /// A new key and certificate for `node`, valid for `NODE_VALIDITY_DAYS` from now.
     pub fn issue_node(&self, node: u16) -> Result<NodeCert, CertError> {
         let what = |w: &str| format!("{w} of node {node}");
-        let ca_key = KeyPair::from_pem(&self.key_pem).map_err(|source| CertError::Generate {
+        let ca_key = KeyPair::from_pem(&self.key_pem).map_err(|error| CertError::Generate {
             what: "loading the CA key".into(),
-            source,
+            error,
         })?;
         let issuer = Issuer::new(ca_params(&ca_key)?, ca_key);
-        let key = KeyPair::generate().map_err(|source| CertError::Generate {
+        let key = KeyPair::generate().map_err(|error| CertError::Generate {
             what: what("key"),
-            source,
+            error,
         })?;
-        let mut params =
-            CertificateParams::new(vec![node_server_name(node)]).map_err(|source| {
-                CertError::Generate {
-                    what: what("parameters"),
-                    source,
-                }
-            })?;
+        let mut params = CertificateParams::new(vec![node_server_name(node)]).map_err(|error| {
+            CertError::Generate {
+                what: what("parameters"),
+                error,
+            }
+        })?;
         params
             .distinguished_name
             .push(DnType::CommonName, node_server_name(node));
+        set_validity(&mut params, SystemTime::now(), NODE_VALIDITY_DAYS)?;
         let cert = params
             .signed_by(&key, &issuer)
-            .map_err(|source| CertError::Generate {
+            .map_err(|error| CertError::Generate {
                 what: what("certificate"),
-                source,
+                error,
             })?;
         Ok(NodeCert {
             node,
@@ -157,56 +248,6 @@ impl ClusterCa {
             key_pem: key.serialize_pem(),
         })
     }
-}
-
-fn write(path: PathBuf, text: &str) -> Result<(), CertError> {
-    fs::write(&path, text).map_err(|source| CertError::Write { path, source })
-}
-
-/// Writes a private key readable by its owner only (mode 0600 from creation, never wider).
-fn write_secret(path: PathBuf, text: &str) -> Result<(), CertError> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)
-        .and_then(|mut f| f.write_all(text.as_bytes()))
-        .map_err(|source| CertError::Write { path, source })
-}
-
-fn read(path: PathBuf) -> Result<String, CertError> {
-    fs::read_to_string(&path).map_err(|source| CertError::Read { path, source })
-}
-
-/// Creates the CA and the certificates of `nodes` in `dir` unless they already exist.
-pub fn ensure_cluster_certs(dir: &FsPath, nodes: &[u16]) -> Result<(), CertError> {
-    fs::create_dir_all(dir).map_err(|source| CertError::Write {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    let ca = if dir.join("ca.pem").exists() {
-        ClusterCa {
-            cert_pem: read(dir.join("ca.pem"))?,
-            key_pem: read(dir.join("ca.key"))?,
-        }
-    } else {
-        let ca = ClusterCa::generate()?;
-        write_secret(dir.join("ca.key"), &ca.key_pem)?;
-        write(dir.join("ca.pem"), &ca.cert_pem)?;
-        ca
-    };
-    for &node in nodes {
-        if dir.join(format!("node-{node}.pem")).exists() {
-            continue;
-        }
-        let cert = ca.issue_node(node)?;
-        write_secret(dir.join(format!("node-{node}.key")), &cert.key_pem)?;
-        write(dir.join(format!("node-{node}.pem")), &cert.cert_pem)?;
-    }
-    Ok(())
 }
 
 /// What an endpoint needs for mutual TLS: the cluster CA to trust and its own node identity.
@@ -230,43 +271,36 @@ impl Clone for NodeCredentials {
 }
 
 impl NodeCredentials {
+    /// Credentials from PEM text; errors name the part (`CA certificate`, `node certificate`,
+    /// `node key`). `load` reads them from a cert directory with its checks.
     pub fn from_pem(node: u16, ca_pem: &str, cert: &NodeCert) -> Result<Self, CertError> {
-        let parse = |what: &str, reason: String| CertError::Parse {
-            path: PathBuf::from(what),
-            reason,
-        };
-        let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes())
-            .map_err(|e| parse("CA certificate", e.to_string()))?;
-        let node_cert = CertificateDer::from_pem_slice(cert.cert_pem.as_bytes())
-            .map_err(|e| parse("node certificate", e.to_string()))?;
-        let key = match PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()) {
-            Ok(PrivateKeyDer::Pkcs8(k)) => k,
-            Ok(_) => return Err(parse("node key", "expected a PKCS#8 key".into())),
-            Err(e) => return Err(parse("node key", e.to_string())),
-        };
         Ok(NodeCredentials {
             node,
-            ca,
-            cert: node_cert,
-            key,
+            ca: parse_certificate(ca_pem, FsPath::new("CA certificate"))?,
+            cert: parse_certificate(&cert.cert_pem, FsPath::new("node certificate"))?,
+            key: parse_key(&cert.key_pem, FsPath::new("node key"))?,
         })
     }
+}
 
-    /// Loads node `node`'s credentials from a cert directory made by `ensure_cluster_certs`.
-    pub fn load(dir: &FsPath, node: u16) -> Result<Self, CertError> {
-        let ca_pem = read(dir.join("ca.pem"))?;
-        let cert = NodeCert {
-            node,
-            cert_pem: read(dir.join(format!("node-{node}.pem")))?,
-            key_pem: read(dir.join(format!("node-{node}.key")))?,
-        };
-        NodeCredentials::from_pem(node, &ca_pem, &cert).map_err(|e| match e {
-            CertError::Parse { reason, path } => CertError::Parse {
-                path: dir.join(path),
-                reason,
-            },
-            other => other,
-        })
+/// The first certificate of PEM text read from `path`.
+fn parse_certificate(pem: &str, path: &FsPath) -> Result<CertificateDer<'static>, CertError> {
+    CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| CertError::Parse {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+/// The PKCS#8 private key of PEM text read from `path`.
+fn parse_key(pem: &str, path: &FsPath) -> Result<PrivatePkcs8KeyDer<'static>, CertError> {
+    let parse = |reason: String| CertError::Parse {
+        path: path.to_path_buf(),
+        reason,
+    };
+    match PrivateKeyDer::from_pem_slice(pem.as_bytes()) {
+        Ok(PrivateKeyDer::Pkcs8(key)) => Ok(key),
+        Ok(_) => Err(parse("expected a PKCS#8 key".into())),
+        Err(e) => Err(parse(e.to_string())),
     }
 }
 
@@ -338,6 +372,7 @@ pub fn quinn_configs(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn cluster_certs_are_created_once_and_load() {

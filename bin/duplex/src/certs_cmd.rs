@@ -1,0 +1,111 @@
+//! `duplex certs …`: create a cluster's cert directory, show what is in it and when each
+//! certificate expires, and renew a node's certificate before it does.
+//!
+//! An operator's view of `duplex_transport::certs`: what a node checks when it loads its
+//! credentials (and warns about from `EXPIRY_WARNING_DAYS` before expiry), `show` lets an
+//! operator check for every certificate at once.
+
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use duplex_transport::certs::{
+    CertFileSummary, EXPIRY_WARNING_DAYS, UtcTime, ValidityStatus, ensure_cluster_certs,
+    read_cert_dir, renew_node_cert,
+};
+
+const SECS_PER_DAY: u64 = 86_400;
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Create the cluster CA and the certificates of the given nodes unless they exist.
+    Ensure {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Node numbers, comma-separated: `--nodes 1,2,3`.
+        #[arg(long, value_delimiter = ',', required = true)]
+        nodes: Vec<u16>,
+    },
+    /// List the CA and node certificates with their validity and how long each has left.
+    Show {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue a node a new key and certificate under the existing CA, replacing its old ones.
+    Renew {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        node: u16,
+    },
+}
+
+pub fn run(command: CertsCommand) -> Result<()> {
+    match command {
+        CertsCommand::Ensure { dir, nodes } => {
+            ensure_cluster_certs(&dir, &nodes)
+                .with_context(|| format!("creating certificates in {}", dir.display()))?;
+            show(&dir)
+        }
+        CertsCommand::Show { dir } => show(&dir),
+        CertsCommand::Renew { dir, node } => {
+            renew_node_cert(&dir, node)
+                .with_context(|| format!("renewing node {node}'s certificate"))?;
+            println!("renewed node {node}; restart its processes to use the new certificate");
+            show(&dir)
+        }
+    }
+}
+
+fn status(cert: &CertFileSummary, now: SystemTime) -> String {
+    match cert.validity.status_at(now) {
+        ValidityStatus::NotYetValid => "NOT YET VALID: check this host's clock".into(),
+        ValidityStatus::Valid { remaining_secs } => {
+            format!("valid, {} days left", remaining_secs / SECS_PER_DAY)
+        }
+        ValidityStatus::ExpiresSoon { remaining_secs } => format!(
+            "EXPIRES in {} days (warned from {EXPIRY_WARNING_DAYS}): renew",
+            remaining_secs / SECS_PER_DAY
+        ),
+        ValidityStatus::Expired => "EXPIRED: renew".into(),
+    }
+}
+
+fn show(dir: &std::path::Path) -> Result<()> {
+    let certs =
+        read_cert_dir(dir).with_context(|| format!("reading certificates in {}", dir.display()))?;
+    let now = SystemTime::now();
+    let rows: Vec<[String; 5]> = certs
+        .iter()
+        .map(|cert| {
+            [
+                cert.path
+                    .file_name()
+                    .map(|name| name.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                cert.subject.clone(),
+                UtcTime(cert.validity.not_before).to_string(),
+                UtcTime(cert.validity.not_after).to_string(),
+                status(cert, now),
+            ]
+        })
+        .collect();
+    let header = ["file", "subject", "not before", "not after", "status"].map(String::from);
+    let mut widths = header.clone().map(|h| h.len());
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.len());
+        }
+    }
+    println!("certificates in {} at {}", dir.display(), UtcTime(now));
+    for row in std::iter::once(&header).chain(&rows) {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:width$}"))
+            .collect();
+        println!("{}", cells.join("  ").trim_end());
+    }
+    Ok(())
+}
