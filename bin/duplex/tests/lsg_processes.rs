@@ -209,25 +209,14 @@ fn the_readme_drill_runs() {
     assert!(stdout.contains("drill passed: 3 kill points"), "{stdout}");
 }
 
-/// Every directory, rename and unlink of an LSG is followed by an fsync of its parent directory,
-/// checked on the system calls `duplex lsg create` makes (traced with strace) from a directory
-/// whose parents do not exist yet.
-#[test]
-fn every_new_name_is_made_durable_by_syncing_its_directory() {
-    let has_strace = Command::new("strace")
-        .arg("-V")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has_strace {
-        println!("strace not installed: directory sync test not run (.ci/run installs it)");
-        return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let lsg = dir.path().join("new/parents/lsg");
-    let trace = dir.path().join("trace");
+/// The system calls `duplex lsg create --dir DIR` makes, traced with strace: (index, path) of each
+/// name made or removed (mkdir, rename, unlink), and of each directory fsync'ed.
+type Traced = (Vec<(usize, String)>, Vec<(usize, String)>, String);
+
+fn trace_create(lsg: &Path, trace: &Path) -> Traced {
     let out = Command::new("strace")
         .args(["-f", "-y", "-o"])
-        .arg(&trace)
+        .arg(trace)
         .args([
             "-e",
             "trace=mkdir,mkdirat,rename,renameat,renameat2,unlink,unlinkat,fsync,fdatasync",
@@ -236,7 +225,7 @@ fn every_new_name_is_made_durable_by_syncing_its_directory() {
             "create",
             "--dir",
         ])
-        .arg(&lsg)
+        .arg(lsg)
         .output()
         .expect("run strace");
     assert!(
@@ -244,8 +233,7 @@ fn every_new_name_is_made_durable_by_syncing_its_directory() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let text = std::fs::read_to_string(&trace).expect("trace");
-    let root = dir.path().to_string_lossy().into_owned();
+    let text = std::fs::read_to_string(trace).expect("trace");
     // (index, path) of each new or removed name, and of each fsync'ed directory.
     let mut names = Vec::new();
     let mut synced = Vec::new();
@@ -269,17 +257,66 @@ fn every_new_name_is_made_durable_by_syncing_its_directory() {
             synced.extend(fd_path.map(|p| (i, p)));
         }
     }
+    (names, synced, text)
+}
+
+fn has_strace() -> bool {
+    let found = Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        println!("strace not installed: directory sync test not run (.ci/run installs it)");
+    }
+    found
+}
+
+fn parent_of(path: &str) -> String {
+    Path::new(path)
+        .parent()
+        .expect("parent")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Every directory, rename and unlink of an LSG is followed by an fsync of its parent directory,
+/// from a directory whose parents do not exist yet.
+#[test]
+fn every_new_name_is_made_durable_by_syncing_its_directory() {
+    if !has_strace() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (names, synced, text) = trace_create(
+        &dir.path().join("new/parents/lsg"),
+        &dir.path().join("trace"),
+    );
+    let root = dir.path().to_string_lossy().into_owned();
     let ours: Vec<_> = names.iter().filter(|(_, p)| p.starts_with(&root)).collect();
     assert!(ours.len() >= 6, "too few names traced:\n{text}");
     for (i, path) in ours {
-        let parent = Path::new(path)
-            .parent()
-            .expect("parent")
-            .to_string_lossy()
-            .into_owned();
+        let parent = parent_of(path);
         assert!(
             synced.iter().any(|(j, p)| j > i && *p == parent),
             "{path} (trace line {i}) is not followed by an fsync of {parent}:\n{text}"
         );
     }
+}
+
+/// An LSG directory the operator made beforehand (or an earlier attempt left) may have an entry
+/// that is not durable: creating the LSG in it syncs its parent too.
+#[test]
+fn creating_in_an_existing_directory_syncs_its_parent() {
+    if !has_strace() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lsg = dir.path().join("lsg");
+    std::fs::create_dir(&lsg).expect("mkdir by the operator");
+    let (_, synced, text) = trace_create(&lsg, &dir.path().join("trace"));
+    let parent = dir.path().to_string_lossy().into_owned();
+    assert!(
+        synced.iter().any(|(_, p)| *p == parent),
+        "no fsync of {parent}:\n{text}"
+    );
 }

@@ -30,6 +30,9 @@ use crate::{LsgConfig, LsgId, Lsn};
 
 pub(crate) const AUDIT_DIR: &str = "audit";
 
+/// The page size the rewrite of the tail at open is aligned to.
+const PAGE_BYTES: u64 = 4096;
+
 /// Flushed chunk buffers kept for reuse (each at most one torn window).
 const MAX_SPARE_BUFFERS: usize = 4;
 
@@ -262,7 +265,18 @@ impl<S: Store> AuditTrail<S> {
         if writable {
             // What recovery accepted may sit only in the page cache of an owner killed before its
             // flush synced; this owner vouches for it from now on, so make it durable first.
-            // Segments before the tail were synced before anything was written after them.
+            // Segments before the tail were synced before anything was written after them, and
+            // in the tail only the last flush can be unsynced: the torn window before the end.
+            // Those bytes are written again before the sync, because a page whose writeback
+            // failed (an earlier opener's sync) is clean though not on disk, and a sync alone
+            // would not write it.
+            let tail_file = &files[&tail_segment];
+            let from =
+                (end.saturating_sub(window) / PAGE_BYTES * PAGE_BYTES).max(SEGMENT_HEADER_BYTES);
+            if end > from {
+                let bytes = store::read_checked(&**tail_file, from, (end - from) as usize)?;
+                tail_file.write_at(from, &bytes)?;
+            }
             for file in files.range(tail_segment..).map(|(_, f)| f) {
                 file.sync()?;
             }
@@ -506,8 +520,10 @@ impl<S: Store> AuditTrail<S> {
         })
     }
 
-    /// Calls `f` on every durable record from `from` on, in place (no copies): the recovery scan.
-    /// Returns the last LSN seen. `f` must not call into this LSG.
+    /// Calls `f` on every durable record from `from` on, in place (no copies, through the memory
+    /// maps): the fast scan for inspection and shipping. Returns the last LSN seen. `f` must not
+    /// call into this LSG. A media error under a map kills the process (SIGBUS); recovery that
+    /// must survive one reads with [`reader`](Self::reader), which copies with `pread`.
     pub fn scan(
         &self,
         from: Lsn,
@@ -768,10 +784,12 @@ impl<S: Store> Shared<S> {
     /// Overwrites the bytes of a batch whose write or sync failed with zeros, best effort. They
     /// may still be readable in the page cache though not on disk (Linux keeps a page whose
     /// writeback failed, marked clean); the next owner must find the trail's end before them,
-    /// not take them for records and build on them. Only while this owner still holds the LSG.
+    /// not take them for records and build on them. Not once a newer owner is seen in the
+    /// manifest (on one host the ownership lock already keeps it out).
     fn scrub(&self, st: &State<S::File>, batch: &[Chunk]) {
-        if self.fence.as_ref().is_none_or(|f| f.check().is_err()) {
-            return;
+        match self.fence.as_ref().map(|f| f.check()) {
+            None | Some(Err(LsgError::Fenced { .. })) => return,
+            Some(_) => {}
         }
         for chunk in batch {
             if let Some(file) = st.files.get(&chunk.segment) {
@@ -886,6 +904,38 @@ impl<S: Store> Shared<S> {
             offset: SEGMENT_HEADER_BYTES,
         })
     }
+}
+
+/// Removes what a creation stopped before its manifest can leave in the audit directory: an
+/// empty first segment and temporary files. Anything else means an audit trail whose manifest is
+/// missing, refused with [`LsgError::ManifestMissing`] and left untouched.
+pub(crate) fn remove_creation_leftovers<S: Store>(store: &S) -> Result<()> {
+    let names = store.list(AUDIT_DIR)?;
+    let first = segment::segment_name(AUDIT_DIR, 1);
+    for name in &names {
+        let path = format!("{AUDIT_DIR}/{name}");
+        let leftover = if name.ends_with(".tmp") {
+            true
+        } else if path == first {
+            let file = store.open(&path)?;
+            let probe = (record::RECORD_HEADER_BYTES as u64)
+                .min(file.len_bytes().saturating_sub(SEGMENT_HEADER_BYTES));
+            store::read_checked(&file, SEGMENT_HEADER_BYTES, probe as usize)?
+                .iter()
+                .all(|&b| b == 0)
+        } else {
+            false
+        };
+        if !leftover {
+            return Err(LsgError::ManifestMissing {
+                path: store.root().join(&path),
+            });
+        }
+    }
+    for name in names {
+        store.remove(&format!("{AUDIT_DIR}/{name}"))?;
+    }
+    Ok(())
 }
 
 /// Creates the audit directory and the first segment of a new, empty trail.

@@ -133,6 +133,10 @@ pub enum LsgError {
     },
     #[error("LSG at {path} already exists")]
     AlreadyExists { path: PathBuf },
+    #[error(
+        "{path} belongs to an audit trail whose MANIFEST is missing; nothing was changed (restore the MANIFEST, or move the directory away to create a new LSG)"
+    )]
+    ManifestMissing { path: PathBuf },
     #[error("key of {length} bytes exceeds the limit of {limit} bytes")]
     KeyTooLarge { length: usize, limit: usize },
     #[error("value of {length} bytes exceeds the limit of {limit} bytes")]

@@ -81,10 +81,13 @@ impl<S: Store> LogStorageGroup<S> {
                 path: store.root().to_path_buf(),
                 epoch: 0,
             })?;
-        // A creation stopped before its manifest may have left audit files behind.
-        for name in store.list(AUDIT_DIR)? {
-            store.remove(&format!("{AUDIT_DIR}/{name}"))?;
+        // Another creator may have finished between the check above and the lock.
+        if store.exists(MANIFEST_NAME)? {
+            return Err(LsgError::AlreadyExists {
+                path: store.root().to_path_buf(),
+            });
         }
+        audit::remove_creation_leftovers(&*store)?;
         audit::create_first_segment(&*store, lsg_id, &config)?;
         store.create_dir(VOLUMES_DIR)?;
         let (manifest_file, manifest) = manifest::create(&*store, lsg_id, &config)?;
@@ -134,6 +137,22 @@ impl<S: Store> LogStorageGroup<S> {
                 }
             }
         };
+        if lock.is_some() {
+            // A file an earlier owner created may have a name that is not durable yet (its
+            // directory sync failed or never ran); this owner builds on every file it finds.
+            store.sync_dir("")?;
+            let volume_dirs = store.list(VOLUMES_DIR)?;
+            let volume_dirs = volume_dirs.iter().map(|n| format!("{VOLUMES_DIR}/{n}"));
+            for dir in [AUDIT_DIR.to_string(), VOLUMES_DIR.to_string()]
+                .into_iter()
+                .chain(volume_dirs)
+            {
+                // A missing directory is reported by what needs it, with its own error.
+                if store.exists(&dir)? {
+                    store.sync_dir(&dir)?;
+                }
+            }
+        }
         let manifest_file = store.open(MANIFEST_NAME)?;
         let mut manifest = manifest::read(&manifest_file)?;
         // Appends may use the larger of the stored limits and ours; recovery must judge the files
@@ -167,22 +186,6 @@ impl<S: Store> LogStorageGroup<S> {
         } else {
             None
         };
-        if fence.is_some() {
-            // A file an earlier owner created may have a name that is not durable yet (its
-            // directory sync failed or never ran); this owner builds on every file it finds.
-            store.sync_dir("")?;
-            let volume_dirs = store.list(VOLUMES_DIR)?;
-            let volume_dirs = volume_dirs.iter().map(|n| format!("{VOLUMES_DIR}/{n}"));
-            for dir in [AUDIT_DIR.to_string(), VOLUMES_DIR.to_string()]
-                .into_iter()
-                .chain(volume_dirs)
-            {
-                // A missing directory is reported by what needs it, with its own error.
-                if store.exists(&dir)? {
-                    store.sync_dir(&dir)?;
-                }
-            }
-        }
         let audit = AuditTrail::open(
             Arc::clone(&store),
             manifest.lsg_id,

@@ -291,8 +291,9 @@ fn sync_dir_path(dir: &Path) -> Result<()> {
         .map_err(|e| LsgError::io("fsync directory", dir, e))
 }
 
-/// Creates `dir` and its missing ancestors, syncing each new entry's parent, so that a directory
-/// that exists after a crash was created whole.
+/// Creates `dir` and its missing ancestors, syncing the parent of each new one and of `dir`
+/// itself even when it existed (an earlier attempt or the operator may have made it without a
+/// sync), so that after a crash `dir` is there.
 pub(crate) fn create_dir_durably(dir: &Path) -> Result<()> {
     let mut missing = Vec::new();
     let mut at = dir;
@@ -303,17 +304,24 @@ pub(crate) fn create_dir_durably(dir: &Path) -> Result<()> {
             _ => break,
         }
     }
+    let parent_of = |p: &Path| -> PathBuf {
+        p.parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf()
+    };
+    let mut to_sync = BTreeSet::new();
     for created in missing.into_iter().rev() {
         match fs::create_dir(created) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(LsgError::io("create directory", created, e)),
         }
-        let parent = created
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        sync_dir_path(parent)?;
+        to_sync.insert(parent_of(created));
+    }
+    to_sync.insert(parent_of(dir));
+    for parent in to_sync {
+        sync_dir_path(&parent)?;
     }
     Ok(())
 }

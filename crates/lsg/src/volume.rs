@@ -106,6 +106,8 @@ struct Inner<F> {
     checkpoint_file: F,
     checkpoint_sequence: u64,
     checkpoint_lsn: Lsn,
+    /// (segment, offset) up to which the last checkpoint vouches the files are durable.
+    checkpoint_position: (u64, u64),
 }
 
 /// What a volume of an owned LSG writes under: the owner's fence and the trail it logs to.
@@ -376,7 +378,16 @@ impl<S: Store> DataVolume<S> {
             // Records after the checkpoint position may be only in the page cache of an earlier
             // owner (killed, or closed without a flush); the next checkpoint vouches for them.
             for file in files.range(synced.0..).map(|(_, f)| f) {
-                file.sync()?;
+                if let Err(e) = file.sync() {
+                    let end = tail_offset
+                        + if tail_closed {
+                            SEGMENT_END_BYTES as u64
+                        } else {
+                            0
+                        };
+                    scrub_after(&files, synced, tail_segment, end);
+                    return Err(e);
+                }
             }
         }
         let live_keys = index
@@ -407,6 +418,7 @@ impl<S: Store> DataVolume<S> {
                 checkpoint_file,
                 checkpoint_sequence,
                 checkpoint_lsn: Lsn(checkpoint_lsn),
+                checkpoint_position: synced,
             }),
         })
     }
@@ -620,6 +632,8 @@ impl<S: Store> DataVolume<S> {
     pub fn get(&self, key: &[u8]) -> Result<Option<VolumeRecord>> {
         self.check_key(key)?;
         let inner = self.read();
+        // After a failed sync the records after the checkpoint were scrubbed.
+        check_not_failed(&inner)?;
         let Some(entry) = inner.index.get(key) else {
             return Ok(None);
         };
@@ -661,6 +675,7 @@ impl<S: Store> DataVolume<S> {
         limit: usize,
     ) -> Result<Vec<VolumeRecord>> {
         let inner = self.read();
+        check_not_failed(&inner)?;
         let mut out = Vec::new();
         for (key, entry) in inner.index.range::<[u8], _>(range) {
             if out.len() >= limit {
@@ -726,8 +741,21 @@ impl<S: Store> DataVolume<S> {
             if let Some(file) = inner.files.get(&n)
                 && let Err(e) = file.sync()
             {
-                // After a failed sync the page cache cannot be trusted: stop for good.
+                // After a failed sync the page cache cannot be trusted: stop for good, and leave
+                // no record after the checkpoint for a next owner to take as written.
                 inner.failure = Some(e.to_string());
+                let end = inner.tail_offset
+                    + if inner.tail_closed {
+                        SEGMENT_END_BYTES as u64
+                    } else {
+                        0
+                    };
+                scrub_after(
+                    &inner.files,
+                    inner.checkpoint_position,
+                    inner.tail_segment,
+                    end,
+                );
                 return Err(e);
             }
             inner.dirty.remove(&n);
@@ -746,6 +774,7 @@ impl<S: Store> DataVolume<S> {
         .inspect_err(|e| inner.failure = Some(e.to_string()))?;
         inner.checkpoint_sequence = next;
         inner.checkpoint_lsn = lsn;
+        inner.checkpoint_position = (inner.tail_segment, inner.tail_offset);
         inner.first_segment = first;
         inner.newest_lsn = Lsn(0);
         Ok(())
@@ -813,6 +842,38 @@ impl<S: Store> DataVolume<S> {
             segments_removed: old.len(),
             deletion_markers_dropped: dropped,
         })
+    }
+}
+
+/// Overwrites every record after the checkpoint `position` up to `tail_end` in `tail_segment`
+/// with zeros, best effort, after a sync failed. Their pages may stay readable though they never
+/// reached the disk (Linux marks a page whose writeback failed clean); a next owner on this host
+/// must end the volume at the checkpoint and redo the rest from the audit trail, not vouch for
+/// them in its own checkpoint. Nothing after the checkpoint position is needed: redo restores it.
+fn scrub_after<F: StoreFile>(
+    files: &BTreeMap<u64, Arc<F>>,
+    position: (u64, u64),
+    tail_segment: u64,
+    tail_end: u64,
+) {
+    for (&n, file) in files.range(position.0..=tail_segment) {
+        let from = if n == position.0 {
+            position.1
+        } else {
+            SEGMENT_HEADER_BYTES
+        };
+        let to = if n == tail_segment {
+            tail_end.min(file.len_bytes())
+        } else {
+            file.len_bytes()
+        };
+        if to > from {
+            let zeros = vec![0u8; (to - from) as usize];
+            if let Err(e) = file.write_at(from, &zeros) {
+                warn!(path = %file.path().display(), offset = from, error = %e,
+                    "data volume: could not scrub records after a failed sync");
+            }
+        }
     }
 }
 

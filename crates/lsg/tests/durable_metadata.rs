@@ -3,8 +3,12 @@
 //! leave nothing for the next owner to build on, and a media error during recovery is an error
 //! that names the place, not a dead process.
 
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
 use duplex_lsg::{
-    LogStorageGroup, LsgConfig, LsgError, LsgId, Lsn, OpenMode, RecordFlags, RecordType, SimStore,
+    LogStorageGroup, LsgConfig, LsgError, LsgId, Lsn, OpenMode, RecordFlags, RecordType, SimFile,
+    SimLock, SimStore, Store,
 };
 
 fn config() -> LsgConfig {
@@ -212,8 +216,210 @@ fn a_media_error_during_recovery_is_an_error_naming_file_and_offset() {
         v.flush(lsn).expect("flush");
     }
     store.power_loss();
-    store.fail_reads("volumes/v/0000000000000001.seg", 0, 16 << 10);
-    let e = LogStorageGroup::open_in(store, config(), OpenMode::ReadOnly)
-        .expect_err("unreadable volume");
-    assert!(matches!(e, LsgError::Unreadable { .. }), "{e}");
+    // Past the segment header: the volume's records, read when the index is rebuilt.
+    store.fail_reads("volumes/v/0000000000000001.seg", 4096, 512);
+    let e =
+        LogStorageGroup::open_in(store, config(), OpenMode::Write).expect_err("unreadable volume");
+    let LsgError::Unreadable { path, offset, .. } = &e else {
+        panic!("{e}");
+    };
+    assert!(path.ends_with("volumes/v/0000000000000001.seg"), "{e}");
+    assert!(*offset <= 4096, "{e}");
+}
+
+/// A `SimStore` that runs a hook once, when the ownership lock is first asked for: between a
+/// creator's check for an existing LSG and its taking the lock.
+#[derive(Clone)]
+struct BeforeLock {
+    sim: SimStore,
+    hook: Arc<Mutex<Option<Box<dyn FnOnce() + Send>>>>,
+}
+
+impl std::fmt::Debug for BeforeLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BeforeLock")
+    }
+}
+
+impl Store for BeforeLock {
+    type File = SimFile;
+    type Lock = SimLock;
+    fn root(&self) -> &Path {
+        self.sim.root()
+    }
+    fn create(
+        &self,
+        name: &str,
+        initial: &[u8],
+        size: u64,
+        pre: bool,
+    ) -> duplex_lsg::Result<SimFile> {
+        self.sim.create(name, initial, size, pre)
+    }
+    fn open(&self, name: &str) -> duplex_lsg::Result<SimFile> {
+        self.sim.open(name)
+    }
+    fn exists(&self, name: &str) -> duplex_lsg::Result<bool> {
+        self.sim.exists(name)
+    }
+    fn list(&self, dir: &str) -> duplex_lsg::Result<Vec<String>> {
+        self.sim.list(dir)
+    }
+    fn remove(&self, name: &str) -> duplex_lsg::Result<()> {
+        self.sim.remove(name)
+    }
+    fn create_dir(&self, dir: &str) -> duplex_lsg::Result<()> {
+        self.sim.create_dir(dir)
+    }
+    fn sync_dir(&self, dir: &str) -> duplex_lsg::Result<()> {
+        self.sim.sync_dir(dir)
+    }
+    fn lock(&self, name: &str, wait: bool) -> duplex_lsg::Result<Option<SimLock>> {
+        let hook = self.hook.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(hook) = hook {
+            hook();
+        }
+        self.sim.lock(name, wait)
+    }
+}
+
+/// Two creators race: the one that loses the race for the lock must find the winner's LSG, not
+/// clear its audit trail as leftovers of a stopped creation.
+#[test]
+fn a_creator_that_lost_the_race_leaves_the_winners_lsg_alone() {
+    let sim = SimStore::new(11);
+    let winner = sim.clone();
+    let racing = BeforeLock {
+        sim: sim.clone(),
+        hook: Arc::new(Mutex::new(Some(Box::new(move || {
+            let lsg = LogStorageGroup::create_in(winner, LsgId(1), config()).expect("winner");
+            lsg.audit()
+                .append_durable(RecordType::Commit, RecordFlags::NONE, b"acknowledged")
+                .expect("append");
+        })))),
+    };
+    let e = LogStorageGroup::create_in(racing, LsgId(2), config()).expect_err("lost the race");
+    assert!(matches!(e, LsgError::AlreadyExists { .. }), "{e}");
+    let lsg = LogStorageGroup::open_in(sim, config(), OpenMode::Write).expect("reopen");
+    assert_eq!(lsg.lsg_id(), LsgId(1));
+    assert_eq!(lsg.audit().next_lsn(), Lsn(2));
+}
+
+/// An audit trail whose manifest was lost is not a leftover of a stopped creation: creating an
+/// LSG over it is refused and nothing is removed.
+#[test]
+fn creating_over_an_audit_trail_without_a_manifest_is_refused() {
+    let store = SimStore::new(12);
+    {
+        let lsg = LogStorageGroup::create_in(store.clone(), LsgId(7), config()).expect("create");
+        for _ in 0..40 {
+            lsg.audit()
+                .append_durable(RecordType::Update, RecordFlags::NONE, &[1u8; 3000])
+                .expect("append");
+        }
+    }
+    store.remove("MANIFEST").expect("the manifest is lost");
+    let before = store.list("audit").expect("list");
+    assert!(before.len() >= 2);
+    let e = LogStorageGroup::create_in(store.clone(), LsgId(7), config()).expect_err("refused");
+    assert!(matches!(e, LsgError::ManifestMissing { .. }), "{e}");
+    assert!(e.to_string().contains("nothing was changed"), "{e}");
+    assert_eq!(store.list("audit").expect("list"), before);
+}
+
+/// An owner's open-time sync fails (its open fails); a second opener's sync then finds nothing
+/// pending, as on Linux, yet must make the records it accepts durable before it acknowledges
+/// anything after them.
+#[test]
+fn a_failed_sync_at_open_does_not_let_the_next_opener_vouch_for_unwritten_records() {
+    let store = SimStore::new(13);
+    {
+        let lsg = LogStorageGroup::create_in(store.clone(), LsgId(1), config()).expect("create");
+        lsg.audit()
+            .append_durable(RecordType::Commit, RecordFlags::NONE, b"one")
+            .expect("append");
+        lsg.audit()
+            .append(RecordType::Commit, RecordFlags::NONE, b"two")
+            .expect("append");
+        store.crash_after_writes(1);
+        assert!(matches!(lsg.audit().flush(), Err(LsgError::Crashed)));
+    }
+    store.kill_process();
+    store.fail_syncs(FIRST_SEGMENT, 1);
+    let e = LogStorageGroup::open_in(store.clone(), config(), OpenMode::Write)
+        .expect_err("the open-time sync fails");
+    assert!(matches!(e, LsgError::Io { .. }), "{e}");
+    let acked = {
+        let lsg =
+            LogStorageGroup::open_in(store.clone(), config(), OpenMode::Write).expect("retry");
+        assert_eq!(lsg.audit().next_lsn(), Lsn(3));
+        lsg.audit()
+            .append_durable(RecordType::Commit, RecordFlags::NONE, b"three")
+            .expect("append")
+    };
+    store.power_loss();
+    let lsg = LogStorageGroup::open_in(store, config(), OpenMode::Write).expect("reopen");
+    assert!(
+        lsg.audit().next_lsn() > acked,
+        "acknowledged LSN {acked} lost: next LSN {}",
+        lsg.audit().next_lsn()
+    );
+}
+
+/// A failed volume sync stops that owner; the same host's next owner (a CPU takeover shares the
+/// page cache) must not take the unwritten records for durable ones and checkpoint past them.
+#[test]
+fn a_failed_volume_sync_then_a_takeover_then_a_power_loss_loses_nothing() {
+    let store = SimStore::new(14);
+    {
+        let mut lsg =
+            LogStorageGroup::create_in(store.clone(), LsgId(1), config()).expect("create");
+        let v = lsg.create_volume("v").expect("volume");
+        let l1 = lsg
+            .audit()
+            .append_durable(RecordType::Update, RecordFlags::NONE, b"k1")
+            .expect("append");
+        v.put(b"k1", b"one", l1).expect("put");
+        v.flush(l1).expect("checkpoint");
+        let l2 = lsg
+            .audit()
+            .append_durable(RecordType::Update, RecordFlags::NONE, b"k2")
+            .expect("append");
+        v.put(b"k2", b"two", l2).expect("put");
+        store.fail_syncs("volumes/v/0000000000000001.seg", 1);
+        v.flush(l2).expect_err("the volume sync fails");
+        assert!(matches!(v.get(b"k2"), Err(LsgError::Failed(_))));
+    }
+    store.kill_process();
+    {
+        let lsg =
+            LogStorageGroup::open_in(store.clone(), config(), OpenMode::Write).expect("takeover");
+        let v = lsg.volume("v").expect("volume");
+        // Redo from the trail, as the volume pair does after a takeover.
+        assert_eq!(
+            v.get(b"k2").expect("get"),
+            None,
+            "the unwritten record was taken"
+        );
+        v.put(b"k2", b"two", Lsn(2)).expect("redo");
+        let l3 = lsg
+            .audit()
+            .append_durable(RecordType::Update, RecordFlags::NONE, b"k3")
+            .expect("append");
+        v.put(b"k3", b"three", l3).expect("put");
+        v.flush(l3).expect("checkpoint by the new owner");
+    }
+    store.power_loss();
+    let lsg = LogStorageGroup::open_in(store, config(), OpenMode::Write).expect("opens");
+    let v = lsg.volume("v").expect("volume");
+    for (k, value) in [
+        (&b"k1"[..], &b"one"[..]),
+        (b"k2", b"two"),
+        (b"k3", b"three"),
+    ] {
+        assert_eq!(
+            v.get(k).expect("get").map(|r| r.value),
+            Some(value.to_vec())
+        );
+    }
 }

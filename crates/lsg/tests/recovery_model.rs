@@ -57,6 +57,8 @@ enum Op {
     KillInFlush(u64),
     /// The owner's next audit sync fails (its trail stops for good); then it is killed.
     FailedSyncThenKill,
+    /// The owner's next volume flush fails to sync (the volume stops for good); then it is killed.
+    FailedVolumeSyncThenKill,
     /// The owner closes without a flush and a new one opens.
     Close,
     PowerLoss,
@@ -75,6 +77,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (1u64..4).prop_map(Op::KillInFlush),
         1 => Just(Op::Close),
         1 => Just(Op::FailedSyncThenKill),
+        1 => Just(Op::FailedVolumeSyncThenKill),
         1 => Just(Op::PowerLoss),
         1 => (1u64..4).prop_map(Op::PowerLossInFlush),
     ]
@@ -164,7 +167,7 @@ proptest! {
                     v.compact().expect("compact");
                     acked = acked.max(v.checkpoint_lsn().0);
                 }
-                Op::Kill | Op::KillInFlush(_) | Op::FailedSyncThenKill | Op::Close | Op::PowerLoss | Op::PowerLossInFlush(_) => {
+                Op::Kill | Op::KillInFlush(_) | Op::FailedSyncThenKill | Op::FailedVolumeSyncThenKill | Op::Close | Op::PowerLoss | Op::PowerLossInFlush(_) => {
                     if let Op::KillInFlush(n) | Op::PowerLossInFlush(n) = op {
                         store.crash_after_writes(n);
                         if let Ok(l) = lsg.audit().flush() {
@@ -182,10 +185,22 @@ proptest! {
                             store.fail_syncs(&format!("audit/{n:016x}.seg"), 0);
                         }
                     }
+                    if let Op::FailedVolumeSyncThenKill = op {
+                        for n in 1..64u64 {
+                            store.fail_syncs(&format!("volumes/v/{n:016x}.seg"), 1);
+                        }
+                        let last = Lsn(lsg.audit().next_lsn().0 - 1);
+                        if v.flush(last).is_ok() {
+                            acked = acked.max(last.0);
+                        }
+                        for n in 1..64u64 {
+                            store.fail_syncs(&format!("volumes/v/{n:016x}.seg"), 0);
+                        }
+                    }
                     drop(v);
                     drop(lsg);
                     match op {
-                        Op::Kill | Op::KillInFlush(_) | Op::FailedSyncThenKill => store.kill_process(),
+                        Op::Kill | Op::KillInFlush(_) | Op::FailedSyncThenKill | Op::FailedVolumeSyncThenKill => store.kill_process(),
                         Op::PowerLoss | Op::PowerLossInFlush(_) => store.power_loss(),
                         _ => {}
                     }
