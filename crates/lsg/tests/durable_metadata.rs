@@ -227,12 +227,14 @@ fn a_media_error_during_recovery_is_an_error_naming_file_and_offset() {
     assert!(*offset <= 4096, "{e}");
 }
 
+type Hook = Box<dyn FnOnce() + Send>;
+
 /// A `SimStore` that runs a hook once, when the ownership lock is first asked for: between a
 /// creator's check for an existing LSG and its taking the lock.
 #[derive(Clone)]
 struct BeforeLock {
     sim: SimStore,
-    hook: Arc<Mutex<Option<Box<dyn FnOnce() + Send>>>>,
+    hook: Arc<Mutex<Option<Hook>>>,
 }
 
 impl std::fmt::Debug for BeforeLock {
