@@ -97,6 +97,10 @@ struct State<F> {
     stats: AuditStats,
     /// Buffers of flushed chunks, kept for the next ones: no allocation per flush.
     spare_buffers: Vec<Vec<u8>>,
+    /// Segments from this number on were found at open without records: an owner that died
+    /// between naming one and syncing the directory leaves a name that may not be durable, so
+    /// the directory is synced before the first record goes into one of them.
+    names_unsure_from: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -267,6 +271,7 @@ impl<S: Store> AuditTrail<S> {
             // flush synced; this owner vouches for it from now on, so make it durable first.
             // Segments before the tail were synced before anything was written after them, and
             // in the tail only the last flush can be unsynced: the torn window before the end.
+            // Later segments hold no records (zeroed above, or spares synced when made).
             // Those bytes are written again before the sync, because a page whose writeback
             // failed (an earlier opener's sync) is clean though not on disk, and a sync alone
             // would not write it.
@@ -277,10 +282,13 @@ impl<S: Store> AuditTrail<S> {
                 let bytes = store::read_checked(&**tail_file, from, (end - from) as usize)?;
                 tail_file.write_at(from, &bytes)?;
             }
-            for file in files.range(tail_segment..).map(|(_, f)| f) {
-                file.sync()?;
-            }
+            tail_file.sync()?;
         }
+        let names_unsure_from = if last_lsn == Lsn(0) || end == SEGMENT_HEADER_BYTES {
+            Some(tail_segment)
+        } else {
+            files.range(tail_segment + 1..).map(|(&n, _)| n).next()
+        };
         let tail_capacity = files[&tail_segment].len_bytes();
         let tail_pos = Position {
             segment: tail_segment,
@@ -318,6 +326,7 @@ impl<S: Store> AuditTrail<S> {
                 preallocated_up_to,
                 stats: AuditStats::default(),
                 spare_buffers: Vec::new(),
+                names_unsure_from,
             }),
             flushed: [Condvar::new(), Condvar::new()],
             creating: Mutex::new(()),
@@ -811,6 +820,13 @@ impl<S: Store> Shared<S> {
     fn write_batch(&self, batch: &[Chunk]) -> Result<()> {
         if let Some(fence) = &self.fence {
             fence.check()?;
+        }
+        let unsure = lock(&self.state).names_unsure_from;
+        if let Some(first) = unsure
+            && batch.iter().any(|c| c.segment >= first)
+        {
+            self.store.sync_dir(AUDIT_DIR)?;
+            lock(&self.state).names_unsure_from = None;
         }
         for (i, chunk) in batch.iter().enumerate() {
             let file = self.segment_file(chunk.segment)?;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
-use crate::audit::{self, AUDIT_DIR, AuditTrail};
+use crate::audit::{self, AuditTrail};
 use crate::error::{Corruption, LsgError, Result};
 use crate::manifest::{self, Fence, Limits, MANIFEST_NAME, Manifest};
 use crate::store::{self, FileStore, Store};
@@ -137,22 +137,6 @@ impl<S: Store> LogStorageGroup<S> {
                 }
             }
         };
-        if lock.is_some() {
-            // A file an earlier owner created may have a name that is not durable yet (its
-            // directory sync failed or never ran); this owner builds on every file it finds.
-            store.sync_dir("")?;
-            let volume_dirs = store.list(VOLUMES_DIR)?;
-            let volume_dirs = volume_dirs.iter().map(|n| format!("{VOLUMES_DIR}/{n}"));
-            for dir in [AUDIT_DIR.to_string(), VOLUMES_DIR.to_string()]
-                .into_iter()
-                .chain(volume_dirs)
-            {
-                // A missing directory is reported by what needs it, with its own error.
-                if store.exists(&dir)? {
-                    store.sync_dir(&dir)?;
-                }
-            }
-        }
         let manifest_file = store.open(MANIFEST_NAME)?;
         let mut manifest = manifest::read(&manifest_file)?;
         // Appends may use the larger of the stored limits and ours; recovery must judge the files

@@ -108,6 +108,10 @@ struct Inner<F> {
     checkpoint_lsn: Lsn,
     /// (segment, offset) up to which the last checkpoint vouches the files are durable.
     checkpoint_position: (u64, u64),
+    /// The tail segment was found at open without records: an owner that died between naming
+    /// it and syncing the directory leaves a name that may not be durable, so the directory is
+    /// synced before a checkpoint can name it.
+    tail_name_unsure: bool,
 }
 
 /// What a volume of an owned LSG writes under: the owner's fence and the trail it logs to.
@@ -419,6 +423,7 @@ impl<S: Store> DataVolume<S> {
                 checkpoint_sequence,
                 checkpoint_lsn: Lsn(checkpoint_lsn),
                 checkpoint_position: synced,
+                tail_name_unsure: writable && tail_offset == SEGMENT_HEADER_BYTES && !tail_closed,
             }),
         })
     }
@@ -736,6 +741,10 @@ impl<S: Store> DataVolume<S> {
             owner.audit.wait_durable(inner.newest_lsn)?;
         }
         owner.fence.check()?;
+        if inner.tail_name_unsure {
+            self.store.sync_dir(&self.dir)?;
+            inner.tail_name_unsure = false;
+        }
         let dirty: Vec<u64> = inner.dirty.iter().copied().collect();
         for n in dirty {
             if let Some(file) = inner.files.get(&n)

@@ -425,3 +425,63 @@ fn a_failed_volume_sync_then_a_takeover_then_a_power_loss_loses_nothing() {
         );
     }
 }
+
+/// An owner died after naming a segment but before its directory was synced (here: the sync
+/// failed); the next owner finds the segment without records and, before it acknowledges records
+/// in it (audit) or checkpoints a volume naming it, makes the name durable.
+#[test]
+fn a_found_segment_whose_name_may_not_be_durable_is_synced_before_it_is_relied_on() {
+    let store = SimStore::new(15);
+    store.fail_entry_sync("audit/0000000000000002.seg");
+    store.fail_entry_sync("volumes/v/0000000000000002.seg");
+    {
+        let mut lsg =
+            LogStorageGroup::create_in(store.clone(), LsgId(1), config()).expect("create");
+        let v = lsg.create_volume("v").expect("volume");
+        let lsn = lsg
+            .audit()
+            .append_durable(RecordType::Update, RecordFlags::NONE, b"k")
+            .expect("append");
+        // Fill volume segment 1; rolling to segment 2 fails after naming it.
+        let mut rolled = false;
+        for i in 0..40u32 {
+            if v.put(format!("k{i:03}").as_bytes(), &[5u8; 900], lsn)
+                .is_err()
+            {
+                rolled = true;
+                break;
+            }
+        }
+        assert!(rolled, "volume segment 2 was never needed");
+        // Dropping the trail waits for its preallocator, which tried to make audit segment 2.
+    }
+    assert!(store.exists("audit/0000000000000002.seg").expect("exists"));
+    assert!(
+        store
+            .exists("volumes/v/0000000000000002.seg")
+            .expect("exists")
+    );
+    store.kill_process();
+    let mut acked = Lsn(0);
+    {
+        let lsg = LogStorageGroup::open_in(store.clone(), config(), OpenMode::Write).expect("open");
+        let v = lsg.volume("v").expect("volume");
+        // Enough audit records to move into segment 2.
+        for i in 0..40u32 {
+            acked = lsg
+                .audit()
+                .append_durable(RecordType::Update, RecordFlags::NONE, &[6u8; 3000])
+                .expect("append");
+            v.put(format!("n{i:03}").as_bytes(), &[7u8; 900], acked)
+                .expect("put");
+        }
+        v.flush(acked).expect("checkpoint");
+    }
+    store.power_loss();
+    let lsg = LogStorageGroup::open_in(store, config(), OpenMode::Write).expect("reopen");
+    assert_eq!(lsg.audit().next_lsn(), Lsn(acked.0 + 1));
+    let v = lsg.volume("v").expect("volume");
+    for i in 0..40u32 {
+        assert!(v.get(format!("n{i:03}").as_bytes()).expect("get").is_some());
+    }
+}
