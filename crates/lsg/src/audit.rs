@@ -1128,15 +1128,13 @@ fn zeros_inside<F: StoreFile>(file: &F, offset: u64) -> LsgError {
 /// bytes were written past that end (the whole rest of the segment is searched: data far beyond
 /// the end proves corruption, data just beyond it is a torn flush to zero out).
 fn scan_tail<F: StoreFile>(file: &F, max_payload: usize) -> Result<TailScan> {
-    let start = SEGMENT_HEADER_BYTES;
-    let len = (file.len_bytes() - start) as usize;
-    let bytes = store::read_checked(file, start, len)?;
-    let bytes = &bytes[..];
-    let mut at = 0usize;
+    let max_record = record::encoded_len(max_payload);
+    let mut reader = store::ScanReader::new(file, max_record);
+    let mut at = SEGMENT_HEADER_BYTES;
     let mut last: Option<Lsn> = None;
     let mut bad = None;
-    while at < bytes.len() {
-        match record::decode(&bytes[at..], max_payload) {
+    while at < file.len_bytes() {
+        match record::decode(reader.record_at(at, max_payload)?, max_payload) {
             Decoded::Record(v) => {
                 if let Some(prev) = last
                     && prev.0.checked_add(1) != Some(v.lsn.0)
@@ -1148,7 +1146,7 @@ fn scan_tail<F: StoreFile>(file: &F, max_payload: usize) -> Result<TailScan> {
                     break;
                 }
                 last = Some(v.lsn);
-                at += v.encoded_len();
+                at += v.encoded_len() as u64;
             }
             Decoded::Zero => break,
             Decoded::Invalid(what) => {
@@ -1157,12 +1155,11 @@ fn scan_tail<F: StoreFile>(file: &F, max_payload: usize) -> Result<TailScan> {
             }
         }
     }
-    let written_end = at + segment::written_len(&bytes[at..]);
     Ok(TailScan {
         last_lsn: last,
-        end_offset: start + at as u64,
+        end_offset: at,
         bad,
-        written_end: start + written_end as u64,
+        written_end: reader.written_end(at)?,
     })
 }
 

@@ -92,13 +92,99 @@ const SECTOR_BYTES: usize = 512;
 /// Reads `len` bytes at `offset` with `read_at`, a chunk at a time so that a media error names
 /// where it is: what recovery judges is read this way, never through a map.
 pub(crate) fn read_checked<F: StoreFile>(file: &F, offset: u64, len: usize) -> Result<Vec<u8>> {
-    const CHUNK_BYTES: usize = 1 << 20;
     let mut buf = vec![0u8; len];
+    read_checked_into(file, offset, &mut buf)?;
+    Ok(buf)
+}
+
+fn read_checked_into<F: StoreFile>(file: &F, offset: u64, buf: &mut [u8]) -> Result<()> {
+    const CHUNK_BYTES: usize = 1 << 20;
     for (i, chunk) in buf.chunks_mut(CHUNK_BYTES).enumerate() {
         file.read_at(offset + (i * CHUNK_BYTES) as u64, chunk)?;
     }
-    Ok(buf)
+    Ok(())
 }
+
+/// Reads a file for recovery through one reused window with `pread` (see [`read_checked`]): a
+/// segment is scanned without mapping it and without a buffer (and page faults) the size of it.
+#[derive(Debug)]
+pub(crate) struct ScanReader<'f, F> {
+    file: &'f F,
+    buf: Vec<u8>,
+    /// File offset of `buf[0]`, and how many bytes of `buf` hold file data.
+    base: u64,
+    filled: usize,
+}
+
+impl<'f, F: StoreFile> ScanReader<'f, F> {
+    /// A reader for records of at most `max_record_bytes`: its window holds a few of the largest.
+    pub(crate) fn new(file: &'f F, max_record_bytes: usize) -> Self {
+        let window = max_record_bytes
+            .saturating_mul(4)
+            .max(SCAN_WINDOW_BYTES)
+            .min(usize::try_from(file.len_bytes()).unwrap_or(usize::MAX));
+        ScanReader {
+            file,
+            buf: vec![0u8; window],
+            base: 0,
+            filled: 0,
+        }
+    }
+
+    /// The bytes of the record frame at `offset` (as far as its header's length says, within
+    /// `max_payload_bytes`), for [`crate::record::decode`] to judge.
+    pub(crate) fn record_at(&mut self, offset: u64, max_payload_bytes: usize) -> Result<&[u8]> {
+        let header = self.bytes_at(offset, crate::record::RECORD_HEADER_BYTES)?;
+        let want = match header.get(4..8) {
+            Some(len) => {
+                let payload = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+                crate::record::encoded_len(payload.min(max_payload_bytes))
+            }
+            None => crate::record::RECORD_HEADER_BYTES,
+        };
+        self.bytes_at(offset, want)
+    }
+
+    /// The file's bytes from `offset` on: at least `want` of them, or all up to the file's end.
+    fn bytes_at(&mut self, offset: u64, want: usize) -> Result<&[u8]> {
+        let file_end = self.file.len_bytes();
+        let want_end = offset.saturating_add(want as u64).min(file_end);
+        let held_end = self.base + self.filled as u64;
+        if offset < self.base || want_end > held_end {
+            let n = (file_end.saturating_sub(offset) as usize).min(self.buf.len());
+            read_checked_into(self.file, offset, &mut self.buf[..n])?;
+            self.base = offset;
+            self.filled = n;
+        }
+        let from = (offset - self.base) as usize;
+        Ok(&self.buf[from..self.filled])
+    }
+
+    /// Offset just past the last non-zero byte in `from..` of the file (`from` if all are
+    /// zero), read backwards from the end a window at a time.
+    pub(crate) fn written_end(&mut self, from: u64) -> Result<u64> {
+        let mut hi = self.file.len_bytes();
+        let chunk = self.buf.len().min(ZERO_SCAN_CHUNK_BYTES) as u64;
+        while hi > from {
+            let lo = hi.saturating_sub(chunk).max(from);
+            let n = (hi - lo) as usize;
+            read_checked_into(self.file, lo, &mut self.buf[..n])?;
+            self.base = lo;
+            self.filled = n;
+            let written = crate::segment::written_len(&self.buf[..n]);
+            if written > 0 {
+                return Ok(lo + written as u64);
+            }
+            hi = lo;
+        }
+        Ok(from)
+    }
+}
+
+const SCAN_WINDOW_BYTES: usize = 4 << 20;
+/// Zeros are checked in pieces that stay in the CPU cache: copying into a cold 4 MiB window ran
+/// at half the speed here.
+const ZERO_SCAN_CHUNK_BYTES: usize = 128 << 10;
 
 /// Real files in a directory.
 #[derive(Debug, Clone)]

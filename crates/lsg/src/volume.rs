@@ -272,55 +272,51 @@ impl<S: Store> DataVolume<S> {
                 // After the end everything is redone from the audit trail.
                 continue;
             }
-            let start = SEGMENT_HEADER_BYTES;
-            let len = (file.len_bytes() - start) as usize;
-            let bytes = store::read_checked(&*file, start, len)?;
-            let scanned = (|| {
-                let mut at = 0usize;
-                let mut problem = None;
-                let mut closed = false;
-                while at < bytes.len() {
-                    let offset = start + at as u64;
-                    match record::decode(&bytes[at..], max_payload) {
-                        Decoded::Record(v) if v.record_type == RecordType::SegmentEnd => {
-                            closed = true;
-                            break;
-                        }
-                        Decoded::Record(v) if v.lsn >= audit_next_lsn => {
-                            problem = Some(Corruption::LsnOutOfSequence {
-                                expected: Lsn(audit_next_lsn.0.saturating_sub(1)),
-                                found: v.lsn,
-                            });
-                            break;
-                        }
-                        Decoded::Record(v) => {
-                            apply_to_index(&mut index, n, offset, &v).map_err(|c| (offset, c))?;
-                            at += v.encoded_len();
-                            written_bytes += v.encoded_len() as u64;
-                        }
-                        Decoded::Zero => break,
-                        Decoded::Invalid(what) => {
-                            problem = Some(what);
-                            break;
-                        }
+            let max_record = record::encoded_len(max_payload);
+            let mut reader = store::ScanReader::new(&*file, max_record);
+            let mut end = SEGMENT_HEADER_BYTES;
+            let mut problem = None;
+            let mut closed = false;
+            while end < file.len_bytes() {
+                match record::decode(reader.record_at(end, max_payload)?, max_payload) {
+                    Decoded::Record(v) if v.record_type == RecordType::SegmentEnd => {
+                        closed = true;
+                        break;
+                    }
+                    Decoded::Record(v) if v.lsn >= audit_next_lsn => {
+                        problem = Some(Corruption::LsnOutOfSequence {
+                            expected: Lsn(audit_next_lsn.0.saturating_sub(1)),
+                            found: v.lsn,
+                        });
+                        break;
+                    }
+                    Decoded::Record(v) => {
+                        apply_to_index(&mut index, n, end, &v).map_err(|what| {
+                            LsgError::Corrupt {
+                                path: file.path().to_path_buf(),
+                                offset: end,
+                                what,
+                            }
+                        })?;
+                        end += v.encoded_len() as u64;
+                        written_bytes += v.encoded_len() as u64;
+                    }
+                    Decoded::Zero => break,
+                    Decoded::Invalid(what) => {
+                        problem = Some(what);
+                        break;
                     }
                 }
-                let marker = if closed { SEGMENT_END_BYTES } else { 0 };
-                let written_after = segment::written_len(&bytes[at + marker..]) > 0;
-                if problem.is_none() && written_after {
-                    problem = Some(Corruption::Malformed(if closed {
-                        "data after the segment's end marker"
-                    } else {
-                        "zeros where a record header should be, with data after them"
-                    }));
-                }
-                Ok((start + at as u64, problem, closed))
-            })();
-            let (end, problem, closed) = scanned.map_err(|(offset, what)| LsgError::Corrupt {
-                path: file.path().to_path_buf(),
-                offset,
-                what,
-            })?;
+            }
+            let marker = if closed { SEGMENT_END_BYTES as u64 } else { 0 };
+            let written_after = reader.written_end(end + marker)? > end + marker;
+            if problem.is_none() && written_after {
+                problem = Some(Corruption::Malformed(if closed {
+                    "data after the segment's end marker"
+                } else {
+                    "zeros where a record header should be, with data after them"
+                }));
+            }
             let corrupt = |what| LsgError::Corrupt {
                 path: file.path().to_path_buf(),
                 offset: end,
@@ -366,9 +362,7 @@ impl<S: Store> DataVolume<S> {
         if writable {
             // Nothing after the end may ever be taken for a record: zero it, drop later files.
             let file = &files[&tail_segment];
-            let written_end =
-                segment::written_len(&store::read_checked(&**file, 0, file.len_bytes() as usize)?)
-                    as u64;
+            let written_end = store::ScanReader::new(&**file, 0).written_end(tail_offset)?;
             if !tail_closed && written_end > tail_offset {
                 let zeros = vec![0u8; (written_end - tail_offset) as usize];
                 file.write_at(tail_offset, &zeros)?;
