@@ -2,24 +2,25 @@
 //! certificate expires, and renew a node's certificate before it does.
 //!
 //! An operator's view of `duplex_transport::certs`: what a node checks when it loads its
-//! credentials (and warns about from `EXPIRY_WARNING_DAYS` before expiry), `show` lets an
-//! operator check for every certificate at once.
+//! credentials (and warns about from `EXPIRY_WARNING_DAYS`, for the CA
+//! `CA_EXPIRY_WARNING_DAYS`, before expiry), `show` lets an operator check for every
+//! certificate at once.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use duplex_transport::certs::{
-    CertFileSummary, EXPIRY_WARNING_DAYS, UtcTime, ValidityStatus, ensure_cluster_certs,
-    read_cert_dir, renew_node_cert,
+    CertFileSummary, UtcTime, ValidityStatus, ensure_cluster_certs, read_cert_dir, renew_node_cert,
 };
 
 const SECS_PER_DAY: u64 = 86_400;
 
 #[derive(Debug, Subcommand)]
 pub enum CertsCommand {
-    /// Create the cluster CA and the certificates of the given nodes unless they exist.
+    /// Create the cluster CA and the certificates of the given nodes unless they exist, after
+    /// finishing what a crash interrupted.
     Ensure {
         #[arg(long)]
         dir: PathBuf,
@@ -27,7 +28,9 @@ pub enum CertsCommand {
         #[arg(long, value_delimiter = ',', required = true)]
         nodes: Vec<u16>,
     },
-    /// List the CA and node certificates with their validity and how long each has left.
+    /// List the CA and node certificates with their validity and how long each has left, and
+    /// the problems found (a file that does not parse, a node key that is missing, exposed or
+    /// not its certificate's, a certificate not issued by ca.pem); fails if there are any.
     Show {
         #[arg(long)]
         dir: PathBuf,
@@ -46,37 +49,48 @@ pub fn run(command: CertsCommand) -> Result<()> {
         CertsCommand::Ensure { dir, nodes } => {
             ensure_cluster_certs(&dir, &nodes)
                 .with_context(|| format!("creating certificates in {}", dir.display()))?;
-            show(&dir)
+            show(&dir).map(|_| ())
         }
-        CertsCommand::Show { dir } => show(&dir),
+        CertsCommand::Show { dir } => {
+            let problems = show(&dir)?;
+            if problems > 0 {
+                bail!("{problems} problem(s) in {} (listed above)", dir.display());
+            }
+            Ok(())
+        }
         CertsCommand::Renew { dir, node } => {
             renew_node_cert(&dir, node)
                 .with_context(|| format!("renewing node {node}'s certificate"))?;
             println!("renewed node {node}; restart its processes to use the new certificate");
-            show(&dir)
+            show(&dir).map(|_| ())
         }
     }
 }
 
 fn status(cert: &CertFileSummary, now: SystemTime) -> String {
-    match cert.validity.status_at(now) {
+    match cert.status_at(now) {
         ValidityStatus::NotYetValid => "NOT YET VALID: check this host's clock".into(),
         ValidityStatus::Valid { remaining_secs } => {
             format!("valid, {} days left", remaining_secs / SECS_PER_DAY)
         }
         ValidityStatus::ExpiresSoon { remaining_secs } => format!(
-            "EXPIRES in {} days (warned from {EXPIRY_WARNING_DAYS}): renew",
-            remaining_secs / SECS_PER_DAY
+            "EXPIRES in {} days (warned from {}): renew",
+            remaining_secs / SECS_PER_DAY,
+            cert.warning_days
         ),
         ValidityStatus::Expired => "EXPIRED: renew".into(),
     }
 }
 
-fn show(dir: &std::path::Path) -> Result<()> {
-    let certs =
-        read_cert_dir(dir).with_context(|| format!("reading certificates in {}", dir.display()))?;
+/// Prints the table of `dir`'s certificates, then each problem found as a `problem:` line on
+/// stderr; returns how many problems. After `ensure` or `renew` the problems are warnings: the
+/// certificates they wrote are in place.
+fn show(dir: &Path) -> Result<usize> {
     let now = SystemTime::now();
-    let rows: Vec<[String; 5]> = certs
+    let listing = read_cert_dir(dir, now)
+        .with_context(|| format!("reading certificates in {}", dir.display()))?;
+    let rows: Vec<[String; 5]> = listing
+        .certs
         .iter()
         .map(|cert| {
             [
@@ -107,5 +121,8 @@ fn show(dir: &std::path::Path) -> Result<()> {
             .collect();
         println!("{}", cells.join("  ").trim_end());
     }
-    Ok(())
+    for problem in &listing.problems {
+        eprintln!("problem: {problem}");
+    }
+    Ok(listing.problems.len())
 }

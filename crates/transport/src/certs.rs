@@ -4,28 +4,36 @@
 //!
 //! Every certificate has an explicit validity (`CA_VALIDITY_DAYS`, `NODE_VALIDITY_DAYS`), so a
 //! stolen node key stops working within a year and an operator has a date to plan renewal by.
+//! Issuing checks the CA first (`CaSigner`): its certificate is a CA certificate, carries the
+//! public key of the CA key, and is valid at the time of issue; a node certificate never outlives
+//! its CA, and what is issued is verified to chain to the CA before anyone sees it.
 //! The cert directory on disk (`ca.pem`, `ca.key`, `node-N.pem`, `node-N.key`), how it is
 //! created, renewed and loaded, and what loading checks, is in `files`.
 //! rustls is built with the ring provider only, passed explicitly, so no process-wide provider
 //! has to be installed.
 
+use std::fmt;
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::RootCertStore;
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::ServerCertVerifier as _;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
 use thiserror::Error;
 use time::OffsetDateTime;
+use x509_parser::prelude::{FromDer as _, X509Certificate};
 
 mod files;
 
 pub use files::{
-    CertFileSummary, EXPIRY_WARNING_DAYS, ExpiryWarning, UtcTime, Validity, ValidityStatus,
-    ensure_cluster_certs, read_cert_dir, renew_node_cert,
+    CA_EXPIRY_WARNING_DAYS, CertDirListing, CertFileSummary, EXPIRY_WARNING_DAYS, ExpiryWarning,
+    UtcTime, Validity, ValidityStatus, check_expiry, ensure_cluster_certs, read_cert_dir,
+    renew_node_cert,
 };
 
 /// ALPN label of the cluster protocol; versions are negotiated inside, not by ALPN.
@@ -35,7 +43,8 @@ pub const ALPN: &[u8] = b"duplex";
 /// because replacing a CA means re-issuing every node certificate at once.
 pub const CA_VALIDITY_DAYS: u64 = 3650;
 
-/// How long a new node certificate is valid: one year, renewed one node at a time.
+/// How long a new node certificate is valid: one year, renewed one node at a time; less when the
+/// CA expires sooner, since a certificate is no use after its issuer expires.
 pub const NODE_VALIDITY_DAYS: u64 = 365;
 
 /// How far before its issue a certificate's validity starts, so that a host whose clock is
@@ -81,10 +90,45 @@ pub enum CertError {
     )]
     KeyAccessibleByOthers { path: PathBuf, mode: u32 },
     #[error(
-        "{key} is not the key of {cert}: was a renewal interrupted? run `duplex certs renew` \
-         for this node"
+        "{key} is not the key of {cert}: was a renewal interrupted? run `duplex certs ensure` \
+         (it finishes an interrupted renewal) or `duplex certs renew` for this node"
     )]
     KeyMismatch { key: PathBuf, cert: PathBuf },
+    #[error(
+        "{cert} is not the certificate of the CA key {key}: ca.pem belongs to another CA; \
+         restore this CA's ca.pem, or issue nowhere until they match"
+    )]
+    CaKeyMismatch { key: PathBuf, cert: PathBuf },
+    #[error("{path} is not a CA certificate (its basic constraints do not say CA)")]
+    NotCa { path: PathBuf },
+    #[error("{cert} is not a certificate for {name} issued by {ca}: {reason}")]
+    NotIssuedByCa {
+        cert: PathBuf,
+        ca: PathBuf,
+        name: String,
+        reason: String,
+    },
+    #[error(
+        "issuing node {node} needs the CA key {key}, which is not there: run this on the host \
+         that holds the CA key, or copy it here (mode 0600)"
+    )]
+    CaKeyNeeded { key: PathBuf, node: u16 },
+    #[error(
+        "{path} has mode {mode:04o}: a cert directory must not be writable by group or others \
+         (they could replace a certificate or key); run `chmod go-w {path}`"
+    )]
+    DirWritableByOthers { path: PathBuf, mode: u32 },
+    #[error(
+        "{path} is owned by uid {owner}, not by this process's user (uid {user}): a private key \
+         must belong to the user that uses it; run `chown {user} {path}`"
+    )]
+    KeyNotOwnedByUser {
+        path: PathBuf,
+        owner: u32,
+        user: u32,
+    },
+    #[error("{path} is not a regular file")]
+    NotAFile { path: PathBuf },
     #[error(
         "{path} is not valid yet (valid {} to {}) and the clock says {}: check this host's clock",
         UtcTime(validity.not_before), UtcTime(validity.not_after), UtcTime(*now)
@@ -158,11 +202,13 @@ fn ca_params(key: &KeyPair) -> Result<CertificateParams, CertError> {
     Ok(params)
 }
 
-/// Sets `params`' validity: from `NOT_BEFORE_BACKDATE_SECS` before `now` to `days` after it.
+/// Sets `params`' validity: from `NOT_BEFORE_BACKDATE_SECS` before `now` to `days` after it,
+/// or to `cap` if that is sooner.
 fn set_validity(
     params: &mut CertificateParams,
     now: SystemTime,
     days: u64,
+    cap: Option<SystemTime>,
 ) -> Result<(), CertError> {
     let out_of_range = || CertError::ClockOutOfRange { now };
     let at = |t: Option<SystemTime>| {
@@ -171,11 +217,47 @@ fn set_validity(
     };
     params.not_before = at(now.checked_sub(Duration::from_secs(NOT_BEFORE_BACKDATE_SECS)))
         .ok_or_else(out_of_range)?;
-    params.not_after = at(days
+    let not_after = days
         .checked_mul(SECS_PER_DAY)
-        .and_then(|secs| now.checked_add(Duration::from_secs(secs))))
-    .ok_or_else(out_of_range)?;
+        .and_then(|secs| now.checked_add(Duration::from_secs(secs)))
+        .map(|t| cap.map_or(t, |cap| t.min(cap)));
+    params.not_after = at(not_after).ok_or_else(out_of_range)?;
     Ok(())
+}
+
+/// Checks, as a TLS peer will, that `cert` chains to `ca` at `now` and names node `node`.
+fn verify_chain(
+    ca: &CertificateDer<'static>,
+    cert: &CertificateDer<'_>,
+    node: u16,
+    now: SystemTime,
+) -> Result<(), String> {
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(ca.clone())
+        .map_err(|e| format!("the CA certificate is not usable as a root: {e}"))?;
+    let verifier = WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .map_err(|e| e.to_string())?;
+    let name = node_server_name(node);
+    let server_name = rustls_pki_types::ServerName::try_from(name.as_str())
+        .map_err(|e| format!("{name} is not a DNS name: {e}"))?;
+    let secs = now
+        .duration_since(UNIX_EPOCH)
+        .map_err(|_| format!("the clock says {}, before 1970", files::UtcTime(now)))?;
+    verifier
+        .verify_server_cert(
+            cert,
+            &[],
+            &server_name,
+            &[],
+            UnixTime::since_unix_epoch(secs),
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// A cluster CA: its certificate and the key that signs node certificates.
@@ -196,12 +278,17 @@ pub struct NodeCert {
 impl ClusterCa {
     /// A new CA, valid for `CA_VALIDITY_DAYS` from now.
     pub fn generate() -> Result<Self, CertError> {
+        ClusterCa::generate_at(SystemTime::now())
+    }
+
+    /// A new CA, valid for `CA_VALIDITY_DAYS` from `now`.
+    pub fn generate_at(now: SystemTime) -> Result<Self, CertError> {
         let key = KeyPair::generate().map_err(|error| CertError::Generate {
             what: "CA key".into(),
             error,
         })?;
         let mut params = ca_params(&key)?;
-        set_validity(&mut params, SystemTime::now(), CA_VALIDITY_DAYS)?;
+        set_validity(&mut params, now, CA_VALIDITY_DAYS, None)?;
         let cert = params
             .self_signed(&key)
             .map_err(|error| CertError::Generate {
@@ -214,14 +301,101 @@ impl ClusterCa {
         })
     }
 
-    /// A new key and certificate for `node`, valid for `NODE_VALIDITY_DAYS` from now.
+    /// A new key and certificate for `node`, valid for `NODE_VALIDITY_DAYS` from now (at most
+    /// until the CA expires), after the checks of `signer`.
     pub fn issue_node(&self, node: u16) -> Result<NodeCert, CertError> {
-        let what = |w: &str| format!("{w} of node {node}");
-        let ca_key = KeyPair::from_pem(&self.key_pem).map_err(|error| CertError::Generate {
-            what: "loading the CA key".into(),
+        self.issue_node_at(node, SystemTime::now())
+    }
+
+    /// `issue_node` as of `now`.
+    pub fn issue_node_at(&self, node: u16, now: SystemTime) -> Result<NodeCert, CertError> {
+        self.signer(now, FsPath::new("CA certificate"), FsPath::new("CA key"))?
+            .issue(node, now)
+    }
+
+    /// The CA ready to sign at `now`, once checked: its certificate (read from `cert_path`) is a
+    /// CA certificate, carries the public key of its key (read from `key_path`), and is valid
+    /// at `now`. Errors name the two paths.
+    fn signer(
+        &self,
+        now: SystemTime,
+        cert_path: &FsPath,
+        key_path: &FsPath,
+    ) -> Result<CaSigner, CertError> {
+        let parse_err = |path: &FsPath| {
+            let path = path.to_path_buf();
+            move |reason: String| CertError::Parse { path, reason }
+        };
+        let ca = parse_certificate(&self.cert_pem, cert_path)?;
+        let (_, parsed) =
+            X509Certificate::from_der(&ca).map_err(|e| parse_err(cert_path)(e.to_string()))?;
+        let is_ca = parsed
+            .basic_constraints()
+            .map_err(|e| parse_err(cert_path)(e.to_string()))?
+            .is_some_and(|constraints| constraints.value.ca);
+        if !is_ca {
+            return Err(CertError::NotCa {
+                path: cert_path.to_path_buf(),
+            });
+        }
+        let key =
+            KeyPair::from_pem(&self.key_pem).map_err(|e| parse_err(key_path)(e.to_string()))?;
+        if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(CertError::CaKeyMismatch {
+                key: key_path.to_path_buf(),
+                cert: cert_path.to_path_buf(),
+            });
+        }
+        let validity = files::Validity::of_certificate(&ca).map_err(parse_err(cert_path))?;
+        if now < validity.not_before {
+            return Err(CertError::NotYetValid {
+                path: cert_path.to_path_buf(),
+                validity,
+                now,
+            });
+        }
+        if now > validity.not_after {
+            return Err(CertError::Expired {
+                path: cert_path.to_path_buf(),
+                validity,
+                now,
+            });
+        }
+        let issuer = Issuer::from_ca_cert_der(&ca, key).map_err(|error| CertError::Generate {
+            what: format!("an issuer from {}", cert_path.display()),
             error,
         })?;
-        let issuer = Issuer::new(ca_params(&ca_key)?, ca_key);
+        Ok(CaSigner {
+            issuer,
+            ca,
+            not_after: validity.not_after,
+            cert_path: cert_path.to_path_buf(),
+        })
+    }
+}
+
+/// A CA whose certificate and key `ClusterCa::signer` checked: it signs node certificates.
+struct CaSigner {
+    issuer: Issuer<'static, KeyPair>,
+    ca: CertificateDer<'static>,
+    not_after: SystemTime,
+    cert_path: PathBuf,
+}
+
+impl fmt::Debug for CaSigner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CaSigner")
+            .field("cert_path", &self.cert_path)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CaSigner {
+    /// A new key and certificate for `node`, valid from `now` for `NODE_VALIDITY_DAYS` or until
+    /// the CA expires if that is sooner, verified to chain to the CA and name the node.
+    fn issue(&self, node: u16, now: SystemTime) -> Result<NodeCert, CertError> {
+        let what = |w: &str| format!("{w} of node {node}");
         let key = KeyPair::generate().map_err(|error| CertError::Generate {
             what: what("key"),
             error,
@@ -235,13 +409,21 @@ impl ClusterCa {
         params
             .distinguished_name
             .push(DnType::CommonName, node_server_name(node));
-        set_validity(&mut params, SystemTime::now(), NODE_VALIDITY_DAYS)?;
+        set_validity(&mut params, now, NODE_VALIDITY_DAYS, Some(self.not_after))?;
         let cert = params
-            .signed_by(&key, &issuer)
+            .signed_by(&key, &self.issuer)
             .map_err(|error| CertError::Generate {
                 what: what("certificate"),
                 error,
             })?;
+        verify_chain(&self.ca, cert.der(), node, now).map_err(|reason| {
+            CertError::NotIssuedByCa {
+                cert: PathBuf::from(format!("the new certificate of node {node}")),
+                ca: self.cert_path.clone(),
+                name: node_server_name(node),
+                reason,
+            }
+        })?;
         Ok(NodeCert {
             node,
             cert_pem: cert.pem(),

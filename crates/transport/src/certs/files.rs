@@ -5,36 +5,62 @@
 //! - The processes of a local cluster start at once and each calls `ensure_cluster_certs`; they
 //!   must end with one CA. Creation and renewal hold an exclusive lock (`flock`) on
 //!   `certs.lock`, which the kernel releases when its holder dies, so one process creates and
-//!   the others, once they hold the lock, find and use what it wrote. The lock file is never
-//!   deleted: deleting it would let two processes lock two different files.
-//! - Every file is written under a temporary name, synced, given its final name, and then the
-//!   directory is synced: a reader, or the next start after a crash, sees the old file or the
-//!   new one, never a torn one. CA files take their name with `link`, which fails if the name
-//!   exists, so a CA key is never overwritten, even by a process that does not take the lock.
-//!   Node files are replaced with `rename` (renewal).
-//! - A CA key without its certificate is an error, never a reason to make a new CA: node
-//!   certificates that key issued may be in use, and a new CA would cut them off.
-//! - Loading refuses a key that group or others may access, a key that is not its
-//!   certificate's, and a certificate outside its validity, with errors naming the file and the
-//!   dates; it warns when the CA or node certificate expires within `EXPIRY_WARNING_DAYS`.
+//!   the others, once they hold the lock, find and use what it wrote. Loading, `check_expiry`
+//!   and listing hold a shared lock, so they never see a node's new key with its old
+//!   certificate. The lock file is never deleted: deleting it would let two processes lock two
+//!   different files.
+//! - Each step writes a pair (the CA's key and certificate, or a node's): both files are first
+//!   written under temporary names of the writer's own (`.NAME.PID-RANDOM.tmp`), synced, and
+//!   the directory synced; then each takes its name, the key first, with a directory sync after
+//!   each. CA files take their name with `link`, which fails if the name exists, so a CA file is
+//!   never overwritten, even by a process that does not take the lock; node files with `rename`.
+//!   A crash therefore leaves the old pair, the new pair, or the new key with the new
+//!   certificate complete under its temporary name.
+//! - Creation and renewal, under the lock and before anything else, finish what a crash
+//!   interrupted: a `ca.key` without `ca.pem` gets the temporary CA certificate that carries its
+//!   public key, and a `node-N.key` whose certificate is not its own gets the temporary
+//!   certificate that is. Then every temporary file is removed.
+//! - A CA key without its certificate (and without such a temporary one) is an error, never a
+//!   reason to make a new CA: node certificates that key issued may be in use, and a new CA
+//!   would cut them off.
+//! - Issuing checks the CA first (`ClusterCa::signer`): `ca.pem` is a CA certificate with
+//!   `ca.key`'s public key, valid now.
+//! - Loading refuses a cert directory that group or others may write, a key that group or
+//!   others may access or that another user owns, a file that is not a regular file (opened
+//!   without blocking, so a FIFO cannot hang it), a key that is not its certificate's, a
+//!   certificate outside its validity, and a node certificate that does not chain to `ca.pem`
+//!   or does not name the node, with errors naming the file and the dates. It logs when each
+//!   certificate expires and warns when one expires within its warning period
+//!   (`CA_EXPIRY_WARNING_DAYS`, `EXPIRY_WARNING_DAYS`); `check_expiry` repeats that for a
+//!   running node.
 
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Read as _, Write as _};
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::{
+    DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _,
+};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use nix::fcntl::OFlag;
 use rcgen::KeyPair;
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use time::OffsetDateTime;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use super::{CertError, ClusterCa, NodeCredentials, SECS_PER_DAY, parse_certificate, parse_key};
+use super::{
+    CertError, ClusterCa, NodeCert, NodeCredentials, SECS_PER_DAY, node_server_name,
+    parse_certificate, parse_key, verify_chain,
+};
 
-/// How long before a certificate expires loading starts to warn: long enough to renew in an
-/// ordinary maintenance window, or to notice a failed automatic renewal and fix it.
+/// How long before a node certificate expires loading starts to warn: long enough to renew in
+/// an ordinary maintenance window, or to notice a failed automatic renewal and fix it.
 pub const EXPIRY_WARNING_DAYS: u64 = 30;
+
+/// How long before the CA certificate expires loading starts to warn: replacing a CA means a
+/// new cert directory for every node and a restart of the whole cluster, which takes planning.
+pub const CA_EXPIRY_WARNING_DAYS: u64 = 365;
 
 const CA_CERT_FILE: &str = "ca.pem";
 const CA_KEY_FILE: &str = "ca.key";
@@ -46,6 +72,8 @@ const KEY_MODE: u32 = 0o600;
 const CERT_MODE: u32 = 0o644;
 /// Permission bits a key file must not have: any access by group or others.
 const KEY_FORBIDDEN_MODE_BITS: u32 = 0o077;
+/// Permission bits a cert directory must not have: writing by group or others.
+const DIR_FORBIDDEN_MODE_BITS: u32 = 0o022;
 
 fn node_cert_file(node: u16) -> String {
     format!("node-{node}.pem")
@@ -107,11 +135,11 @@ pub struct Validity {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ValidityStatus {
     NotYetValid,
-    /// Valid, and for more than `EXPIRY_WARNING_DAYS`.
+    /// Valid, and for more than its warning period.
     Valid {
         remaining_secs: u64,
     },
-    /// Valid, but expires within `EXPIRY_WARNING_DAYS`: time to renew.
+    /// Valid, but expires within its warning period: time to renew.
     ExpiresSoon {
         remaining_secs: u64,
     },
@@ -128,13 +156,14 @@ impl Validity {
         })
     }
 
-    pub fn status_at(&self, now: SystemTime) -> ValidityStatus {
+    /// Where `now` falls, with a warning period of `warning_days` before expiry.
+    pub fn status_at(&self, now: SystemTime, warning_days: u64) -> ValidityStatus {
         if now < self.not_before {
             return ValidityStatus::NotYetValid;
         }
         match self.not_after.duration_since(now) {
             Err(_) => ValidityStatus::Expired,
-            Ok(remaining) if remaining.as_secs() <= EXPIRY_WARNING_DAYS * SECS_PER_DAY => {
+            Ok(remaining) if remaining.as_secs() <= warning_days.saturating_mul(SECS_PER_DAY) => {
                 ValidityStatus::ExpiresSoon {
                     remaining_secs: remaining.as_secs(),
                 }
@@ -146,23 +175,26 @@ impl Validity {
     }
 }
 
-/// A certificate that loading accepted but that expires within `EXPIRY_WARNING_DAYS`.
+/// A certificate that loading accepted but that expires within its warning period.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExpiryWarning {
     pub path: PathBuf,
     pub not_after: SystemTime,
     pub remaining_secs: u64,
+    /// The warning period: `CA_EXPIRY_WARNING_DAYS` or `EXPIRY_WARNING_DAYS`.
+    pub warning_days: u64,
 }
 
 impl fmt::Display for ExpiryWarning {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} expires at {}, in {} days (warning starts {EXPIRY_WARNING_DAYS} days before): \
-             renew it (docs/transport.md, Certificates)",
+            "{} expires at {}, in {} days (warning starts {} days before): renew it \
+             (docs/transport.md, Certificates)",
             self.path.display(),
             UtcTime(self.not_after),
-            self.remaining_secs / SECS_PER_DAY
+            self.remaining_secs / SECS_PER_DAY,
+            self.warning_days
         )
     }
 }
@@ -174,15 +206,39 @@ pub struct CertFileSummary {
     /// The subject's distinguished name, e.g. `CN=node-1.duplex`.
     pub subject: String,
     pub validity: Validity,
+    /// The warning period: `CA_EXPIRY_WARNING_DAYS` for the CA, else `EXPIRY_WARNING_DAYS`.
+    pub warning_days: u64,
 }
 
-/// The CA certificate and every node certificate in `dir`, CA first, then by node number.
-/// Other files are ignored.
-pub fn read_cert_dir(dir: &Path) -> Result<Vec<CertFileSummary>, CertError> {
+impl CertFileSummary {
+    pub fn status_at(&self, now: SystemTime) -> ValidityStatus {
+        self.validity.status_at(now, self.warning_days)
+    }
+}
+
+/// What `read_cert_dir` found: the certificates it could read, and every problem it found.
+#[derive(Debug, Default)]
+pub struct CertDirListing {
+    /// The CA certificate first, then node certificates by node number.
+    pub certs: Vec<CertFileSummary>,
+    /// A directory writable by others, a certificate that does not parse, and for each node
+    /// certificate: its key missing, accessible by others, or not its key, or (when both are
+    /// valid now) the certificate not chaining to `ca.pem`.
+    pub problems: Vec<CertError>,
+}
+
+/// The CA certificate and every node certificate in `dir`, with the problems found at `now`.
+/// Other files are ignored. Fails only when the directory cannot be read or locked.
+pub fn read_cert_dir(dir: &Path, now: SystemTime) -> Result<CertDirListing, CertError> {
     let read_err = |error| CertError::Read {
         path: dir.to_path_buf(),
         error,
     };
+    let mut listing = CertDirListing::default();
+    if let Err(problem) = check_dir(dir) {
+        listing.problems.push(problem);
+    }
+    let _lock = lock_cert_dir(dir, LockMode::Shared)?;
     let mut files: Vec<(Option<u16>, PathBuf)> = Vec::new();
     for entry in fs::read_dir(dir).map_err(read_err)? {
         let entry = entry.map_err(read_err)?;
@@ -190,56 +246,130 @@ pub fn read_cert_dir(dir: &Path) -> Result<Vec<CertFileSummary>, CertError> {
         let Some(name) = name.to_str() else { continue };
         if name == CA_CERT_FILE {
             files.push((None, entry.path()));
-        } else if let Some(node) = name
-            .strip_prefix("node-")
-            .and_then(|rest| rest.strip_suffix(".pem"))
-            .and_then(|number| number.parse::<u16>().ok())
-            .filter(|node| node_cert_file(*node) == name)
-        {
+        } else if let Some(node) = node_of_cert_file(name) {
             files.push((Some(node), entry.path()));
         }
     }
+    // The CA (`None`) sorts first, so node certificates can be checked against it.
     files.sort();
-    files
-        .into_iter()
-        .map(|(_, path)| {
-            let der = parse_certificate(&read(&path)?, &path)?;
-            let parse_err = |reason: String| CertError::Parse {
-                path: path.clone(),
-                reason,
-            };
-            let (_, cert) =
-                X509Certificate::from_der(&der).map_err(|e| parse_err(e.to_string()))?;
-            let subject = cert.subject().to_string();
-            let validity = Validity::of_certificate(&der).map_err(parse_err)?;
-            Ok(CertFileSummary {
-                path,
-                subject,
-                validity,
-            })
-        })
-        .collect()
+    let mut ca: Option<(CertificateDer<'static>, Validity)> = None;
+    for (node, path) in files {
+        let warning_days = match node {
+            None => CA_EXPIRY_WARNING_DAYS,
+            Some(_) => EXPIRY_WARNING_DAYS,
+        };
+        let (der, summary) = match summarize(&path, warning_days) {
+            Ok(read) => read,
+            Err(problem) => {
+                listing.problems.push(problem);
+                continue;
+            }
+        };
+        match node {
+            None => ca = Some((der, summary.validity)),
+            Some(node) => {
+                if let Err(problem) =
+                    check_node_pair(dir, node, &der, summary.validity, ca.as_ref(), now)
+                {
+                    listing.problems.push(problem);
+                }
+            }
+        }
+        listing.certs.push(summary);
+    }
+    Ok(listing)
 }
 
-/// Creates the CA and the certificates of `nodes` in `dir` unless they already exist. Safe to
-/// call from several processes at once: they end with one CA. Never replaces a CA file; a CA
-/// key without its certificate is `CertError::CaCertMissing`. The CA key is read only when a
-/// node certificate has to be issued, so it may be kept elsewhere once every node has one.
+/// The node number of a node certificate's file name (`node-7.pem`), if it is one.
+fn node_of_cert_file(name: &str) -> Option<u16> {
+    name.strip_prefix("node-")
+        .and_then(|rest| rest.strip_suffix(".pem"))
+        .and_then(|number| number.parse::<u16>().ok())
+        .filter(|node| node_cert_file(*node) == name)
+}
+
+fn summarize(
+    path: &Path,
+    warning_days: u64,
+) -> Result<(CertificateDer<'static>, CertFileSummary), CertError> {
+    let der = parse_certificate(&read(path)?, path)?;
+    let parse_err = |reason: String| CertError::Parse {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let (_, cert) = X509Certificate::from_der(&der).map_err(|e| parse_err(e.to_string()))?;
+    let subject = cert.subject().to_string();
+    let validity = Validity::of_certificate(&der).map_err(parse_err)?;
+    Ok((
+        der.clone(),
+        CertFileSummary {
+            path: path.to_path_buf(),
+            subject,
+            validity,
+            warning_days,
+        },
+    ))
+}
+
+/// `show`'s checks of a node certificate: its key is there, private and its own, and (when it
+/// and the CA are valid at `now`) it chains to the CA and names the node.
+fn check_node_pair(
+    dir: &Path,
+    node: u16,
+    cert: &CertificateDer<'static>,
+    validity: Validity,
+    ca: Option<&(CertificateDer<'static>, Validity)>,
+    now: SystemTime,
+) -> Result<(), CertError> {
+    let cert_path = dir.join(node_cert_file(node));
+    let key_path = dir.join(node_key_file(node));
+    let key = parse_key(&read_secret(&key_path)?, &key_path)?;
+    check_key_matches(&key, &key_path, cert, &cert_path)?;
+    let valid_now = |v: Validity| v.not_before <= now && now <= v.not_after;
+    match ca {
+        Some((ca, ca_validity)) if valid_now(*ca_validity) && valid_now(validity) => {
+            verify_chain(ca, cert, node, now).map_err(|reason| CertError::NotIssuedByCa {
+                cert: cert_path,
+                ca: dir.join(CA_CERT_FILE),
+                name: node_server_name(node),
+                reason,
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Creates the CA and the certificates of `nodes` in `dir` unless they already exist, after
+/// finishing what a crash interrupted. Safe to call from several processes at once: they end
+/// with one CA. Never replaces a CA file; a CA key without its certificate is
+/// `CertError::CaCertMissing`. The CA key is read only when a node certificate has to be
+/// issued, so it may be kept elsewhere once every node has one.
 pub fn ensure_cluster_certs(dir: &Path, nodes: &[u16]) -> Result<(), CertError> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .and_then(|()| sync_dir(parent_dir(dir)))
         .map_err(|error| CertError::Write {
             path: dir.to_path_buf(),
             error,
         })?;
-    let _lock = lock_cert_dir(dir)?;
+    let parent = parent_dir(dir);
+    sync_dir(parent).map_err(|error| CertError::Write {
+        path: parent.to_path_buf(),
+        error,
+    })?;
+    check_dir(dir)?;
+    let _lock = lock_cert_dir(dir, LockMode::Exclusive)?;
+    finish_interrupted(dir)?;
+    let now = SystemTime::now();
     let ca_cert_path = dir.join(CA_CERT_FILE);
     let ca_key_path = dir.join(CA_KEY_FILE);
     let (ca_cert_pem, created_ca_key_pem) = match (exists(&ca_cert_path)?, exists(&ca_key_path)?) {
-        (true, _) => (read(&ca_cert_path)?, None),
+        (true, _) => {
+            let pem = read(&ca_cert_path)?;
+            parse_certificate(&pem, &ca_cert_path)?;
+            (pem, None)
+        }
         (false, true) => {
             return Err(CertError::CaCertMissing {
                 key: ca_key_path,
@@ -247,9 +377,8 @@ pub fn ensure_cluster_certs(dir: &Path, nodes: &[u16]) -> Result<(), CertError> 
             });
         }
         (false, false) => {
-            let ca = ClusterCa::generate()?;
-            write_file(&ca_key_path, &ca.key_pem, KEY_MODE, Publish::CreateOnly)?;
-            write_file(&ca_cert_path, &ca.cert_pem, CERT_MODE, Publish::CreateOnly)?;
+            let ca = ClusterCa::generate_at(now)?;
+            publish_ca(dir, &ca)?;
             (ca.cert_pem, Some(ca.key_pem))
         }
     };
@@ -259,73 +388,97 @@ pub fn ensure_cluster_certs(dir: &Path, nodes: &[u16]) -> Result<(), CertError> 
             missing.push(node);
         }
     }
-    if missing.is_empty() {
+    let Some(&first) = missing.first() else {
         return Ok(());
-    }
+    };
     let ca = ClusterCa {
         cert_pem: ca_cert_pem,
         key_pem: match created_ca_key_pem {
             Some(key_pem) => key_pem,
-            None => read_secret(&ca_key_path)?,
+            None => read_ca_key(&ca_key_path, first)?,
         },
     };
+    let signer = ca.signer(now, &ca_cert_path, &ca_key_path)?;
     for node in missing {
-        issue_into(dir, &ca, node)?;
+        publish_node(dir, &signer.issue(node, now)?)?;
     }
     Ok(())
 }
 
-/// Issues `node` a new key and certificate under the CA in `dir`, replacing its old ones (each
-/// file atomically; a crash between the two leaves a pair that loading refuses as
-/// `KeyMismatch` and that renewing again repairs). A running node keeps its old certificate
-/// until it restarts.
+/// Issues `node` a new key and certificate under the CA in `dir`, replacing its old pair, after
+/// finishing what a crash interrupted. A crash part way leaves the old pair or the new key with
+/// the new certificate under a temporary name; the next `ensure_cluster_certs` or renewal
+/// finishes it. A running node keeps its old certificate until it restarts.
 pub fn renew_node_cert(dir: &Path, node: u16) -> Result<(), CertError> {
-    let _lock = lock_cert_dir(dir)?;
+    check_dir(dir)?;
+    let _lock = lock_cert_dir(dir, LockMode::Exclusive)?;
+    finish_interrupted(dir)?;
+    let now = SystemTime::now();
+    let ca_cert_path = dir.join(CA_CERT_FILE);
+    let ca_key_path = dir.join(CA_KEY_FILE);
     let ca = ClusterCa {
-        cert_pem: read(&dir.join(CA_CERT_FILE))?,
-        key_pem: read_secret(&dir.join(CA_KEY_FILE))?,
+        cert_pem: read(&ca_cert_path)?,
+        key_pem: read_ca_key(&ca_key_path, node)?,
     };
-    issue_into(dir, &ca, node)
+    let cert = ca
+        .signer(now, &ca_cert_path, &ca_key_path)?
+        .issue(node, now)?;
+    publish_node(dir, &cert)
 }
 
-/// Writes a new key and certificate for `node`, the key first: the certificate's presence is
-/// what says the node has been issued.
-fn issue_into(dir: &Path, ca: &ClusterCa, node: u16) -> Result<(), CertError> {
-    let cert = ca.issue_node(node)?;
-    write_file(
-        &dir.join(node_key_file(node)),
-        &cert.key_pem,
-        KEY_MODE,
-        Publish::Replace,
-    )?;
-    write_file(
-        &dir.join(node_cert_file(node)),
-        &cert.cert_pem,
-        CERT_MODE,
-        Publish::Replace,
-    )
+/// The CA key, needed to issue `node`.
+fn read_ca_key(path: &Path, node: u16) -> Result<String, CertError> {
+    read_secret(path).map_err(|e| match e {
+        CertError::Read { path, error } if error.kind() == io::ErrorKind::NotFound => {
+            CertError::CaKeyNeeded { key: path, node }
+        }
+        other => other,
+    })
 }
 
 impl NodeCredentials {
     /// Loads node `node`'s credentials from a cert directory made by `ensure_cluster_certs`,
-    /// with the checks of `load_at` at the current time, and logs its warnings at warn level.
+    /// with the checks of `load_at` at the current time; logs when the CA and node certificates
+    /// expire (info) and its warnings (warn). A running node re-checks with `check_expiry`.
     pub fn load(dir: &Path, node: u16) -> Result<Self, CertError> {
         let (credentials, warnings) = NodeCredentials::load_at(dir, node, SystemTime::now())?;
+        let ca_path = dir.join(CA_CERT_FILE);
+        let cert_path = dir.join(node_cert_file(node));
+        let not_after = |path: &Path, der: &[u8]| {
+            Validity::of_certificate(der)
+                .map(|validity| UtcTime(validity.not_after))
+                .map_err(|reason| CertError::Parse {
+                    path: path.to_path_buf(),
+                    reason,
+                })
+        };
+        tracing::info!(
+            node,
+            "loaded {}: it expires at {}, the CA {} at {}",
+            cert_path.display(),
+            not_after(&cert_path, &credentials.cert)?,
+            ca_path.display(),
+            not_after(&ca_path, &credentials.ca)?,
+        );
         for warning in &warnings {
             tracing::warn!(node, "{warning}");
         }
         Ok(credentials)
     }
 
-    /// Loads node `node`'s credentials as they stand at `now`. Refuses a key that group or
-    /// others may access, a key that is not the certificate's, and a CA or node certificate
-    /// that is not yet or no longer valid; returns a warning for each of the two that expires
-    /// within `EXPIRY_WARNING_DAYS`.
+    /// Loads node `node`'s credentials as they stand at `now`, under a shared lock on the cert
+    /// directory. Refuses a directory that group or others may write, a key that group or
+    /// others may access or that another user owns, a key that is not the certificate's, a CA
+    /// or node certificate that is not yet or no longer valid, and a node certificate that
+    /// does not chain to the CA or does not name node `node`; returns a warning for each of the
+    /// two certificates that expires within its warning period.
     pub fn load_at(
         dir: &Path,
         node: u16,
         now: SystemTime,
     ) -> Result<(Self, Vec<ExpiryWarning>), CertError> {
+        check_dir(dir)?;
+        let _lock = lock_cert_dir(dir, LockMode::Shared)?;
         let ca_path = dir.join(CA_CERT_FILE);
         let cert_path = dir.join(node_cert_file(node));
         let key_path = dir.join(node_key_file(node));
@@ -333,35 +486,19 @@ impl NodeCredentials {
         let cert = parse_certificate(&read(&cert_path)?, &cert_path)?;
         let key = parse_key(&read_secret(&key_path)?, &key_path)?;
         check_key_matches(&key, &key_path, &cert, &cert_path)?;
-        let mut warnings = Vec::new();
-        for (path, der) in [(ca_path, &ca), (cert_path, &cert)] {
-            let validity = Validity::of_certificate(der).map_err(|reason| CertError::Parse {
-                path: path.clone(),
-                reason,
-            })?;
-            match validity.status_at(now) {
-                ValidityStatus::NotYetValid => {
-                    return Err(CertError::NotYetValid {
-                        path,
-                        validity,
-                        now,
-                    });
-                }
-                ValidityStatus::Expired => {
-                    return Err(CertError::Expired {
-                        path,
-                        validity,
-                        now,
-                    });
-                }
-                ValidityStatus::ExpiresSoon { remaining_secs } => warnings.push(ExpiryWarning {
-                    path,
-                    not_after: validity.not_after,
-                    remaining_secs,
-                }),
-                ValidityStatus::Valid { .. } => {}
-            }
-        }
+        let warnings = check_validity(
+            [
+                (&ca_path, &ca, CA_EXPIRY_WARNING_DAYS),
+                (&cert_path, &cert, EXPIRY_WARNING_DAYS),
+            ],
+            now,
+        )?;
+        verify_chain(&ca, &cert, node, now).map_err(|reason| CertError::NotIssuedByCa {
+            cert: cert_path,
+            ca: ca_path,
+            name: node_server_name(node),
+            reason,
+        })?;
         Ok((
             NodeCredentials {
                 node,
@@ -372,6 +509,71 @@ impl NodeCredentials {
             warnings,
         ))
     }
+}
+
+/// Re-checks, at `now`, the CA certificate and node `node`'s certificate in `dir`, as `load`
+/// does at startup: for a running node to call periodically (daily is plenty), logging the
+/// warnings at warn level and an error at error level. Returns a warning for each certificate
+/// that expires within its warning period, and `Expired` or `NotYetValid` for one outside its
+/// validity. It reads the files: after a renewal that the node has not yet restarted to use, it
+/// reports on the new certificate, not the one in use.
+pub fn check_expiry(
+    dir: &Path,
+    node: u16,
+    now: SystemTime,
+) -> Result<Vec<ExpiryWarning>, CertError> {
+    let _lock = lock_cert_dir(dir, LockMode::Shared)?;
+    let ca_path = dir.join(CA_CERT_FILE);
+    let cert_path = dir.join(node_cert_file(node));
+    let ca = parse_certificate(&read(&ca_path)?, &ca_path)?;
+    let cert = parse_certificate(&read(&cert_path)?, &cert_path)?;
+    check_validity(
+        [
+            (&ca_path, &ca, CA_EXPIRY_WARNING_DAYS),
+            (&cert_path, &cert, EXPIRY_WARNING_DAYS),
+        ],
+        now,
+    )
+}
+
+/// Refuses a certificate outside its validity at `now`; a warning for one within its warning
+/// period.
+fn check_validity<const N: usize>(
+    certs: [(&PathBuf, &CertificateDer<'_>, u64); N],
+    now: SystemTime,
+) -> Result<Vec<ExpiryWarning>, CertError> {
+    let mut warnings = Vec::new();
+    for (path, der, warning_days) in certs {
+        let path = path.clone();
+        let validity = Validity::of_certificate(der).map_err(|reason| CertError::Parse {
+            path: path.clone(),
+            reason,
+        })?;
+        match validity.status_at(now, warning_days) {
+            ValidityStatus::NotYetValid => {
+                return Err(CertError::NotYetValid {
+                    path,
+                    validity,
+                    now,
+                });
+            }
+            ValidityStatus::Expired => {
+                return Err(CertError::Expired {
+                    path,
+                    validity,
+                    now,
+                });
+            }
+            ValidityStatus::ExpiresSoon { remaining_secs } => warnings.push(ExpiryWarning {
+                path,
+                not_after: validity.not_after,
+                remaining_secs,
+                warning_days,
+            }),
+            ValidityStatus::Valid { .. } => {}
+        }
+    }
+    Ok(warnings)
 }
 
 /// Checks that `key` is the private key of the public key `cert` carries.
@@ -385,11 +587,11 @@ fn check_key_matches(
         path: key_path.to_path_buf(),
         reason: e.to_string(),
     })?;
-    let (_, parsed) = X509Certificate::from_der(cert).map_err(|e| CertError::Parse {
+    let public_key = certificate_public_key(cert).map_err(|reason| CertError::Parse {
         path: cert_path.to_path_buf(),
-        reason: e.to_string(),
+        reason,
     })?;
-    if parsed.public_key().subject_public_key.data.as_ref() == key_pair.public_key_raw() {
+    if public_key == key_pair.public_key_raw() {
         Ok(())
     } else {
         Err(CertError::KeyMismatch {
@@ -399,68 +601,276 @@ fn check_key_matches(
     }
 }
 
-/// Holds the cert directory's lock until dropped; blocks while another process holds it.
-fn lock_cert_dir(dir: &Path) -> Result<File, CertError> {
-    let path = dir.join(LOCK_FILE);
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(KEY_MODE)
-        .open(&path)
-        .map_err(|error| CertError::Lock {
-            path: path.clone(),
-            error,
-        })?;
-    file.lock()
-        .map_err(|error| CertError::Lock { path, error })?;
-    Ok(file)
+/// The public key a DER certificate carries.
+fn certificate_public_key(der: &[u8]) -> Result<Vec<u8>, String> {
+    let (_, parsed) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
+    Ok(parsed.public_key().subject_public_key.data.to_vec())
 }
 
-/// How a written temporary file takes its final name.
-#[derive(Debug, Clone, Copy)]
-enum Publish {
-    /// `link`: fails if the name exists, so nothing is ever overwritten.
-    CreateOnly,
-    /// `rename`: atomically replaces whatever has the name.
-    Replace,
+/// The public key of the certificate in the file at `path`, if it holds one.
+fn certificate_file_public_key(path: &Path) -> Option<Vec<u8>> {
+    let der = parse_certificate(&read(path).ok()?, path).ok()?;
+    certificate_public_key(&der).ok()
 }
 
-/// Writes `text` to `path` atomically with permission bits `mode`: a temporary file in the same
-/// directory, created with `mode` (so a key is never readable by others, not even briefly),
-/// synced, published, then the directory synced. Callers hold the directory's lock, so the
-/// temporary name is theirs alone; one left by a crash is removed first.
-fn write_file(path: &Path, text: &str, mode: u32, publish: Publish) -> Result<(), CertError> {
-    let write_err = |path: &Path| {
-        let path = path.to_path_buf();
-        move |error| CertError::Write { path, error }
-    };
-    let dir = parent_dir(path);
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let temp = dir.join(format!(".{name}.tmp"));
-    match fs::remove_file(&temp) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(write_err(&temp)(e)),
-        _ => {}
+/// The public key of the private key in the file at `path`.
+fn key_file_public_key(path: &Path) -> Result<Vec<u8>, CertError> {
+    let key = KeyPair::from_pem(&read_secret(path)?).map_err(|e| CertError::Parse {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    Ok(key.public_key_raw().to_vec())
+}
+
+/// Refuses a cert directory that group or others may write: they could swap a certificate or
+/// a key under a node.
+fn check_dir(dir: &Path) -> Result<(), CertError> {
+    let metadata = fs::metadata(dir).map_err(|error| CertError::Read {
+        path: dir.to_path_buf(),
+        error,
+    })?;
+    let mode = metadata.permissions().mode() & 0o7777;
+    if mode & DIR_FORBIDDEN_MODE_BITS != 0 {
+        return Err(CertError::DirWritableByOthers {
+            path: dir.to_path_buf(),
+            mode,
+        });
     }
+    Ok(())
+}
+
+/// Which lock `lock_cert_dir` takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LockMode {
+    /// Creation and renewal: one holder, no shared holders. Creates `certs.lock`.
+    Exclusive,
+    /// Loading and listing: any number of holders, no exclusive holder. Opens `certs.lock`
+    /// read-only, and takes no lock if there is none (a directory made by hand or copied).
+    Shared,
+}
+
+/// Holds the cert directory's lock until dropped; blocks while another process holds it in a
+/// conflicting mode, after logging that it waits.
+fn lock_cert_dir(dir: &Path, mode: LockMode) -> Result<Option<File>, CertError> {
+    let path = dir.join(LOCK_FILE);
+    let lock_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |error| CertError::Lock { path, error }
+    };
+    let file = match mode {
+        LockMode::Exclusive => fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(KEY_MODE)
+            .open(&path),
+        LockMode::Shared => match File::open(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            opened => opened,
+        },
+    }
+    .map_err(lock_err(&path))?;
+    let attempt = match mode {
+        LockMode::Exclusive => file.try_lock(),
+        LockMode::Shared => file.try_lock_shared(),
+    };
+    match attempt {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            tracing::warn!(
+                "waiting for {} held by another process (creating or renewing certificates)",
+                path.display()
+            );
+            match mode {
+                LockMode::Exclusive => file.lock(),
+                LockMode::Shared => file.lock_shared(),
+            }
+            .map_err(lock_err(&path))?;
+        }
+        Err(fs::TryLockError::Error(error)) => return Err(lock_err(&path)(error)),
+    }
+    Ok(Some(file))
+}
+
+/// A file written and synced under a temporary name of its writer's own, not yet published.
+#[derive(Debug)]
+struct Staged {
+    temp: PathBuf,
+    path: PathBuf,
+}
+
+/// Writes `text` to a new temporary file for `dir/name`, created with permission bits `mode`
+/// (so a key is never readable by others, not even briefly), and syncs it. The name carries the
+/// process id and a random number, so no two writers share one.
+fn stage(dir: &Path, name: &str, text: &str, mode: u32) -> Result<Staged, CertError> {
+    let temp = dir.join(format!(
+        ".{name}.{}-{:016x}{TEMP_SUFFIX}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    let write_err = |error| CertError::Write {
+        path: temp.clone(),
+        error,
+    };
     let mut file = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(mode)
         .open(&temp)
-        .map_err(write_err(&temp))?;
+        .map_err(write_err)?;
     file.write_all(text.as_bytes())
         .and_then(|()| file.sync_all())
-        .map_err(write_err(&temp))?;
-    drop(file);
-    match publish {
-        Publish::CreateOnly => {
-            fs::hard_link(&temp, path).map_err(write_err(path))?;
-            fs::remove_file(&temp).map_err(write_err(&temp))?;
-        }
-        Publish::Replace => fs::rename(&temp, path).map_err(write_err(path))?,
+        .map_err(write_err)?;
+    Ok(Staged {
+        temp,
+        path: dir.join(name),
+    })
+}
+
+const TEMP_SUFFIX: &str = ".tmp";
+
+/// Publishes a new CA: both files staged and the directory synced, then the key linked to
+/// `ca.key` and the certificate to `ca.pem` (`link` fails if the name exists), each followed
+/// by a directory sync, then the temporary names removed.
+fn publish_ca(dir: &Path, ca: &ClusterCa) -> Result<(), CertError> {
+    let key = stage(dir, CA_KEY_FILE, &ca.key_pem, KEY_MODE)?;
+    let cert = stage(dir, CA_CERT_FILE, &ca.cert_pem, CERT_MODE)?;
+    sync_cert_dir(dir)?;
+    for staged in [&key, &cert] {
+        fs::hard_link(&staged.temp, &staged.path).map_err(|error| CertError::Write {
+            path: staged.path.clone(),
+            error,
+        })?;
+        sync_cert_dir(dir)?;
     }
-    sync_dir(dir).map_err(write_err(dir))
+    for staged in [&key, &cert] {
+        fs::remove_file(&staged.temp).map_err(|error| CertError::Write {
+            path: staged.temp.clone(),
+            error,
+        })?;
+    }
+    sync_cert_dir(dir)
+}
+
+/// Publishes a node's pair: both files staged and the directory synced, then the key renamed
+/// over `node-N.key` and the certificate over `node-N.pem`, each followed by a directory sync.
+fn publish_node(dir: &Path, cert: &NodeCert) -> Result<(), CertError> {
+    let key = stage(dir, &node_key_file(cert.node), &cert.key_pem, KEY_MODE)?;
+    let cert = stage(dir, &node_cert_file(cert.node), &cert.cert_pem, CERT_MODE)?;
+    sync_cert_dir(dir)?;
+    for staged in [key, cert] {
+        fs::rename(&staged.temp, &staged.path).map_err(|error| CertError::Write {
+            path: staged.path.clone(),
+            error,
+        })?;
+        sync_cert_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// The temporary files in `dir`, each with the name it was written for.
+fn temp_files(dir: &Path) -> Result<Vec<(PathBuf, String)>, CertError> {
+    let read_err = |error| CertError::Read {
+        path: dir.to_path_buf(),
+        error,
+    };
+    let mut temps = Vec::new();
+    for entry in fs::read_dir(dir).map_err(read_err)? {
+        let entry = entry.map_err(read_err)?;
+        if !entry.file_type().map_err(read_err)?.is_file() {
+            continue;
+        }
+        let name = entry.file_name();
+        let Some(inner) = name
+            .to_str()
+            .and_then(|name| name.strip_prefix('.'))
+            .and_then(|name| name.strip_suffix(TEMP_SUFFIX))
+        else {
+            continue;
+        };
+        // `NAME.PID-RANDOM`; an older version wrote `.NAME.tmp`.
+        let target = match inner.rsplit_once('.') {
+            Some((target, unique))
+                if unique.contains('-')
+                    && unique.chars().all(|c| c == '-' || c.is_ascii_hexdigit()) =>
+            {
+                target
+            }
+            _ => inner,
+        };
+        temps.push((entry.path(), target.to_owned()));
+    }
+    temps.sort();
+    Ok(temps)
+}
+
+/// Under the exclusive lock: finishes what a crash interrupted, then removes every temporary
+/// file. A `ca.key` without `ca.pem` gets the temporary `ca.pem` that carries its public key
+/// (never a new CA); a `node-N.key` whose `node-N.pem` is missing or not its own gets the
+/// temporary `node-N.pem` that is.
+fn finish_interrupted(dir: &Path) -> Result<(), CertError> {
+    let temps = temp_files(dir)?;
+    if temps.is_empty() {
+        return Ok(());
+    }
+    let ca_cert_path = dir.join(CA_CERT_FILE);
+    let ca_key_path = dir.join(CA_KEY_FILE);
+    if !exists(&ca_cert_path)? && exists(&ca_key_path)? {
+        let key_public = key_file_public_key(&ca_key_path)?;
+        if let Some((temp, _)) = temps.iter().find(|(temp, target)| {
+            target == CA_CERT_FILE
+                && certificate_file_public_key(temp).as_ref() == Some(&key_public)
+        }) {
+            fs::hard_link(temp, &ca_cert_path).map_err(|error| CertError::Write {
+                path: ca_cert_path.clone(),
+                error,
+            })?;
+            sync_cert_dir(dir)?;
+            tracing::warn!(
+                "finished creating the CA that a crash interrupted: {} is now {}",
+                temp.display(),
+                ca_cert_path.display()
+            );
+        }
+    }
+    for (temp, target) in &temps {
+        let Some(node) = node_of_cert_file(target) else {
+            continue;
+        };
+        let key_path = dir.join(node_key_file(node));
+        let cert_path = dir.join(target);
+        if !exists(&key_path)? {
+            continue;
+        }
+        let key_public = Some(key_file_public_key(&key_path)?);
+        if certificate_file_public_key(&cert_path) != key_public
+            && certificate_file_public_key(temp) == key_public
+        {
+            fs::rename(temp, &cert_path).map_err(|error| CertError::Write {
+                path: cert_path.clone(),
+                error,
+            })?;
+            sync_cert_dir(dir)?;
+            tracing::warn!(
+                "finished issuing node {node} the pair that a crash interrupted: {} is now {}",
+                temp.display(),
+                cert_path.display()
+            );
+        }
+    }
+    for (temp, _) in &temps {
+        match fs::remove_file(temp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(CertError::Write {
+                    path: temp.clone(),
+                    error: e,
+                });
+            }
+            _ => {}
+        }
+    }
+    sync_cert_dir(dir)
 }
 
 /// The directory holding `path`: `.` for a bare name.
@@ -476,6 +886,14 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// `sync_dir` of the cert directory, its error naming it.
+fn sync_cert_dir(dir: &Path) -> Result<(), CertError> {
+    sync_dir(dir).map_err(|error| CertError::Write {
+        path: dir.to_path_buf(),
+        error,
+    })
+}
+
 fn exists(path: &Path) -> Result<bool, CertError> {
     path.try_exists().map_err(|error| CertError::Read {
         path: path.to_path_buf(),
@@ -483,30 +901,63 @@ fn exists(path: &Path) -> Result<bool, CertError> {
     })
 }
 
-fn read(path: &Path) -> Result<String, CertError> {
-    fs::read_to_string(path).map_err(|error| CertError::Read {
-        path: path.to_path_buf(),
-        error,
-    })
-}
-
-/// Reads a private key, refusing it if group or others may access it. The mode is checked on
-/// the opened file, so it is the mode of the bytes read.
-fn read_secret(path: &Path) -> Result<String, CertError> {
+/// Opens `path` for reading without blocking (a FIFO in its place returns at once) and refuses
+/// anything but a regular file.
+fn open_regular(path: &Path) -> Result<(File, fs::Metadata), CertError> {
     let read_err = |error| CertError::Read {
         path: path.to_path_buf(),
         error,
     };
-    let mut file = File::open(path).map_err(read_err)?;
-    let mode = file.metadata().map_err(read_err)?.permissions().mode() & 0o7777;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(OFlag::O_NONBLOCK.bits())
+        .open(path)
+        .map_err(read_err)?;
+    let metadata = file.metadata().map_err(read_err)?;
+    if !metadata.is_file() {
+        return Err(CertError::NotAFile {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok((file, metadata))
+}
+
+fn read(path: &Path) -> Result<String, CertError> {
+    let (mut file, _) = open_regular(path)?;
+    let mut text = String::new();
+    file.read_to_string(&mut text)
+        .map_err(|error| CertError::Read {
+            path: path.to_path_buf(),
+            error,
+        })?;
+    Ok(text)
+}
+
+/// Reads a private key, refusing it if group or others may access it or another user owns it.
+/// Mode and owner are checked on the opened file, so they are those of the bytes read.
+fn read_secret(path: &Path) -> Result<String, CertError> {
+    let (mut file, metadata) = open_regular(path)?;
+    let mode = metadata.permissions().mode() & 0o7777;
     if mode & KEY_FORBIDDEN_MODE_BITS != 0 {
         return Err(CertError::KeyAccessibleByOthers {
             path: path.to_path_buf(),
             mode,
         });
     }
+    let user = nix::unistd::geteuid().as_raw();
+    if metadata.uid() != user {
+        return Err(CertError::KeyNotOwnedByUser {
+            path: path.to_path_buf(),
+            owner: metadata.uid(),
+            user,
+        });
+    }
     let mut text = String::new();
-    file.read_to_string(&mut text).map_err(read_err)?;
+    file.read_to_string(&mut text)
+        .map_err(|error| CertError::Read {
+            path: path.to_path_buf(),
+            error,
+        })?;
     Ok(text)
 }
 
@@ -552,7 +1003,12 @@ mod tests {
             (validity.not_after + second, ValidityStatus::Expired),
         ];
         for (now, expected) in cases {
-            assert_eq!(validity.status_at(now), expected, "at {}", UtcTime(now));
+            assert_eq!(
+                validity.status_at(now, EXPIRY_WARNING_DAYS),
+                expected,
+                "at {}",
+                UtcTime(now)
+            );
         }
     }
 
@@ -605,7 +1061,9 @@ mod tests {
         ensure_cluster_certs(dir.path(), &[10, 2, 1]).expect("create");
         fs::write(dir.path().join("node-x.pem"), "not a node").expect("write");
         fs::write(dir.path().join("node-01.pem"), "not a node either").expect("write");
-        let listed = read_cert_dir(dir.path()).expect("list");
+        let listing = read_cert_dir(dir.path(), SystemTime::now()).expect("list");
+        assert!(listing.problems.is_empty(), "{:?}", listing.problems);
+        let listed = listing.certs;
         let names: Vec<_> = listed
             .iter()
             .map(|c| {
@@ -635,7 +1093,9 @@ mod tests {
 
         fs::remove_file(dir.path().join("ca.key")).expect("CA key kept elsewhere");
         match renew_node_cert(dir.path(), 1) {
-            Err(CertError::Read { path, .. }) => assert_eq!(path, dir.path().join("ca.key")),
+            Err(CertError::CaKeyNeeded { key, node }) => {
+                assert_eq!((key, node), (dir.path().join("ca.key"), 1));
+            }
             other => panic!("renewing without the CA key: {other:?}"),
         }
         ensure_cluster_certs(dir.path(), &[1])
