@@ -1,20 +1,23 @@
 //! The cluster cert directory through the real file system: one CA however many processes race
-//! to create it, a CA key never replaced, files replaced atomically, the documented validities,
-//! and what `NodeCredentials::load` refuses or warns about.
-//!
-//! These tests use only `ensure_cluster_certs` and `NodeCredentials::load` (and make their own
-//! certificates with rcgen where they need odd dates), so they run against any version of the
-//! cert directory code.
+//! to create it, a CA key never replaced, files replaced atomically, what a crash leaves
+//! finished by the next `ensure`, issuing only under a CA that matches its key and is valid,
+//! loading under a shared lock while a renewal runs, the documented validities, and what
+//! `NodeCredentials::load` refuses or warns about. Kills at every system call of the real
+//! binary are in `bin/duplex/tests/certs_cli.rs`.
 
 use std::fs::{self, File};
 use std::io::{self, BufRead as _, Read as _, Write as _};
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
-use duplex_transport::certs::{CertError, NodeCredentials, ensure_cluster_certs, node_server_name};
+use duplex_transport::certs::{
+    CA_EXPIRY_WARNING_DAYS, CertError, ClusterCa, NodeCredentials, check_expiry,
+    ensure_cluster_certs, node_server_name, renew_node_cert,
+};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::client::danger::ServerCertVerifier as _;
 use rustls_pki_types::pem::PemObject as _;
@@ -137,16 +140,18 @@ const RACERS: usize = 8;
 /// Rounds of the race, each in a fresh directory: one round shows a lost race only some of the
 /// time (without the lock, about 4 rounds in 10 on a 2-core machine), so several are run.
 const RACE_ROUNDS: usize = 10;
-const RACE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the whole race test (every round) may take.
+const RACE_TIMEOUT: Duration = Duration::from_secs(120);
 const RACE_NODES: [u16; 3] = [1, 2, 3];
 
-/// One racing process: waits for `go` on stdin, ensures the cluster certs, loads node 1's
-/// credentials and prints the CA it loaded. Does nothing in an ordinary test run.
+/// One racing process: says it is ready, waits for `go` on stdin, ensures the cluster certs,
+/// loads node 1's credentials and prints the CA it loaded. Does nothing in an ordinary test run.
 #[test]
 fn racer() {
     let Some(dir) = std::env::var_os(RACE_DIR_ENV) else {
         return;
     };
+    println!("racer-ready");
     let mut go = String::new();
     io::stdin().lock().read_line(&mut go).expect("wait for go");
     ensure_cluster_certs(Path::new(&dir), &RACE_NODES).expect("ensure");
@@ -158,6 +163,7 @@ fn racer() {
 /// A racing process, killed and reaped however the test ends.
 struct Racer {
     child: Child,
+    /// Its stdout, line by line.
     stdout: mpsc::Receiver<String>,
 }
 
@@ -170,22 +176,48 @@ impl Racer {
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn racer");
-        let mut stdout = child.stdout.take().expect("stdout");
+        let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = stdout.read_to_string(&mut text);
-            let _ = tx.send(text);
+            for line in io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
         });
         Racer { child, stdout: rx }
     }
 
-    /// The CA this racer loaded, as DER.
-    fn finish(&mut self) -> Vec<u8> {
-        let text = self
+    /// The next line of its stdout, or `None` at its end; panics after `deadline`.
+    fn line(&self, deadline: Instant) -> Option<String> {
+        match self
             .stdout
-            .recv_timeout(RACE_TIMEOUT)
-            .expect("racer finished in time");
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            Ok(line) => Some(line),
+            Err(mpsc::RecvTimeoutError::Disconnected) => None,
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!("the race took over {RACE_TIMEOUT:?}"),
+        }
+    }
+
+    /// Returns once the racer says it is ready for `go`.
+    fn ready(&self, deadline: Instant) {
+        while let Some(line) = self.line(deadline) {
+            if line.contains("racer-ready") {
+                return;
+            }
+        }
+        panic!("racer ended before it was ready");
+    }
+
+    /// The CA this racer loaded, as DER.
+    fn finish(&mut self, deadline: Instant) -> Vec<u8> {
+        let mut text = String::new();
+        while let Some(line) = self.line(deadline) {
+            text.push_str(&line);
+            text.push('\n');
+        }
         let status = self.child.wait().expect("reap racer");
         assert!(status.success(), "racer failed: {status}\n{text}");
         // The harness prints `test racer ... ` before the test's own output, on the same line.
@@ -209,21 +241,28 @@ impl Drop for Racer {
 
 #[test]
 fn processes_racing_to_create_the_cert_directory_end_with_one_ca() {
+    let deadline = Instant::now() + RACE_TIMEOUT;
     for round in 0..RACE_ROUNDS {
-        race_once(round);
+        race_once(round, deadline);
     }
 }
 
-fn race_once(round: usize) {
+fn race_once(round: usize, deadline: Instant) {
     let dir = tempfile::tempdir().expect("tempdir");
     let certs = dir.path().join("certs");
     let mut racers: Vec<Racer> = (0..RACERS).map(|_| Racer::spawn(&certs)).collect();
-    // Every racer is started and waiting; release them together.
+    // Release them together once every racer has said it is waiting.
+    for racer in &racers {
+        racer.ready(deadline);
+    }
     for racer in &mut racers {
         let mut stdin = racer.child.stdin.take().expect("stdin");
         stdin.write_all(b"go\n").expect("go");
     }
-    let loaded: Vec<Vec<u8>> = racers.iter_mut().map(Racer::finish).collect();
+    let loaded: Vec<Vec<u8>> = racers
+        .iter_mut()
+        .map(|racer| racer.finish(deadline))
+        .collect();
 
     let ca = read_cert(&certs.join("ca.pem"));
     for (i, racer_ca) in loaded.iter().enumerate() {
@@ -470,4 +509,318 @@ fn a_key_that_is_not_its_certificates_is_refused_at_load() {
             && message.contains(&dir.path().join("node-1.pem").display().to_string()),
         "{message}"
     );
+}
+
+/// Writes `ca`'s certificate and key to `dir` as `ca.pem` and `ca.key` (mode 0600).
+fn write_ca(dir: &Path, ca: &ClusterCa) {
+    fs::write(dir.join("ca.pem"), &ca.cert_pem).expect("write ca.pem");
+    write_key(&dir.join("ca.key"), &ca.key_pem);
+}
+
+/// Writes a private key file with mode 0600, replacing any.
+fn write_key(path: &Path, pem: &str) {
+    let _ = fs::remove_file(path);
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(pem.as_bytes()))
+        .expect("write key");
+}
+
+fn ca_of(dir: &Path) -> ClusterCa {
+    ClusterCa {
+        cert_pem: fs::read_to_string(dir.join("ca.pem")).expect("ca.pem"),
+        key_pem: fs::read_to_string(dir.join("ca.key")).expect("ca.key"),
+    }
+}
+
+#[test]
+fn issuing_refuses_a_ca_pem_that_is_not_ca_keys_and_loading_refuses_a_foreign_chain() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ours, theirs) = (dir.path().join("ours"), dir.path().join("theirs"));
+    ensure_cluster_certs(&ours, &[1]).expect("our cluster");
+    ensure_cluster_certs(&theirs, &[1]).expect("another cluster");
+    let ours_file = |name: &str| ours.join(name);
+    fs::copy(theirs.join("ca.pem"), ours_file("ca.pem")).expect("another cluster's ca.pem");
+
+    let mismatch = |result: Result<(), CertError>, what: &str| match result {
+        Err(CertError::CaKeyMismatch { key, cert }) => {
+            assert_eq!(
+                (key, cert),
+                (ours_file("ca.key"), ours_file("ca.pem")),
+                "{what}"
+            );
+        }
+        other => panic!("{what} under another cluster's ca.pem: {other:?}"),
+    };
+    mismatch(renew_node_cert(&ours, 1), "renewing");
+    mismatch(ensure_cluster_certs(&ours, &[1, 2]), "issuing");
+    assert!(!ours_file("node-2.pem").exists(), "nothing issued");
+    match NodeCredentials::load(&ours, 1) {
+        Err(e @ CertError::NotIssuedByCa { .. }) => {
+            let message = e.to_string();
+            println!("{message}");
+            assert!(
+                message.contains(&ours_file("node-1.pem").display().to_string())
+                    && message.contains(&ours_file("ca.pem").display().to_string()),
+                "{message}"
+            );
+        }
+        other => panic!("loading a node certificate another CA did not issue: {other:?}"),
+    }
+
+    fs::write(ours_file("ca.pem"), "garbage").expect("garbage ca.pem");
+    match ensure_cluster_certs(&ours, &[1, 2]) {
+        Err(CertError::Parse { path, .. }) => assert_eq!(path, ours_file("ca.pem")),
+        other => panic!("issuing under a garbage ca.pem: {other:?}"),
+    }
+
+    // A node's pair in the CA's place: the key matches, but it is no CA.
+    fs::copy(ours_file("node-1.pem"), ours_file("ca.pem")).expect("node cert as ca.pem");
+    write_key(
+        &ours_file("ca.key"),
+        &fs::read_to_string(ours_file("node-1.key")).expect("node key"),
+    );
+    match ensure_cluster_certs(&ours, &[2]) {
+        Err(CertError::NotCa { path }) => assert_eq!(path, ours_file("ca.pem")),
+        other => panic!("issuing under a node certificate: {other:?}"),
+    }
+    assert!(!ours_file("node-2.pem").exists(), "nothing issued");
+}
+
+#[test]
+fn loading_refuses_a_node_certificate_that_names_another_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    ensure_cluster_certs(dir.path(), &[1, 2]).expect("create");
+    fs::copy(dir.path().join("node-2.pem"), dir.path().join("node-1.pem")).expect("copy");
+    fs::copy(dir.path().join("node-2.key"), dir.path().join("node-1.key")).expect("copy");
+    match NodeCredentials::load(dir.path(), 1) {
+        Err(CertError::NotIssuedByCa { name, .. }) => assert_eq!(name, "node-1.duplex"),
+        other => panic!("node 2's pair loaded as node 1: {other:?}"),
+    }
+}
+
+#[test]
+fn a_ca_key_whose_certificate_was_left_under_its_temporary_name_is_finished_never_replaced() {
+    for temp_name in [".ca.pem.4242-00c0ffee.tmp", ".ca.pem.tmp"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = ClusterCa::generate().expect("CA");
+        // A crash after `link(ca.key)`: the key and a second link to it, its certificate only
+        // under its temporary name.
+        write_ca(dir.path(), &ca);
+        fs::rename(dir.path().join("ca.pem"), dir.path().join(temp_name)).expect("unpublish");
+        fs::hard_link(
+            dir.path().join("ca.key"),
+            dir.path().join(".ca.key.4242-0badcafe.tmp"),
+        )
+        .expect("second link");
+        ensure_cluster_certs(dir.path(), &[1]).expect("finish the CA and issue node 1");
+        assert_eq!(
+            fs::read_to_string(dir.path().join("ca.pem")).expect("ca.pem"),
+            ca.cert_pem,
+            "{temp_name}: the CA's own certificate, not a new CA"
+        );
+        assert_eq!(ca_of(dir.path()).key_pem, ca.key_pem);
+        assert_eq!(hidden_files(dir.path()), Vec::<String>::new());
+        verify_issued_by(
+            &read_cert(&dir.path().join("ca.pem")),
+            &read_cert(&dir.path().join("node-1.pem")),
+            1,
+        );
+    }
+
+    // Another CA's certificate under the temporary name is not this key's: still an error.
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_ca(dir.path(), &ClusterCa::generate().expect("CA"));
+    fs::remove_file(dir.path().join("ca.pem")).expect("lose ca.pem");
+    let other = ClusterCa::generate().expect("another CA");
+    fs::write(dir.path().join(".ca.pem.1-ab.tmp"), &other.cert_pem).expect("temp");
+    assert!(matches!(
+        ensure_cluster_certs(dir.path(), &[1]),
+        Err(CertError::CaCertMissing { .. })
+    ));
+    assert!(!dir.path().join("ca.pem").exists());
+}
+
+#[test]
+fn a_renewal_interrupted_between_its_two_renames_is_finished_by_ensure() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    ensure_cluster_certs(dir.path(), &[1]).expect("create");
+    let new = ca_of(dir.path()).issue_node(1).expect("new pair");
+    // The new key took its name; the new certificate is still under its temporary one.
+    write_key(&dir.path().join("node-1.key"), &new.key_pem);
+    fs::write(
+        dir.path().join(".node-1.pem.77-1234abcd.tmp"),
+        &new.cert_pem,
+    )
+    .expect("temp");
+    assert!(matches!(
+        NodeCredentials::load(dir.path(), 1),
+        Err(CertError::KeyMismatch { .. })
+    ));
+
+    ensure_cluster_certs(dir.path(), &[1]).expect("finish the renewal");
+    assert_eq!(
+        fs::read_to_string(dir.path().join("node-1.pem")).expect("node-1.pem"),
+        new.cert_pem
+    );
+    assert_eq!(hidden_files(dir.path()), Vec::<String>::new());
+    NodeCredentials::load(dir.path(), 1).expect("the finished pair loads");
+}
+
+#[test]
+fn loading_while_a_node_is_renewed_always_finds_a_matching_pair() {
+    const RENEWALS: usize = 40;
+    const LOADS_MAX: usize = 100_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    ensure_cluster_certs(dir.path(), &[1]).expect("create");
+    let renewed = AtomicBool::new(false);
+    let loads = std::thread::scope(|scope| {
+        let renewer = scope.spawn(|| {
+            let result = (0..RENEWALS).try_for_each(|_| renew_node_cert(dir.path(), 1));
+            renewed.store(true, Ordering::Release);
+            result
+        });
+        let mut loads = 0;
+        while !renewed.load(Ordering::Acquire) && loads < LOADS_MAX {
+            if let Err(e) = NodeCredentials::load_at(dir.path(), 1, SystemTime::now()) {
+                panic!("load {loads} during a renewal: {e}");
+            }
+            loads += 1;
+        }
+        renewer.join().expect("renewer").expect("renewals");
+        loads
+    });
+    println!("{loads} loads during {RENEWALS} renewals");
+}
+
+#[test]
+fn issuing_respects_the_cas_validity_and_the_ca_warns_a_year_ahead() {
+    let now = SystemTime::now();
+    // A CA made 3640 days ago expires in 10 days: node 1's certificate ends with it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_ca(
+        dir.path(),
+        &ClusterCa::generate_at(now - DAY * 3640).expect("old CA"),
+    );
+    ensure_cluster_certs(dir.path(), &[1]).expect("issue under a CA with 10 days left");
+    let ca_not_after = validity_of(&dir.path().join("ca.pem")).1;
+    assert_eq!(validity_of(&dir.path().join("node-1.pem")).1, ca_not_after);
+
+    let (_, warnings) = NodeCredentials::load_at(dir.path(), 1, now).expect("load");
+    let warned: Vec<_> = warnings
+        .iter()
+        .map(|w| (w.path.clone(), w.warning_days))
+        .collect();
+    assert_eq!(
+        warned,
+        [
+            (dir.path().join("ca.pem"), CA_EXPIRY_WARNING_DAYS),
+            (dir.path().join("node-1.pem"), 30)
+        ]
+    );
+    assert_eq!(
+        check_expiry(dir.path(), 1, now).expect("check"),
+        warnings,
+        "a running node's re-check finds what loading found"
+    );
+    match check_expiry(dir.path(), 1, now + DAY * 11) {
+        Err(CertError::Expired { path, .. }) => assert_eq!(path, dir.path().join("ca.pem")),
+        other => panic!("re-checking after the CA expired: {other:?}"),
+    }
+    // A CA with 300 days left: only the CA warns.
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_ca(
+        dir.path(),
+        &ClusterCa::generate_at(now - DAY * 3350).expect("CA"),
+    );
+    ensure_cluster_certs(dir.path(), &[1]).expect("issue");
+    let warnings = check_expiry(dir.path(), 1, now).expect("check");
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert_eq!(warnings[0].path, dir.path().join("ca.pem"));
+
+    for (case, made, refusal) in [
+        ("expired", now - DAY * 3651, "Expired"),
+        ("not yet valid", now + DAY * 2, "NotYetValid"),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_ca(dir.path(), &ClusterCa::generate_at(made).expect("CA"));
+        let err = ensure_cluster_certs(dir.path(), &[1])
+            .expect_err(&format!("issuing under an {case} CA"));
+        let path = match &err {
+            CertError::Expired { path, .. } | CertError::NotYetValid { path, .. } => path,
+            other => panic!("{case}: {other:?}"),
+        };
+        assert!(format!("{err:?}").starts_with(refusal), "{case}: {err:?}");
+        assert_eq!(path, &dir.path().join("ca.pem"));
+        assert!(
+            !dir.path().join("node-1.pem").exists(),
+            "{case}: nothing issued"
+        );
+    }
+}
+
+#[test]
+fn a_cert_dir_writable_by_others_a_key_of_another_user_and_a_fifo_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    ensure_cluster_certs(dir.path(), &[1, 2]).expect("create");
+    for mode in [0o770, 0o702, 0o1777] {
+        set_mode(dir.path(), mode);
+        for (what, result) in [
+            ("load", NodeCredentials::load(dir.path(), 1).map(|_| ())),
+            ("ensure", ensure_cluster_certs(dir.path(), &[3])),
+            ("renew", renew_node_cert(dir.path(), 1)),
+        ] {
+            match result {
+                Err(CertError::DirWritableByOthers { path, mode: found }) => {
+                    assert_eq!((path.as_path(), found), (dir.path(), mode), "{what}");
+                }
+                other => panic!("{what} in a directory of mode {mode:04o}: {other:?}"),
+            }
+        }
+    }
+    set_mode(dir.path(), 0o750);
+    NodeCredentials::load(dir.path(), 1).expect("group may read and enter");
+
+    // A FIFO where the key should be: refused at once instead of blocking the open.
+    let key = dir.path().join("node-1.key");
+    fs::remove_file(&key).expect("remove key");
+    nix::unistd::mkfifo(
+        &key,
+        nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+    )
+    .expect("mkfifo");
+    let loader = {
+        let dir = dir.path().to_path_buf();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(NodeCredentials::load(&dir, 1).map(|_| ()));
+        });
+        rx
+    };
+    match loader.recv_timeout(Duration::from_secs(30)) {
+        Ok(Err(CertError::NotAFile { path })) => assert_eq!(path, key),
+        Ok(other) => panic!("loading a FIFO key: {other:?}"),
+        Err(_) => {
+            // Unblock the loader so the test process can end.
+            let _ = File::options().write(true).open(&key);
+            panic!("loading a FIFO key blocked");
+        }
+    }
+
+    // A key another user owns (needs root to make one).
+    if nix::unistd::geteuid().is_root() {
+        let key = dir.path().join("node-2.key");
+        std::os::unix::fs::chown(&key, Some(65534), None).expect("chown");
+        match NodeCredentials::load(dir.path(), 2) {
+            Err(CertError::KeyNotOwnedByUser { path, owner, user }) => {
+                assert_eq!((path, owner, user), (key, 65534, 0));
+            }
+            other => panic!("loading another user's key: {other:?}"),
+        }
+    } else {
+        println!("not root: the owner check is not exercised");
+    }
 }
