@@ -12,7 +12,6 @@
 //! rustls is built with the ring provider only, passed explicitly, so no process-wide provider
 //! has to be installed.
 
-use std::fmt;
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -380,15 +379,6 @@ struct CaSigner {
     ca: CertificateDer<'static>,
     not_after: SystemTime,
     cert_path: PathBuf,
-}
-
-impl fmt::Debug for CaSigner {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CaSigner")
-            .field("cert_path", &self.cert_path)
-            .field("not_after", &self.not_after)
-            .finish_non_exhaustive()
-    }
 }
 
 impl CaSigner {

@@ -300,15 +300,13 @@ fn summarize(
     let (_, cert) = X509Certificate::from_der(&der).map_err(|e| parse_err(e.to_string()))?;
     let subject = cert.subject().to_string();
     let validity = Validity::of_certificate(&der).map_err(parse_err)?;
-    Ok((
-        der.clone(),
-        CertFileSummary {
-            path: path.to_path_buf(),
-            subject,
-            validity,
-            warning_days,
-        },
-    ))
+    let summary = CertFileSummary {
+        path: path.to_path_buf(),
+        subject,
+        validity,
+        warning_days,
+    };
+    Ok((der, summary))
 }
 
 /// `show`'s checks of a node certificate: its key is there, private and its own, and (when it
