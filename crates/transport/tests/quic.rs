@@ -16,10 +16,10 @@ use duplex_transport::certs::{
     NodeCredentials, QuicTiming, ensure_cluster_certs, node_server_name, quinn_configs,
 };
 use duplex_transport::quic::close_code;
-use duplex_transport::wire::{Frame, Hello, StreamId};
+use duplex_transport::wire::{Frame, FrameDecoder, Hello, StreamId};
 use duplex_transport::{
-    DetectorConfig, EndpointId, Event, Path, PeerEvent, QuicConfig, QuicTransport, Transport,
-    TransportError,
+    DetectorConfig, EndpointId, Event, Path, PeerAddrs, PeerEvent, QuicConfig, QuicTransport,
+    Transport, TransportError,
 };
 
 const A: EndpointId = EndpointId::new(1, 0);
@@ -93,7 +93,7 @@ async fn pair(
     a.add_peer(B, b.local_addrs().expect("addrs"));
     b.add_peer(A, a.local_addrs().expect("addrs"));
     let up = wait_event(&a, Duration::from_secs(10), |e| {
-        *e == Event::Peer(PeerEvent::Up { peer: B })
+        matches!(e, Event::Peer(PeerEvent::Up { peer: B, .. }))
     })
     .await;
     assert!(up.is_some(), "B came up at A");
@@ -146,7 +146,66 @@ fn hello(from: EndpointId) -> Frame {
         version: duplex_transport::PROTOCOL_VERSION,
         from,
         path: Path::Main,
+        incarnation: 1,
     })
+}
+
+/// An address where nothing answers: the cluster list needs one for every peer.
+fn nowhere() -> PeerAddrs {
+    PeerAddrs {
+        main: "127.0.0.1:9".parse().expect("addr"),
+        failsafe: None,
+    }
+}
+
+/// Reads frames from `recv` until one decodes, at most 5 s.
+async fn read_frame(recv: &mut quinn::RecvStream, decoder: &mut FrameDecoder) -> Frame {
+    loop {
+        if let Some(frame) = decoder.next_frame().expect("valid frame") {
+            return frame;
+        }
+        let chunk = tokio::time::timeout(Duration::from_secs(5), recv.read_chunk(4096, true))
+            .await
+            .expect("a frame in time")
+            .expect("read")
+            .expect("not finished");
+        decoder.push(&chunk.bytes);
+    }
+}
+
+/// A raw peer claiming `claimed` with node `claimed.node`'s certificate, both lanes open and
+/// hellos exchanged: (endpoint, connection, control lane, bulk lane).
+async fn raw_link(
+    certs: &std::path::Path,
+    claimed: EndpointId,
+    server: SocketAddr,
+    server_node: u16,
+) -> (
+    quinn::Endpoint,
+    quinn::Connection,
+    (quinn::SendStream, quinn::RecvStream),
+    (quinn::SendStream, quinn::RecvStream),
+) {
+    let (endpoint, conn, mut send, mut recv) =
+        raw_client(certs, claimed.node, server, server_node).await;
+    let mut decoder = FrameDecoder::new(1 << 20);
+    send.write_all(&encode(&[hello(claimed)]))
+        .await
+        .expect("write");
+    assert!(matches!(
+        read_frame(&mut recv, &mut decoder).await,
+        Frame::Hello(_)
+    ));
+    let (mut bulk_send, mut bulk_recv) = conn.open_bi().await.expect("bulk lane");
+    bulk_send
+        .write_all(&encode(&[hello(claimed)]))
+        .await
+        .expect("write");
+    assert!(matches!(
+        read_frame(&mut bulk_recv, &mut decoder).await,
+        Frame::Hello(_)
+    ));
+    (endpoint, conn, (send, recv), (bulk_send, bulk_recv))
 }
 
 #[tokio::test]
@@ -182,27 +241,54 @@ async fn a_certificate_of_node_3_cannot_claim_node_2_and_the_real_link_stays() {
         .expect("call over the real link");
     assert_eq!(&answer[..], b"real");
 
-    // A node may claim any CPU of its own node: 3.1 with node 3's certificate is answered.
+    // A node may claim any CPU of its own node that is in the cluster list: 3.1 with node 3's
+    // certificate is answered.
+    a.add_peer(EndpointId::new(3, 1), nowhere());
     let (_ep, _conn, mut send, mut recv) = raw_client(certs.path(), 3, server, A.node).await;
     send.write_all(&encode(&[hello(EndpointId::new(3, 1))]))
         .await
         .expect("write");
-    let mut decoder = duplex_transport::FrameDecoder::new(1 << 20);
-    let answer = loop {
-        if let Some(frame) = decoder.next_frame().expect("valid frame") {
-            break frame;
-        }
-        let chunk = tokio::time::timeout(Duration::from_secs(5), recv.read_chunk(4096, true))
-            .await
-            .expect("answer in time")
-            .expect("read")
-            .expect("not finished");
-        decoder.push(&chunk.bytes);
-    };
+    let mut decoder = FrameDecoder::new(1 << 20);
+    let answer = read_frame(&mut recv, &mut decoder).await;
     assert!(
         matches!(answer, Frame::Hello(Hello { from, .. }) if from == A),
         "{answer:?}"
     );
+}
+
+#[tokio::test]
+async fn an_endpoint_not_in_the_cluster_list_is_refused() {
+    let (certs, a, b) = pair(|_| {}).await;
+    let _b_events = serve_echo(b.clone());
+    let server = a.local_addrs().expect("addrs").main;
+    // Node 3's certificate is valid, but 3.2 was never added to A's cluster list.
+    let (_ep, conn, mut send, _recv) = raw_client(certs.path(), 3, server, A.node).await;
+    send.write_all(&encode(&[hello(EndpointId::new(3, 2))]))
+        .await
+        .expect("write");
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .expect("the stranger is closed");
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            let reason = String::from_utf8_lossy(&c.reason).to_string();
+            println!("stranger closed: code {} reason {reason:?}", c.error_code);
+            assert_eq!(
+                c.error_code,
+                quinn::VarInt::from_u32(close_code::HANDSHAKE_FAILED)
+            );
+            assert!(
+                reason.contains("3.2 is not in the cluster list"),
+                "{reason}"
+            );
+        }
+        other => panic!("stranger closed by {other}"),
+    }
+    let answer = a
+        .call(B, Bytes::from_static(b"member"), Duration::from_secs(2))
+        .await
+        .expect("members still talk");
+    assert_eq!(&answer[..], b"member");
 }
 
 #[tokio::test]
@@ -215,9 +301,10 @@ async fn a_response_from_a_peer_the_request_did_not_go_to_is_ignored() {
         .expect("request");
     let server = a.local_addrs().expect("addrs").main;
     let forger = EndpointId::new(3, 0);
-    let (_ep, _conn, mut send, _recv) = raw_client(certs.path(), 3, server, A.node).await;
+    a.add_peer(forger, nowhere());
+    let (_ep, _conn, (mut send, _recv), _bulk) =
+        raw_link(certs.path(), forger, server, A.node).await;
     send.write_all(&encode(&[
-        hello(forger),
         Frame::Response {
             id: id.0,
             payload: Bytes::from_static(b"forged"),
@@ -244,7 +331,7 @@ async fn a_response_from_a_peer_the_request_did_not_go_to_is_ignored() {
 
 #[tokio::test]
 async fn a_slow_consumer_causes_no_down_on_either_side() {
-    let (_certs, a, b) = pair(|c| c.event_queue_events = 16).await;
+    let (_certs, a, b) = pair(|c| c.limits.event_queue_events = 16).await;
     let b_events = serve_echo(b.clone());
     const MESSAGES: u32 = 3000;
     for i in 0..MESSAGES {
@@ -329,7 +416,7 @@ async fn injected_delay_is_latency_not_a_pause_per_frame() {
 
 #[tokio::test]
 async fn a_refused_stream_frame_consumes_no_sequence_number() {
-    let (_certs, a, _b) = pair(|c| c.max_frame_bytes = 1024).await;
+    let (_certs, a, _b) = pair(|c| c.limits.max_frame_bytes = 1024).await;
     let s = StreamId(7);
     assert_eq!(a.stream_send(B, s, Bytes::from_static(b"zero")), Ok(0));
     let err = a
@@ -406,7 +493,7 @@ async fn close_ends_next_event_and_fails_waiting_calls_at_once() {
 
 #[tokio::test]
 async fn requests_beyond_the_pending_bound_fail_with_a_clear_error() {
-    let (_certs, a, _b) = pair(|c| c.max_pending_requests = 2).await;
+    let (_certs, a, _b) = pair(|c| c.limits.max_pending_requests = 2).await;
     // Nothing is answered while B is cut off, so both requests stay pending.
     a.faults().partition(B, &Path::ALL);
     for _ in 0..2 {
@@ -444,7 +531,7 @@ async fn the_dialer_refuses_an_unknown_version_with_version_refused() {
     let a = endpoint(certs.path(), A, |_| {}).await;
     a.add_peer(
         B,
-        duplex_transport::PeerAddrs {
+        PeerAddrs {
             main: server_addr,
             failsafe: None,
         },
@@ -460,6 +547,7 @@ async fn the_dialer_refuses_an_unknown_version_with_version_refused() {
             version: 9,
             from: B,
             path: Path::Main,
+            incarnation: 1,
         })
         .encode(&mut answer);
         send.write_all(&answer).await.expect("write");
