@@ -1674,6 +1674,10 @@ impl Transport for QuicTransport {
         self.inner.pop_event()
     }
 
+    fn queued_events(&self) -> usize {
+        lock(&self.inner.events).len()
+    }
+
     fn peer_status(&self, peer: EndpointId) -> Option<PeerStatus> {
         lock(&self.inner.detector).status(peer)
     }

@@ -184,8 +184,8 @@ pub struct SimTransport {
     state: Arc<Mutex<SimState>>,
 }
 
-/// A simulated `call`: ready once the network, stepped by `SimNetwork::block_on` or any other
-/// driver, delivers the answer or expires the request. Dropping it forgets the request.
+/// A simulated `call`: ready once the network, stepped by whoever drives it, delivers the
+/// answer or expires the request; poll it between steps. Dropping it forgets the request.
 #[derive(Debug)]
 pub struct SimCall {
     state: Arc<Mutex<SimState>>,
@@ -730,33 +730,6 @@ impl SimNetwork {
         self.run_until(deadline);
     }
 
-    /// Steps the network until `future` (a `SimCall`, or anything the network completes) is
-    /// ready, at most `limit` of virtual time; `None` if it is still pending then.
-    pub fn block_on<F: Future>(&self, future: F, limit: Duration) -> Option<F::Output> {
-        let mut future = std::pin::pin!(future);
-        let mut cx = Context::from_waker(Waker::noop());
-        let deadline = self.now().saturating_add(limit);
-        loop {
-            if let Poll::Ready(out) = future.as_mut().poll(&mut cx) {
-                return Some(out);
-            }
-            let mut s = self.lock();
-            if s.queue
-                .first_key_value()
-                .is_some_and(|((at, _), _)| *at <= deadline)
-            {
-                s.step();
-            } else {
-                s.now = s.now.max(deadline);
-                drop(s);
-                return match future.as_mut().poll(&mut cx) {
-                    Poll::Ready(out) => Some(out),
-                    Poll::Pending => None,
-                };
-            }
-        }
-    }
-
     /// Every decision of the run so far, one per line.
     pub fn trace(&self) -> String {
         self.lock().trace.clone()
@@ -890,6 +863,13 @@ impl Transport for SimTransport {
             node.requests.failure_read();
         }
         Some(event)
+    }
+
+    fn queued_events(&self) -> usize {
+        self.lock()
+            .nodes
+            .get(&self.id)
+            .map_or(0, |n| n.events.len())
     }
 
     fn peer_status(&self, peer: EndpointId) -> Option<PeerStatus> {

@@ -133,6 +133,8 @@ pub trait Transport {
     ) -> Result<u64, TransportError>;
     /// The next event, if one is ready.
     fn try_next_event(&self) -> Option<Event>;
+    /// Events waiting for the application (control and data).
+    fn queued_events(&self) -> usize;
     /// What the failure detector knows of `peer`.
     fn peer_status(&self, peer: EndpointId) -> Option<PeerStatus>;
     /// The protocol version the link to `peer` on `path` speaks (the lower of the two sides'),
