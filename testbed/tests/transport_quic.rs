@@ -251,6 +251,26 @@ async fn sigkilled_peer_is_reported_down_within_detection_time() {
     );
 }
 
+#[tokio::test]
+async fn a_local_stall_longer_than_the_detection_time_reports_no_peer_down() {
+    let (_certs, t, _peer) = connected_pair(false).await;
+    assert_echoed(&t, b"before").await;
+    // A long synchronous call (an fsync, a page-fault storm) blocks this process's only
+    // runtime thread for three detection times; the peer keeps sending keep-alives.
+    std::thread::sleep(Duration::from_millis(3 * DETECTION_MS));
+    let down = wait_event(&t, Duration::from_millis(2 * DETECTION_MS), |e| {
+        matches!(e, Event::Peer(PeerEvent::Down { .. }))
+    })
+    .await;
+    assert_eq!(
+        down.map(|d| d.0),
+        None,
+        "a local stall was taken for a dead peer"
+    );
+    assert_eq!(t.peer_status(PEER).map(|s| s.up), Some(true));
+    assert_echoed(&t, b"after").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partition_injected_and_healed_is_reported_down_then_up() {
     let (_certs, t, mut peer) = connected_pair(false).await;

@@ -87,9 +87,17 @@ fn serve_echo(b: QuicTransport) -> Arc<Mutex<Vec<PeerEvent>>> {
 async fn pair(
     tweak_a: impl FnOnce(&mut QuicConfig),
 ) -> (tempfile::TempDir, QuicTransport, QuicTransport) {
+    pair_with(tweak_a, |_| {}).await
+}
+
+/// `pair` with both configurations tweaked.
+async fn pair_with(
+    tweak_a: impl FnOnce(&mut QuicConfig),
+    tweak_b: impl FnOnce(&mut QuicConfig),
+) -> (tempfile::TempDir, QuicTransport, QuicTransport) {
     let certs = certs_dir();
     let a = endpoint(certs.path(), A, tweak_a).await;
-    let b = endpoint(certs.path(), B, |_| {}).await;
+    let b = endpoint(certs.path(), B, tweak_b).await;
     a.add_peer(B, b.local_addrs().expect("addrs"));
     b.add_peer(A, a.local_addrs().expect("addrs"));
     let up = wait_event(&a, Duration::from_secs(10), |e| {
@@ -568,4 +576,244 @@ async fn the_dialer_refuses_an_unknown_version_with_version_refused() {
         other => panic!("closed by {other}"),
     }
     a.close();
+}
+
+#[tokio::test]
+async fn a_large_frame_arriving_slower_than_the_detection_time_keeps_its_peer_up() {
+    let (certs, a, _b) = pair(|_| {}).await;
+    drain(&a);
+    let slow = EndpointId::new(3, 0);
+    a.add_peer(slow, nowhere());
+    let server = a.local_addrs().expect("addrs").main;
+    let (_ep, _conn, _control, (mut bulk, _bulk_recv)) =
+        raw_link(certs.path(), slow, server, A.node).await;
+    let up = wait_event(
+        &a,
+        Duration::from_secs(5),
+        |e| matches!(e, Event::Peer(PeerEvent::Up { peer, .. }) if *peer == slow),
+    )
+    .await;
+    assert!(up.is_some(), "the slow peer came up");
+    // One 1 MiB message, dripped over five detection times, and nothing else: no keep-alive,
+    // no QUIC ping. Only the frame's own bytes say the peer is alive.
+    const PIECES: usize = 16;
+    let payload = Bytes::from(vec![7u8; 1 << 20]);
+    let mut frame = BytesMut::new();
+    Frame::Message {
+        payload: payload.clone(),
+    }
+    .encode(&mut frame);
+    let piece = frame.len().div_ceil(PIECES);
+    let pause = Duration::from_millis(5 * DETECTION_MS / PIECES as u64);
+    let sender = tokio::spawn(async move {
+        for chunk in frame.chunks(piece) {
+            bulk.write_all(chunk).await.expect("write a piece");
+            tokio::time::sleep(pause).await;
+        }
+        bulk
+    });
+    let mut downs = Vec::new();
+    let got = wait_event(&a, Duration::from_secs(10), |e| {
+        if let Event::Peer(p @ PeerEvent::Down { .. }) = e {
+            downs.push(*p);
+        }
+        matches!(e, Event::Message { from, .. } if *from == slow)
+    })
+    .await;
+    let _bulk = sender.await.expect("sender");
+    assert_eq!(
+        downs,
+        vec![],
+        "a peer still sending its frame was declared down"
+    );
+    assert_eq!(
+        got,
+        Some(Event::Message {
+            from: slow,
+            payload
+        })
+    );
+}
+
+#[tokio::test]
+async fn small_calls_pass_large_messages_stuck_on_the_same_link() {
+    // B's application stops draining: A's 1 MiB messages fill B's event queue, B's bulk reader
+    // waits, QUIC flow control stops A's bulk lane in the middle of a frame.
+    let (_certs, a, b) = pair_with(|_| {}, |c| c.limits.event_queue_bytes = 2 << 20).await;
+    let _a_events = serve_echo(a.clone());
+    const MESSAGES: usize = 16;
+    let large = Bytes::from(vec![1u8; 1 << 20]);
+    for _ in 0..MESSAGES {
+        a.send(B, large.clone()).expect("queued");
+    }
+    let stuck = wait_until(Duration::from_secs(5), || a.send_queue_bytes(B) > 0).await;
+    assert!(stuck, "A's large messages are waiting");
+    // B calls A: the request and A's answer travel on the control lanes, past the stuck frames.
+    for i in 0..10u32 {
+        let answer = b
+            .call(
+                A,
+                Bytes::from(i.to_le_bytes().to_vec()),
+                Duration::from_secs(2),
+            )
+            .await
+            .expect("a small call is not stuck behind large frames");
+        assert_eq!(answer[..], i.to_le_bytes()[..]);
+    }
+    assert!(
+        a.send_queue_bytes(B) > 0,
+        "the large messages were still stuck"
+    );
+    let mut got = 0;
+    while got < MESSAGES {
+        match wait_event(&b, Duration::from_secs(10), |e| {
+            matches!(e, Event::Message { .. })
+        })
+        .await
+        {
+            Some(Event::Message { payload, .. }) => {
+                assert_eq!(payload, large);
+                got += 1;
+            }
+            other => panic!("after {got} large messages: {other:?}"),
+        }
+    }
+}
+
+/// Waits until `done()` holds, checking every few milliseconds, at most `limit`.
+async fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    done()
+}
+
+#[tokio::test]
+async fn queues_stay_within_their_byte_bounds_with_maximum_size_frames() {
+    const MAX_PAYLOAD: usize = 1 << 20;
+    const SEND_QUEUE: usize = 4 << 20;
+    const EVENT_QUEUE: usize = 4 << 20;
+    let frame = MAX_PAYLOAD + duplex_transport::wire::FRAME_HEADER_MAX_BYTES;
+    let (_certs, a, b) = pair_with(
+        |c| {
+            c.limits.max_frame_bytes = frame;
+            c.limits.send_queue_bytes = SEND_QUEUE;
+        },
+        |c| {
+            c.limits.max_frame_bytes = frame;
+            c.limits.event_queue_bytes = EVENT_QUEUE;
+        },
+    )
+    .await;
+    // B's application does not drain; A sends maximum-size messages until its queue refuses.
+    let payload = Bytes::from(vec![9u8; MAX_PAYLOAD]);
+    let (mut sent, mut refused) = (0usize, 0usize);
+    for _ in 0..256 {
+        match a.send(B, payload.clone()) {
+            Ok(()) => sent += 1,
+            Err(TransportError::QueueFull { limit_bytes, .. }) => {
+                assert_eq!(limit_bytes, SEND_QUEUE);
+                refused += 1;
+                if refused >= 20 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(e) => panic!("send: {e}"),
+        }
+        assert!(
+            a.send_queue_bytes(B) <= SEND_QUEUE,
+            "send queue holds {} bytes",
+            a.send_queue_bytes(B)
+        );
+        assert!(
+            b.event_queue_bytes() <= EVENT_QUEUE,
+            "event queue holds {} bytes",
+            b.event_queue_bytes()
+        );
+    }
+    println!(
+        "sent {sent}, refused {refused}; A queues {} bytes, B holds {} bytes of events",
+        a.send_queue_bytes(B),
+        b.event_queue_bytes()
+    );
+    assert!(refused >= 20, "the sender met the bound ({sent} sent)");
+    assert!(sent < 64, "{sent} maximum-size frames accepted");
+    let mut got = 0;
+    while got < sent {
+        match wait_event(&b, Duration::from_secs(10), |e| {
+            matches!(e, Event::Message { .. })
+        })
+        .await
+        {
+            Some(_) => got += 1,
+            None => panic!("only {got} of {sent} accepted messages arrived"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_peer_cannot_open_more_streams_than_the_two_lanes() {
+    let (certs, a, _b) = pair(|_| {}).await;
+    let greedy = EndpointId::new(3, 0);
+    a.add_peer(greedy, nowhere());
+    let server = a.local_addrs().expect("addrs").main;
+    let (_ep, conn, _control, _bulk) = raw_link(certs.path(), greedy, server, A.node).await;
+    let third = tokio::time::timeout(Duration::from_millis(3 * DETECTION_MS), conn.open_bi()).await;
+    assert!(
+        third.is_err(),
+        "a third stream was granted: streams a peer never uses could grow our memory"
+    );
+}
+
+#[tokio::test]
+async fn handshakes_in_progress_are_bounded_and_silent_connections_closed() {
+    let (certs, a, b) = pair(|c| {
+        c.max_incoming_handshakes = 2;
+        c.handshake_timeout_ms = 1000;
+    })
+    .await;
+    let _b_events = serve_echo(b.clone());
+    let server = a.local_addrs().expect("addrs").main;
+    // Two connections finish TLS and never say hello: they hold both handshake slots.
+    let silent = [
+        raw_client(certs.path(), 3, server, A.node).await,
+        raw_client(certs.path(), 3, server, A.node).await,
+    ];
+    let creds = NodeCredentials::load(certs.path(), 3).expect("credentials");
+    let (_, client_config) = quinn_configs(
+        &creds,
+        QuicTiming {
+            idle_timeout_ms: 5000,
+            keep_alive_interval_ms: None,
+        },
+    )
+    .expect("client config");
+    let mut extra =
+        quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client endpoint");
+    extra.set_default_client_config(client_config);
+    let third = tokio::time::timeout(
+        Duration::from_secs(5),
+        extra
+            .connect(server, &node_server_name(A.node))
+            .expect("connect"),
+    )
+    .await
+    .expect("answered in time");
+    assert!(third.is_err(), "a third handshake was taken up: {third:?}");
+    for (_ep, conn, _send, _recv) in &silent {
+        let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+        assert!(closed.is_ok(), "a connection without hello was kept");
+    }
+    // The slots are free again, and the cluster's own link never noticed.
+    let (_ep, _conn, _send, _recv) = raw_client(certs.path(), 3, server, A.node).await;
+    let answer = a
+        .call(B, Bytes::from_static(b"fine"), Duration::from_secs(2))
+        .await
+        .expect("call");
+    assert_eq!(&answer[..], b"fine");
 }
