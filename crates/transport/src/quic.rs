@@ -89,6 +89,8 @@ pub const SEND_WINDOW_BYTES: u64 = 8 << 20;
 pub const STREAMS_PER_CONNECTION: u32 = 2;
 /// Largest chunk one read takes from a lane.
 const READ_CHUNK_BYTES: usize = 256 << 10;
+/// How often at most a lane's received chunks are told to the detector.
+const HEAR_EVERY: Duration = Duration::from_millis(1);
 
 #[derive(Debug, Clone)]
 pub struct QuicConfig {
@@ -943,6 +945,9 @@ impl Inner {
         // through it, so delayed and undelayed frames keep their order, and liveness is heard
         // when frames are released.
         let mut delayed: Option<(mpsc::UnboundedSender<Delayed>, Arc<Semaphore>)> = None;
+        // A large frame arrives in thousands of packet-sized chunks: the detector hears the
+        // lane at most once per `HEAR_EVERY`, which is far below any detection time.
+        let mut last_heard: Option<Instant> = None;
         loop {
             while let Some(frame) = decoder.next_frame()? {
                 if self.faults.drops(peer, path) {
@@ -977,8 +982,10 @@ impl Inner {
             match recv.read_chunk(READ_CHUNK_BYTES, true).await? {
                 Some(chunk) => {
                     let delaying = delayed.is_some() || self.faults.delay(peer).is_some();
-                    if !delaying && !self.faults.is_cut(peer, path) {
+                    let due = last_heard.is_none_or(|t| t.elapsed() >= HEAR_EVERY);
+                    if due && !delaying && !self.faults.is_cut(peer, path) {
                         self.heard(peer, path, terms.incarnation);
+                        last_heard = Some(Instant::now());
                     }
                     decoder.push(&chunk.bytes);
                 }

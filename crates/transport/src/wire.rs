@@ -395,6 +395,9 @@ impl FrameDecoder {
             });
         }
         if self.buf.len() < LENGTH_PREFIX_BYTES + body_len {
+            // Room for the whole frame at once: a large body is not copied at every doubling.
+            self.buf
+                .reserve(LENGTH_PREFIX_BYTES + body_len - self.buf.len());
             return Ok(None);
         }
         let frame_offset = self.offset;
