@@ -34,9 +34,12 @@ pub struct Limits {
     /// Largest frame body (header and payload); payloads up to this minus
     /// `FRAME_HEADER_MAX_BYTES` are accepted. Capped at `MAX_FRAME_BYTES_LIMIT`.
     pub max_frame_bytes: usize,
-    /// Encoded bytes queued per link (both lanes) before sends fail with `QueueFull`. A frame
-    /// always fits an empty queue, so one maximal frame can always be sent.
-    pub send_queue_bytes: usize,
+    /// Encoded bytes queued per link on the control lane before sends fail with `QueueFull`;
+    /// a budget of its own, so a full bulk lane never refuses a keep-alive or a small request.
+    pub control_queue_bytes: usize,
+    /// Encoded bytes queued per link on the bulk lane before sends fail with `QueueFull`. A
+    /// frame always fits an empty lane, so one maximal frame can always be sent.
+    pub bulk_queue_bytes: usize,
     /// Payload bytes of undelivered data events per endpoint before readers stop reading (QUIC)
     /// or frames are dropped (simulation). An event always fits an empty queue.
     pub event_queue_bytes: usize,
@@ -53,7 +56,8 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
-            send_queue_bytes: 32 << 20,
+            control_queue_bytes: 4 << 20,
+            bulk_queue_bytes: 32 << 20,
             event_queue_bytes: 64 << 20,
             event_queue_events: 4096,
             delay_queue_bytes: 32 << 20,

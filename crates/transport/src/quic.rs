@@ -289,10 +289,10 @@ const COPY_PAYLOAD_MAX_BYTES: usize = 1024;
 /// Frames one writer takes per batch.
 const BATCH_FRAMES_MAX: usize = 64;
 
-/// A link's send queue: one deque per lane, one byte budget for both. Bytes count from
-/// `push` until the writer has handed them to quinn, so the queue and the batch being
-/// written together never exceed `Limits::send_queue_bytes` (one frame always fits an empty
-/// queue).
+/// A link's send queue: one deque and one byte budget per lane, so a full bulk lane never
+/// refuses a control frame. Bytes count from `push` until the writer has handed them to quinn,
+/// so a lane's queue and the batch being written together never exceed its budget (one frame
+/// always fits an empty lane).
 #[derive(Debug)]
 struct SendQueue {
     state: Mutex<SendQueueState>,
@@ -301,29 +301,51 @@ struct SendQueue {
 }
 
 #[derive(Debug)]
-struct SendQueueState {
-    control: VecDeque<Frame>,
-    bulk: VecDeque<Frame>,
+struct LaneQueue {
+    frames: VecDeque<Frame>,
     queued_bytes: usize,
     max_bytes: usize,
+}
+
+impl LaneQueue {
+    fn new(max_bytes: usize) -> Self {
+        LaneQueue {
+            frames: VecDeque::new(),
+            queued_bytes: 0,
+            max_bytes,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct SendQueueState {
+    control: LaneQueue,
+    bulk: LaneQueue,
     closed: bool,
+}
+
+impl SendQueueState {
+    fn lane(&mut self, lane: Lane) -> &mut LaneQueue {
+        match lane {
+            Lane::Control => &mut self.control,
+            Lane::Bulk => &mut self.bulk,
+        }
+    }
 }
 
 /// Why a frame was not queued.
 #[derive(Debug)]
 enum PushError {
-    Full,
+    Full { limit_bytes: usize },
     Closed,
 }
 
 impl SendQueue {
-    fn new(max_bytes: usize) -> Self {
+    fn new(limits: &Limits) -> Self {
         SendQueue {
             state: Mutex::new(SendQueueState {
-                control: VecDeque::new(),
-                bulk: VecDeque::new(),
-                queued_bytes: 0,
-                max_bytes,
+                control: LaneQueue::new(limits.control_queue_bytes),
+                bulk: LaneQueue::new(limits.bulk_queue_bytes),
                 closed: false,
             }),
             control_ready: Notify::new(),
@@ -346,14 +368,14 @@ impl SendQueue {
             if s.closed {
                 return Err(PushError::Closed);
             }
-            if s.queued_bytes > 0 && s.queued_bytes + size > s.max_bytes {
-                return Err(PushError::Full);
+            let q = s.lane(lane);
+            if q.queued_bytes > 0 && q.queued_bytes + size > q.max_bytes {
+                return Err(PushError::Full {
+                    limit_bytes: q.max_bytes,
+                });
             }
-            s.queued_bytes += size;
-            match lane {
-                Lane::Control => s.control.push_back(frame),
-                Lane::Bulk => s.bulk.push_back(frame),
-            }
+            q.queued_bytes += size;
+            q.frames.push_back(frame);
         }
         self.ready(lane).notify_one();
         Ok(())
@@ -368,13 +390,10 @@ impl SendQueue {
                 if s.closed {
                     return false;
                 }
-                let queue = match lane {
-                    Lane::Control => &mut s.control,
-                    Lane::Bulk => &mut s.bulk,
-                };
-                let n = queue.len().min(BATCH_FRAMES_MAX);
+                let q = s.lane(lane);
+                let n = q.frames.len().min(BATCH_FRAMES_MAX);
                 if n > 0 {
-                    batch.extend(queue.drain(..n));
+                    batch.extend(q.frames.drain(..n));
                     return true;
                 }
             }
@@ -382,26 +401,31 @@ impl SendQueue {
         }
     }
 
-    /// The writer handed `bytes` to quinn: they leave the budget.
-    fn written(&self, bytes: usize) {
+    /// The writer of `lane` handed `bytes` to quinn: they leave the lane's budget.
+    fn written(&self, lane: Lane, bytes: usize) {
         let mut s = lock(&self.state);
-        s.queued_bytes = s.queued_bytes.saturating_sub(bytes);
+        let q = s.lane(lane);
+        q.queued_bytes = q.queued_bytes.saturating_sub(bytes);
     }
 
     fn close(&self) {
         {
             let mut s = lock(&self.state);
             s.closed = true;
-            s.control.clear();
-            s.bulk.clear();
-            s.queued_bytes = 0;
+            for lane in [Lane::Control, Lane::Bulk] {
+                let q = s.lane(lane);
+                q.frames.clear();
+                q.queued_bytes = 0;
+            }
         }
         self.control_ready.notify_one();
         self.bulk_ready.notify_one();
     }
 
+    /// Bytes queued on both lanes.
     fn queued_bytes(&self) -> usize {
-        lock(&self.state).queued_bytes
+        let s = lock(&self.state);
+        s.control.queued_bytes + s.bulk.queued_bytes
     }
 }
 
@@ -515,9 +539,9 @@ impl Inner {
             return Ok(());
         }
         link.queue.push(frame).map_err(|e| match e {
-            PushError::Full => TransportError::QueueFull {
+            PushError::Full { limit_bytes } => TransportError::QueueFull {
                 peer: to,
-                limit_bytes: self.config.limits.send_queue_bytes,
+                limit_bytes,
             },
             PushError::Closed => TransportError::Unreachable { peer: to },
         })
@@ -844,7 +868,7 @@ impl Inner {
             bulk,
         } = lanes;
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        let queue = Arc::new(SendQueue::new(self.config.limits.send_queue_bytes));
+        let queue = Arc::new(SendQueue::new(&self.config.limits));
         let link = Link {
             conn: conn.clone(),
             queue: Arc::clone(&queue),
@@ -1106,12 +1130,14 @@ impl Inner {
                 async move {
                     let accepted = this.accept_handshake(path, incoming).await;
                     drop(permit);
-                    let result = match accepted {
-                        Ok((peer, lanes)) => this.run_link(peer, path, lanes).await,
-                        Err(e) => Err(e),
-                    };
-                    if let Err(e) = result {
-                        warn!(local = %this.local(), %path, %remote, "incoming connection ended: {e}");
+                    match accepted {
+                        // How the link ended was logged when it ended (`close_for`).
+                        Ok((peer, lanes)) => {
+                            let _ = this.run_link(peer, path, lanes).await;
+                        }
+                        Err(e) => {
+                            warn!(local = %this.local(), %path, %remote, "refused incoming connection: {e}");
+                        }
                     }
                 }
                 .instrument(info_span!("accept", %path, %remote)),
@@ -1366,7 +1392,7 @@ async fn write_loop(mut send: SendStream, queue: Arc<SendQueue>, lane: Lane) {
             chunks.push(buf.freeze());
         }
         let written = send.write_all_chunks(&mut chunks).await;
-        queue.written(bytes);
+        queue.written(lane, bytes);
         if let Err(e) = written {
             debug!("writer stopped: {e}");
             return;

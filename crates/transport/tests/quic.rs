@@ -639,15 +639,33 @@ async fn a_large_frame_arriving_slower_than_the_detection_time_keeps_its_peer_up
 async fn small_calls_pass_large_messages_stuck_on_the_same_link() {
     // B's application stops draining: A's 1 MiB messages fill B's event queue, B's bulk reader
     // waits, QUIC flow control stops A's bulk lane in the middle of a frame.
+    // A sends until its bulk lane is full (default limits), so its own queue refuses more
+    // large messages too.
     let (_certs, a, b) = pair_with(|_| {}, |c| c.limits.event_queue_bytes = 2 << 20).await;
     let _a_events = serve_echo(a.clone());
-    const MESSAGES: usize = 16;
     let large = Bytes::from(vec![1u8; 1 << 20]);
-    for _ in 0..MESSAGES {
-        a.send(B, large.clone()).expect("queued");
-    }
-    let stuck = wait_until(Duration::from_secs(5), || a.send_queue_bytes(B) > 0).await;
-    assert!(stuck, "A's large messages are waiting");
+    let (mut sent, mut refused_in_a_row) = (0, 0);
+    // Full for good once 25 attempts in a row (50 ms) are refused: nothing drains any more.
+    let full = wait_until(Duration::from_secs(10), || match a.send(B, large.clone()) {
+        Ok(()) => {
+            sent += 1;
+            refused_in_a_row = 0;
+            assert!(sent < 64, "the bulk lane never filled");
+            false
+        }
+        Err(TransportError::QueueFull { .. }) => {
+            refused_in_a_row += 1;
+            refused_in_a_row >= 25
+        }
+        Err(e) => panic!("send: {e}"),
+    })
+    .await;
+    assert!(full, "A's bulk lane filled up");
+    println!(
+        "{sent} large messages sent; A's queue holds {} bytes",
+        a.send_queue_bytes(B)
+    );
+    let messages = sent;
     // B calls A: the request and A's answer travel on the control lanes, past the stuck frames.
     for i in 0..10u32 {
         let answer = b
@@ -665,7 +683,7 @@ async fn small_calls_pass_large_messages_stuck_on_the_same_link() {
         "the large messages were still stuck"
     );
     let mut got = 0;
-    while got < MESSAGES {
+    while got < messages {
         match wait_event(&b, Duration::from_secs(10), |e| {
             matches!(e, Event::Message { .. })
         })
@@ -701,7 +719,7 @@ async fn queues_stay_within_their_byte_bounds_with_maximum_size_frames() {
     let (_certs, a, b) = pair_with(
         |c| {
             c.limits.max_frame_bytes = frame;
-            c.limits.send_queue_bytes = SEND_QUEUE;
+            c.limits.bulk_queue_bytes = SEND_QUEUE;
         },
         |c| {
             c.limits.max_frame_bytes = frame;
