@@ -45,7 +45,7 @@ pub struct Limits {
     pub event_queue_bytes: usize,
     /// Undelivered data events per endpoint, whatever their size.
     pub event_queue_events: usize,
-    /// Bytes of frames held by an injected delay, per link; the reader waits beyond it.
+    /// Bytes of frames held by an injected delay, per lane; the reader waits beyond it.
     pub delay_queue_bytes: usize,
     /// Requests waiting for an answer, plus request failures not yet read, before new requests
     /// fail with `TooManyRequests`. Also bounds the control queue's request failures.
