@@ -45,7 +45,12 @@ struct PeerProcess {
 }
 
 impl PeerProcess {
-    fn spawn(certs: &std::path::Path, node: u16, extra: &[&str]) -> PeerProcess {
+    /// A peer process with `local` (the test's endpoint) in its cluster list.
+    fn spawn(certs: &std::path::Path, node: u16, local: PeerAddrs, extra: &[&str]) -> PeerProcess {
+        let member = match local.failsafe {
+            Some(f) => format!("{LOCAL}={},{f}", local.main),
+            None => format!("{LOCAL}={}", local.main),
+        };
         // The guard exists from the moment the process does, so no failed expect below can
         // leave it running.
         let mut child = KillOnDrop(
@@ -53,6 +58,7 @@ impl PeerProcess {
                 .args(["--node", &node.to_string(), "--certs"])
                 .arg(certs)
                 .args(["--detection-time-ms", &DETECTION_MS.to_string()])
+                .args(["--peer", &member])
                 .args(extra)
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
@@ -135,15 +141,16 @@ async fn wait_event(
 
 async fn connected_pair(failsafe: bool) -> (tempfile::TempDir, QuicTransport, PeerProcess) {
     let certs = certs_dir();
+    let t = local(certs.path(), failsafe).await;
     let peer = PeerProcess::spawn(
         certs.path(),
         PEER.node,
+        t.local_addrs().expect("addrs"),
         if failsafe { &["--failsafe"] } else { &[] },
     );
-    let t = local(certs.path(), failsafe).await;
     t.add_peer(PEER, peer.addrs);
     let up = wait_event(&t, Duration::from_secs(10), |e| {
-        *e == Event::Peer(PeerEvent::Up { peer: PEER })
+        matches!(e, Event::Peer(PeerEvent::Up { peer: PEER, .. }))
     })
     .await;
     assert!(up.is_some(), "peer came up");
@@ -228,7 +235,7 @@ async fn sigkilled_peer_is_reported_down_within_detection_time() {
     let (_certs, t, peer) = connected_pair(false).await;
     kill(peer.pid(), Signal::SIGKILL).expect("kill -9");
     let down = wait_event(&t, Duration::from_secs(3), |e| {
-        *e == Event::Peer(PeerEvent::Down { peer: PEER })
+        matches!(e, Event::Peer(PeerEvent::Down { peer: PEER, .. }))
     })
     .await;
     let (_, took) = down.expect("down reported");
@@ -244,12 +251,32 @@ async fn sigkilled_peer_is_reported_down_within_detection_time() {
     );
 }
 
+#[tokio::test]
+async fn a_local_stall_longer_than_the_detection_time_reports_no_peer_down() {
+    let (_certs, t, _peer) = connected_pair(false).await;
+    assert_echoed(&t, b"before").await;
+    // A long synchronous call (an fsync, a page-fault storm) blocks this process's only
+    // runtime thread for three detection times; the peer keeps sending keep-alives.
+    std::thread::sleep(Duration::from_millis(3 * DETECTION_MS));
+    let down = wait_event(&t, Duration::from_millis(2 * DETECTION_MS), |e| {
+        matches!(e, Event::Peer(PeerEvent::Down { .. }))
+    })
+    .await;
+    assert_eq!(
+        down.map(|d| d.0),
+        None,
+        "a local stall was taken for a dead peer"
+    );
+    assert_eq!(t.peer_status(PEER).map(|s| s.up), Some(true));
+    assert_echoed(&t, b"after").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partition_injected_and_healed_is_reported_down_then_up() {
     let (_certs, t, mut peer) = connected_pair(false).await;
     t.faults().partition(PEER, &Path::ALL);
     let down = wait_event(&t, Duration::from_secs(3), |e| {
-        *e == Event::Peer(PeerEvent::Down { peer: PEER })
+        matches!(e, Event::Peer(PeerEvent::Down { peer: PEER, .. }))
     })
     .await;
     assert!(down.is_some(), "partition reported down");
@@ -270,7 +297,7 @@ async fn partition_injected_and_healed_is_reported_down_then_up() {
     );
     t.faults().heal(PEER, &Path::ALL);
     let up = wait_event(&t, Duration::from_secs(3), |e| {
-        *e == Event::Peer(PeerEvent::Up { peer: PEER })
+        matches!(e, Event::Peer(PeerEvent::Up { peer: PEER, .. }))
     })
     .await;
     assert!(up.is_some(), "heal reported up");
@@ -278,7 +305,7 @@ async fn partition_injected_and_healed_is_reported_down_then_up() {
     // The peer process can inject faults too (testbed drills do it at run time).
     peer.command("partition 1.0 all");
     let down = wait_event(&t, Duration::from_secs(3), |e| {
-        *e == Event::Peer(PeerEvent::Down { peer: PEER })
+        matches!(e, Event::Peer(PeerEvent::Down { peer: PEER, .. }))
     })
     .await;
     assert!(
@@ -299,12 +326,17 @@ async fn main_link_cut_with_failsafe_alive_is_a_link_failure() {
     assert_eq!(t.peer_status(PEER).map(|s| s.paths_up.len()), Some(2));
     t.faults().partition(PEER, &[Path::Main]);
     let link_down = wait_event(&t, Duration::from_secs(3), |e| matches!(e, Event::Peer(_))).await;
-    assert_eq!(
-        link_down.map(|e| e.0),
-        Some(Event::Peer(PeerEvent::LinkDown {
-            peer: PEER,
-            path: Path::Main
-        }))
+    let link_down = link_down.map(|e| e.0);
+    assert!(
+        matches!(
+            link_down,
+            Some(Event::Peer(PeerEvent::LinkDown {
+                peer: PEER,
+                path: Path::Main,
+                ..
+            }))
+        ),
+        "{link_down:?}"
     );
     assert_echoed(&t, b"over failsafe").await;
     let more = wait_event(&t, Duration::from_millis(3 * DETECTION_MS), |e| {
@@ -318,27 +350,35 @@ async fn main_link_cut_with_failsafe_alive_is_a_link_failure() {
 #[tokio::test]
 async fn adjacent_protocol_version_talks() {
     let certs = certs_dir();
-    let peer = PeerProcess::spawn(certs.path(), PEER.node, &["--protocol-version", "2"]);
     let t = local(certs.path(), false).await;
+    let next = (duplex_transport::PROTOCOL_VERSION + 1).to_string();
+    let peer = PeerProcess::spawn(
+        certs.path(),
+        PEER.node,
+        t.local_addrs().expect("addrs"),
+        &["--protocol-version", &next],
+    );
     t.add_peer(PEER, peer.addrs);
     let up = wait_event(&t, Duration::from_secs(10), |e| {
-        *e == Event::Peer(PeerEvent::Up { peer: PEER })
+        matches!(e, Event::Peer(PeerEvent::Up { peer: PEER, .. }))
     })
     .await;
-    assert!(up.is_some(), "version 1 and 2 talk");
+    assert!(up.is_some(), "adjacent versions talk");
     assert_eq!(
         t.link_version(PEER, Path::Main),
-        Some(1),
+        Some(duplex_transport::PROTOCOL_VERSION),
         "the link speaks the lower version"
     );
     assert_echoed(&t, b"v2").await;
 }
 
-/// A raw quinn client that holds a cluster certificate but speaks whatever bytes we give it.
+/// A raw quinn client that holds a cluster certificate but speaks whatever bytes we give it on
+/// the control lane, then opens the bulk lane with a well-formed hello from `from`.
 async fn raw_session(
     creds: &NodeCredentials,
     server: SocketAddr,
     server_node: u16,
+    from: EndpointId,
     bytes: Bytes,
 ) -> Result<quinn::ConnectionError, String> {
     let (_, client_config) = quinn_configs(
@@ -359,6 +399,11 @@ async fn raw_session(
         .map_err(|e| format!("handshake: {e}"))?;
     let (mut send, _recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     send.write_all(&bytes).await.map_err(|e| e.to_string())?;
+    let (mut bulk, _bulk_recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    // The bulk hello may meet a connection already closed for the control lane's bytes.
+    let _ = bulk
+        .write_all(&hello(duplex_transport::PROTOCOL_VERSION, from))
+        .await;
     let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed())
         .await
         .map_err(|_| "not closed".to_string())?;
@@ -371,6 +416,7 @@ fn hello(version: u16, from: EndpointId) -> BytesMut {
         version,
         from,
         path: Path::Main,
+        incarnation: 1,
     })
     .encode(&mut out);
     out
@@ -382,15 +428,23 @@ async fn bad_frames_and_versions_close_only_that_connection() {
     let intruder = EndpointId::new(3, 0);
     let creds = NodeCredentials::load(certs.path(), intruder.node).expect("credentials");
     let server = t.local_addrs().expect("addrs").main;
-
-    let mut unknown_kind = hello(1, intruder);
+    // In the cluster list, so its hellos pass and its bad frames are what gets it closed.
+    t.add_peer(
+        intruder,
+        PeerAddrs {
+            main: "127.0.0.1:9".parse().expect("addr"),
+            failsafe: None,
+        },
+    );
+    let v = duplex_transport::PROTOCOL_VERSION;
+    let mut unknown_kind = hello(v, intruder);
     unknown_kind.put_slice(&[1, 0, 0, 0, 0x7f]);
-    let mut oversized = hello(1, intruder);
+    let mut oversized = hello(v, intruder);
     oversized.put_u32_le(64 << 20);
-    let mut malformed = hello(1, intruder);
+    let mut malformed = hello(v, intruder);
     malformed.put_slice(&[3, 0, 0, 0, 0x04, 1, 2]);
-    let mut second_hello = hello(1, intruder);
-    second_hello.put_slice(&hello(1, intruder));
+    let mut second_hello = hello(v, intruder);
+    second_hello.put_slice(&hello(v, intruder));
     let cases: [(&str, BytesMut, u32, &str); 5] = [
         (
             "unknown kind",
@@ -424,7 +478,7 @@ async fn bad_frames_and_versions_close_only_that_connection() {
         ),
     ];
     for (name, bytes, code, reason) in cases {
-        let closed = raw_session(&creds, server, LOCAL.node, bytes.freeze())
+        let closed = raw_session(&creds, server, LOCAL.node, intruder, bytes.freeze())
             .await
             .expect(name);
         match closed {
@@ -465,7 +519,8 @@ async fn bad_frames_and_versions_close_only_that_connection() {
         &foreign_creds,
         server,
         LOCAL.node,
-        hello(1, intruder).freeze(),
+        intruder,
+        hello(v, intruder).freeze(),
     )
     .await;
     // The client accepted the server, so the close can only come from the server (the peer),

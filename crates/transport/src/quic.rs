@@ -1,25 +1,36 @@
 //! The real transport: QUIC on quinn with mutual TLS, one connection per peer pair and path,
-//! one long-lived bidirectional stream per connection carrying every frame.
+//! two long-lived bidirectional streams (lanes) per connection.
 //!
 //! Why this shape: on 2-vCPU machines every thread hand-off costs tens of microseconds, and
-//! opening a stream per message costs far more than reusing one. So each link has exactly one
-//! stream, one writer task that batches whatever is queued into one `write_all_chunks`, and one
-//! reader task that decodes frames and hands them straight to the caller's event queue or the
-//! waiting `call`. Run it on a current-thread runtime and every hop stays on one thread.
+//! opening a stream per message costs far more than reusing one. So each link has two streams:
+//! the control lane (keep-alives, small messages, requests and responses, sent at a higher
+//! QUIC priority) and the bulk lane (ordered-stream frames and payloads above
+//! `CONTROL_PAYLOAD_MAX_BYTES`), so a 16 MiB message never delays a keep-alive or a small
+//! request. Each lane has one writer task that batches whatever is queued into one
+//! `write_all_chunks`, and one reader that decodes frames and hands them straight to the event
+//! queue or the waiting `call`. Run it on a current-thread runtime and every hop stays on one
+//! thread.
 //!
-//! Who dials: for each pair, the endpoint with the lower id dials (and redials with backoff),
-//! the other accepts; so there is never more than one connection per pair and path. A newer
+//! Who dials: for each pair, the endpoint with the lower id dials (and redials with backoff,
+//! to the peer's current address), the other accepts, and only endpoints in its cluster list
+//! (`add_peer`); so there is never more than one connection per pair and path. A newer
 //! connection from the same peer and path replaces the older one (the peer restarted).
 //!
-//! Failure detection is the sans-IO `FailureDetector`, fed by the frames the readers see (once
-//! per received chunk) and ticked by one timer task; keep-alives are ordinary frames on the
-//! same stream, so a stalled stream looks exactly like a dead peer.
+//! Failure detection is the sans-IO `FailureDetector`, fed by every chunk the readers receive
+//! (a frame still arriving is a sign of life) with the incarnation from the link's hello, and
+//! ticked by one timer task. Request tracking, stream numbering, path choice, limits, hello
+//! terms and the event queue are the sans-IO `core`, shared with the simulated twin.
 //!
-//! The detector never waits on the application: peer events and request failures go to a
-//! small control queue that never blocks (peer events coalesce per peer when it is full), and
-//! `next_event` serves it before data. A reader blocked because the application stopped
-//! draining data events keeps the peer alive in the detector from the connection's received
-//! packets, so a slow consumer never turns into a false `Down` on either side.
+//! Memory: every queue is bounded in bytes (`Limits`), and quinn's own limits are set
+//! explicitly (`quinn_transport`): two streams per connection, receive windows that let a
+//! stalled bulk lane never block the control lane, no datagrams, a bound on handshakes in
+//! progress. `docs/transport.md` adds them up per link and per endpoint.
+//!
+//! The detector never waits on the application: peer events and request failures go to the
+//! control part of the event queue, which never blocks, and `next_event` serves it before data.
+//! A reader blocked because the application stopped draining data events keeps the peer alive
+//! in the detector from the connection's received packets, so a slow consumer never turns into
+//! a false `Down` on either side.
 //!
 //! Trust: the acceptor binds the hello's claimed node to the client certificate (its SAN must
 //! be `node-N.duplex` of the claimed node), so a cluster certificate of node 3 cannot pose as
@@ -27,16 +38,16 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use thiserror::Error;
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::addr::{EndpointId, Path, PeerAddrs};
@@ -44,11 +55,15 @@ use crate::certs::{
     CertError, NodeCredentials, QuicTiming, node_server_name, quinn_configs,
     verify_node_certificate,
 };
+use crate::core::{
+    CallWaiter, EventQueue, HelloRefusal, Limits, LinkTerms, QueueFull, RequestTable,
+    ResponseOutcome, StreamNumbers, Waiter, accept_hello, choose_path,
+};
 use crate::detector::{DetectorAction, DetectorConfig, FailureDetector, PeerStatus};
 use crate::transport::{Event, RequestId, Transport, TransportError};
 use crate::wire::{
-    self, DEFAULT_MAX_FRAME_BYTES, Frame, FrameDecoder, FrameError, Hello, PROTOCOL_VERSION,
-    StreamId, negotiate_version,
+    self, CONTROL_FRAME_MAX_BYTES, FRAME_HEADER_MAX_BYTES, Frame, FrameDecoder, FrameError, Hello,
+    Lane, PROTOCOL_VERSION, StreamId,
 };
 
 /// Application close codes, so the other side's log says why its connection ended.
@@ -60,18 +75,22 @@ pub mod close_code {
     pub const REPLACED: u32 = 4;
 }
 
-/// Largest header after the kind byte, plus the kind byte.
-const FRAME_OVERHEAD_BYTES: usize = 13;
-
-/// Peer events held for an application that is not draining; beyond this, older events of the
-/// same peer are coalesced away (its latest state always stays queued).
-const PEER_EVENTS_QUEUED_MAX: usize = 1024;
-
-/// Longest request deadline: the wire carries `timeout_ms` as u32 (about 49 days).
-const REQUEST_TIMEOUT_MAX: Duration = Duration::from_millis(u32::MAX as u64);
-
 /// Longest injected delay; larger values are capped, so release times never overflow.
 const FAULT_DELAY_MAX_MS: u64 = 3_600_000;
+
+/// quinn's per-stream receive window: what one lane may have in flight towards us.
+pub const STREAM_WINDOW_BYTES: u32 = 4 << 20;
+/// quinn's connection receive window: room for both lanes' windows, so a bulk lane stalled by
+/// a slow consumer never takes the control lane's credit.
+pub const CONNECTION_WINDOW_BYTES: u32 = 2 * STREAM_WINDOW_BYTES;
+/// quinn's send buffer per connection: bytes written by the writers and not yet acknowledged.
+pub const SEND_WINDOW_BYTES: u64 = 8 << 20;
+/// Streams a peer may open towards us: the two lanes.
+pub const STREAMS_PER_CONNECTION: u32 = 2;
+/// Largest chunk one read takes from a lane.
+const READ_CHUNK_BYTES: usize = 256 << 10;
+/// How often at most a lane's received chunks are told to the detector.
+const HEAR_EVERY: Duration = Duration::from_millis(1);
 
 #[derive(Debug, Clone)]
 pub struct QuicConfig {
@@ -80,38 +99,39 @@ pub struct QuicConfig {
     pub failsafe_bind: Option<SocketAddr>,
     pub credentials: NodeCredentials,
     pub detector: DetectorConfig,
-    pub max_frame_bytes: usize,
-    /// Frames queued per link before `send` fails with `QueueFull`.
-    pub send_queue_frames: usize,
-    /// Events queued before readers stop reading (QUIC flow control then slows the sender).
-    pub event_queue_events: usize,
-    /// Requests (`request` and `call`) waiting for a response before new ones fail with
-    /// `TooManyRequests`.
-    pub max_pending_requests: usize,
+    pub limits: Limits,
     pub reconnect_backoff_min_ms: u64,
     pub reconnect_backoff_max_ms: u64,
-    /// Time allowed for TLS plus the hello exchange.
+    /// Time allowed for TLS plus the hello exchange on both lanes.
     pub handshake_timeout_ms: u64,
+    /// Incoming connections between their first packet and their hellos; beyond it, new
+    /// connection attempts are refused at once.
+    pub max_incoming_handshakes: usize,
     /// The version this endpoint announces; other than `PROTOCOL_VERSION` only in upgrade tests.
     pub protocol_version: u16,
+    /// This process's boot id, carried in every hello. It must rise across restarts of the
+    /// endpoint; the default is the wall-clock time at `new` in nanoseconds.
+    pub incarnation: u64,
 }
 
 impl QuicConfig {
     pub fn new(local: EndpointId, main_bind: SocketAddr, credentials: NodeCredentials) -> Self {
+        let boot = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         QuicConfig {
             local,
             main_bind,
             failsafe_bind: None,
             credentials,
             detector: DetectorConfig::default(),
-            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
-            send_queue_frames: 4096,
-            event_queue_events: 4096,
-            max_pending_requests: 65_536,
+            limits: Limits::default(),
             reconnect_backoff_min_ms: 20,
             reconnect_backoff_max_ms: 1000,
             handshake_timeout_ms: 2000,
+            max_incoming_handshakes: 64,
             protocol_version: PROTOCOL_VERSION,
+            incarnation: boot,
         }
     }
 }
@@ -127,6 +147,8 @@ pub enum QuicError {
     },
     #[error(transparent)]
     Cert(#[from] CertError),
+    #[error("quinn transport limits of {local}: {reason}")]
+    Limits { local: EndpointId, reason: String },
 }
 
 /// Why a link's session ended; logged with the peer and path.
@@ -143,7 +165,7 @@ enum LinkError {
     #[error("bad frame: {0}")]
     Frame(#[from] FrameError),
     #[error("{0}")]
-    Version(#[from] crate::wire::VersionError),
+    Refused(#[from] HelloRefusal),
     #[error("handshake: {0}")]
     Handshake(String),
     #[error("stream closed by peer")]
@@ -264,43 +286,179 @@ impl FaultInjector {
 /// one copy is cheaper than one more chunk per frame; larger payloads go out without a copy.
 const COPY_PAYLOAD_MAX_BYTES: usize = 1024;
 
+/// Frames one writer takes per batch.
+const BATCH_FRAMES_MAX: usize = 64;
+
+/// A link's send queue: one deque and one byte budget per lane, so a full bulk lane never
+/// refuses a control frame. Bytes count from `push` until the writer has handed them to quinn,
+/// so a lane's queue and the batch being written together never exceed its budget (one frame
+/// always fits an empty lane).
+#[derive(Debug)]
+struct SendQueue {
+    state: Mutex<SendQueueState>,
+    control_ready: Notify,
+    bulk_ready: Notify,
+}
+
+#[derive(Debug)]
+struct LaneQueue {
+    frames: VecDeque<Frame>,
+    queued_bytes: usize,
+    max_bytes: usize,
+}
+
+impl LaneQueue {
+    fn new(max_bytes: usize) -> Self {
+        LaneQueue {
+            frames: VecDeque::new(),
+            queued_bytes: 0,
+            max_bytes,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct SendQueueState {
+    control: LaneQueue,
+    bulk: LaneQueue,
+    closed: bool,
+}
+
+impl SendQueueState {
+    fn lane(&mut self, lane: Lane) -> &mut LaneQueue {
+        match lane {
+            Lane::Control => &mut self.control,
+            Lane::Bulk => &mut self.bulk,
+        }
+    }
+}
+
+/// Why a frame was not queued.
+#[derive(Debug)]
+enum PushError {
+    Full { limit_bytes: usize },
+    Closed,
+}
+
+impl SendQueue {
+    fn new(limits: &Limits) -> Self {
+        SendQueue {
+            state: Mutex::new(SendQueueState {
+                control: LaneQueue::new(limits.control_queue_bytes),
+                bulk: LaneQueue::new(limits.bulk_queue_bytes),
+                closed: false,
+            }),
+            control_ready: Notify::new(),
+            bulk_ready: Notify::new(),
+        }
+    }
+
+    fn ready(&self, lane: Lane) -> &Notify {
+        match lane {
+            Lane::Control => &self.control_ready,
+            Lane::Bulk => &self.bulk_ready,
+        }
+    }
+
+    fn push(&self, frame: Frame) -> Result<(), PushError> {
+        let lane = frame.lane();
+        let size = frame.encoded_len();
+        {
+            let mut s = lock(&self.state);
+            if s.closed {
+                return Err(PushError::Closed);
+            }
+            let q = s.lane(lane);
+            if q.queued_bytes > 0 && q.queued_bytes + size > q.max_bytes {
+                return Err(PushError::Full {
+                    limit_bytes: q.max_bytes,
+                });
+            }
+            q.queued_bytes += size;
+            q.frames.push_back(frame);
+        }
+        self.ready(lane).notify_one();
+        Ok(())
+    }
+
+    /// Moves up to `BATCH_FRAMES_MAX` frames of `lane` into `batch`, waiting for one; `false`
+    /// once the link is closed.
+    async fn take_batch(&self, lane: Lane, batch: &mut Vec<Frame>) -> bool {
+        loop {
+            {
+                let mut s = lock(&self.state);
+                if s.closed {
+                    return false;
+                }
+                let q = s.lane(lane);
+                let n = q.frames.len().min(BATCH_FRAMES_MAX);
+                if n > 0 {
+                    batch.extend(q.frames.drain(..n));
+                    return true;
+                }
+            }
+            self.ready(lane).notified().await;
+        }
+    }
+
+    /// The writer of `lane` handed `bytes` to quinn: they leave the lane's budget.
+    fn written(&self, lane: Lane, bytes: usize) {
+        let mut s = lock(&self.state);
+        let q = s.lane(lane);
+        q.queued_bytes = q.queued_bytes.saturating_sub(bytes);
+    }
+
+    fn close(&self) {
+        {
+            let mut s = lock(&self.state);
+            s.closed = true;
+            for lane in [Lane::Control, Lane::Bulk] {
+                let q = s.lane(lane);
+                q.frames.clear();
+                q.queued_bytes = 0;
+            }
+        }
+        self.control_ready.notify_one();
+        self.bulk_ready.notify_one();
+    }
+
+    /// Bytes queued on both lanes.
+    fn queued_bytes(&self) -> usize {
+        let s = lock(&self.state);
+        s.control.queued_bytes + s.bulk.queued_bytes
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Link {
     conn: Connection,
-    tx: mpsc::Sender<Frame>,
+    queue: Arc<SendQueue>,
     /// Tells a replaced link apart from its successor when it ends.
     generation: u64,
-    /// The protocol version this link speaks: the lower of the two announced.
-    version: u16,
+    terms: LinkTerms,
 }
 
 #[derive(Debug, Default)]
 struct PeerEntry {
     addrs: Option<PeerAddrs>,
     links: BTreeMap<Path, Link>,
-    stream_next_seq: BTreeMap<StreamId, u64>,
+    /// Paths the detector hears the peer on, copied at every change it reports.
+    paths_up: Vec<Path>,
     dialing: bool,
 }
 
-#[derive(Debug)]
-enum Waiter {
-    Event {
-        to: EndpointId,
-        deadline: Duration,
-        timeout_ms: u64,
-    },
-    Call {
-        to: EndpointId,
-        tx: oneshot::Sender<Result<Bytes, TransportError>>,
-    },
+#[derive(Debug, Default)]
+struct Peers {
+    entries: BTreeMap<EndpointId, PeerEntry>,
+    streams: StreamNumbers,
 }
 
-impl Waiter {
-    /// The peer the request went to: the only one whose response is accepted.
-    fn peer(&self) -> EndpointId {
-        match self {
-            Waiter::Event { to, .. } | Waiter::Call { to, .. } => *to,
-        }
+/// How a QUIC `call` waits for its answer.
+type CallTx = oneshot::Sender<Result<Bytes, TransportError>>;
+
+impl CallWaiter for CallTx {
+    fn complete(self, answer: Result<Bytes, TransportError>) {
+        let _ = self.send(answer);
     }
 }
 
@@ -310,22 +468,23 @@ struct Inner {
     endpoints: BTreeMap<Path, quinn::Endpoint>,
     client_config: quinn::ClientConfig,
     epoch: Instant,
-    peers: Mutex<BTreeMap<EndpointId, PeerEntry>>,
+    peers: Mutex<Peers>,
     detector: Mutex<FailureDetector>,
     detector_wake: Notify,
-    events_tx: mpsc::Sender<Event>,
-    events_rx: tokio::sync::Mutex<mpsc::Receiver<Event>>,
-    /// Peer events and request failures: never blocks its producers, served before data.
-    control: Mutex<VecDeque<Event>>,
-    control_wake: Notify,
+    events: Mutex<EventQueue>,
+    /// An event was queued.
+    event_ready: Notify,
+    /// Room was made in the data part of the event queue; readers waiting for it count here.
+    event_room: Notify,
+    readers_waiting: AtomicUsize,
     /// Flips to true once, at `close`; wakes every `next_event`.
     closed_tx: watch::Sender<bool>,
-    pending: Mutex<BTreeMap<u64, Waiter>>,
-    next_request_id: AtomicU64,
+    requests: Mutex<RequestTable<CallTx>>,
     next_generation: AtomicU64,
     faults: FaultInjector,
     closed: AtomicBool,
     shutdown: Notify,
+    handshakes: Arc<Semaphore>,
 }
 
 /// An endpoint of the QUIC transport. Cheap to clone; all clones share the endpoint.
@@ -339,6 +498,25 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Forgets a `call`'s request when its future is dropped before the answer, so a cancelled
+/// call frees its pending slot at once.
+struct ForgetOnDrop<'a> {
+    inner: &'a Inner,
+    id: Option<u64>,
+}
+
+impl Drop for ForgetOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            lock(&self.inner.requests).forget(id);
+        }
+    }
+}
+
+/// A lane's frames handed to the delay queue, each with its release time and its share of the
+/// queue's byte budget.
+type Delayed = (tokio::time::Instant, Frame, OwnedSemaphorePermit);
+
 impl Inner {
     fn now(&self) -> Duration {
         self.epoch.elapsed()
@@ -346,36 +524,6 @@ impl Inner {
 
     fn local(&self) -> EndpointId {
         self.config.local
-    }
-
-    fn max_payload_bytes(&self) -> usize {
-        self.config
-            .max_frame_bytes
-            .saturating_sub(FRAME_OVERHEAD_BYTES)
-    }
-
-    /// Whether data should prefer the main path: yes unless the detector hears the peer only
-    /// on the failsafe path.
-    fn main_preferred(&self, to: EndpointId) -> bool {
-        let d = lock(&self.detector);
-        !(d.path_up(to, Path::Main) == Some(false) && d.path_up(to, Path::Failsafe) == Some(true))
-    }
-
-    /// The link data should use: main while the detector hears the peer there, else failsafe.
-    /// Called under the peers lock; it takes the detector lock only when there is a choice
-    /// (lock order: peers, then detector; nothing takes them the other way round).
-    fn choose_link<'a>(&self, to: EndpointId, entry: &'a PeerEntry) -> Option<(Path, &'a Link)> {
-        if entry.links.len() == 1 {
-            return entry.links.iter().next().map(|(p, l)| (*p, l));
-        }
-        let order = if self.main_preferred(to) {
-            [Path::Main, Path::Failsafe]
-        } else {
-            [Path::Failsafe, Path::Main]
-        };
-        order
-            .iter()
-            .find_map(|p| entry.links.get(p).map(|l| (*p, l)))
     }
 
     /// Queues a frame for the link's writer, which encodes it (no allocation per frame here).
@@ -390,12 +538,12 @@ impl Inner {
             debug!(peer = %to, %path, "fault: frame dropped on send");
             return Ok(());
         }
-        link.tx.try_send(frame).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => TransportError::QueueFull {
+        link.queue.push(frame).map_err(|e| match e {
+            PushError::Full { limit_bytes } => TransportError::QueueFull {
                 peer: to,
-                limit: self.config.send_queue_frames,
+                limit_bytes,
             },
-            mpsc::error::TrySendError::Closed(_) => TransportError::Unreachable { peer: to },
+            PushError::Closed => TransportError::Unreachable { peer: to },
         })
     }
 
@@ -406,14 +554,7 @@ impl Inner {
                 local: self.local(),
             });
         }
-        if size > self.max_payload_bytes() {
-            return Err(TransportError::TooLarge {
-                peer: to,
-                size_bytes: size,
-                max_bytes: self.max_payload_bytes(),
-            });
-        }
-        Ok(())
+        self.config.limits.check_payload(to, size)
     }
 
     fn unknown_peer(&self, peer: EndpointId) -> TransportError {
@@ -423,14 +564,26 @@ impl Inner {
         }
     }
 
+    /// The path and link data to `to` takes (`core::choose_path`).
+    fn route<'a>(
+        &self,
+        to: EndpointId,
+        entry: &'a PeerEntry,
+    ) -> Result<(Path, &'a Link), TransportError> {
+        choose_path(&entry.paths_up, |p| entry.links.contains_key(&p))
+            .and_then(|p| entry.links.get(&p).map(|l| (p, l)))
+            .ok_or(TransportError::Unreachable { peer: to })
+    }
+
     fn send_frame(&self, to: EndpointId, frame: Frame) -> Result<(), TransportError> {
         self.check_sendable(to, frame.payload().len())?;
         // Queued under the peers lock: one lock per send, no clone of the link.
         let peers = lock(&self.peers);
-        let entry = peers.get(&to).ok_or_else(|| self.unknown_peer(to))?;
-        let (path, link) = self
-            .choose_link(to, entry)
-            .ok_or(TransportError::Unreachable { peer: to })?;
+        let entry = peers
+            .entries
+            .get(&to)
+            .ok_or_else(|| self.unknown_peer(to))?;
+        let (path, link) = self.route(to, entry)?;
         self.enqueue(to, link, path, frame)
     }
 
@@ -444,26 +597,23 @@ impl Inner {
     ) -> Result<u64, TransportError> {
         self.check_sendable(to, payload.len())?;
         let mut peers = lock(&self.peers);
-        let entry = peers.get_mut(&to).ok_or_else(|| self.unknown_peer(to))?;
-        let seq = entry.stream_next_seq.get(&stream).copied().unwrap_or(0);
-        let (path, link) = self
-            .choose_link(to, entry)
-            .ok_or(TransportError::Unreachable { peer: to })?;
-        self.enqueue(
-            to,
-            link,
-            path,
-            Frame::Stream {
-                stream,
-                seq,
-                payload,
-            },
-        )?;
-        entry.stream_next_seq.insert(stream, seq + 1);
-        Ok(seq)
+        let Peers { entries, streams } = &mut *peers;
+        let entry = entries.get(&to).ok_or_else(|| self.unknown_peer(to))?;
+        let (path, link) = self.route(to, entry)?;
+        streams.send(to, stream, |seq| {
+            self.enqueue(
+                to,
+                link,
+                path,
+                Frame::Stream {
+                    stream,
+                    seq,
+                    payload,
+                },
+            )
+        })
     }
 
-    /// Registers a waiter for request `id`, within `max_pending_requests`.
     /// Sends request `id`, whose waiter is registered; forgets the waiter if it cannot be sent.
     fn send_request(
         &self,
@@ -481,49 +631,36 @@ impl Inner {
             },
         );
         if sent.is_err() {
-            lock(&self.pending).remove(&id);
+            lock(&self.requests).forget(id);
         }
         sent
     }
 
-    fn add_waiter(&self, id: u64, waiter: Waiter) -> Result<(), TransportError> {
-        let mut pending = lock(&self.pending);
-        if pending.len() >= self.config.max_pending_requests {
-            return Err(TransportError::TooManyRequests {
-                local: self.local(),
-                limit: self.config.max_pending_requests,
-            });
-        }
-        pending.insert(id, waiter);
-        Ok(())
-    }
-
-    /// Queues a peer event or a request failure; never waits. Request failures are bounded by
-    /// `max_pending_requests`; peer events beyond `PEER_EVENTS_QUEUED_MAX` replace the oldest
-    /// queued event of the same peer, so its latest state is never lost.
+    /// Queues a peer event or a request failure; never waits.
     fn push_control(&self, event: Event) {
         if self.closed.load(Ordering::Acquire) {
             return;
         }
-        let mut q = lock(&self.control);
-        if let Event::Peer(new) = event {
-            let queued = q.iter().filter(|e| matches!(e, Event::Peer(_))).count();
-            if queued >= PEER_EVENTS_QUEUED_MAX
-                && let Some(pos) = q
-                    .iter()
-                    .position(|e| matches!(e, Event::Peer(old) if old.peer() == new.peer()))
-            {
-                let old = q.remove(pos);
-                warn!(local = %self.local(), ?old, ?new, "application not draining events: peer event coalesced");
-            }
+        let coalesced = lock(&self.events).push_control(event);
+        if let Some(old) = coalesced {
+            warn!(local = %self.local(), ?old, "application not draining events: peer event coalesced");
         }
-        q.push_back(event);
-        drop(q);
-        self.control_wake.notify_one();
+        self.event_ready.notify_one();
     }
 
-    fn pop_control(&self) -> Option<Event> {
-        lock(&self.control).pop_front()
+    /// The next queued event; a read request failure frees its request slot, a data event
+    /// makes room for a waiting reader.
+    fn pop_event(&self) -> Option<Event> {
+        let event = lock(&self.events).pop()?;
+        match &event {
+            Event::RequestFailed { .. } => lock(&self.requests).failure_read(),
+            Event::Peer(_) => {}
+            _ if self.readers_waiting.load(Ordering::Acquire) > 0 => {
+                self.event_room.notify_waiters();
+            }
+            _ => {}
+        }
+        Some(event)
     }
 
     /// Hands a data event to the application, waiting while its queue is full (the reader then
@@ -534,56 +671,66 @@ impl Inner {
         &self,
         peer: EndpointId,
         path: Path,
+        link: &LinkTerms,
         conn: &Connection,
         event: Event,
     ) -> bool {
-        let event = match self.events_tx.try_send(event) {
-            Ok(()) => return false,
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                debug!(local = %self.local(), "event dropped: endpoint closed");
+        let mut event = match lock(&self.events).push_data(event) {
+            Ok(()) => {
+                self.event_ready.notify_one();
                 return false;
             }
-            Err(mpsc::error::TrySendError::Full(event)) => event,
+            Err(QueueFull(event)) => event,
         };
         debug!(local = %self.local(), %peer, %path, "event queue full: reader waits for the application");
         let interval = Duration::from_millis(self.config.detector.keepalive_interval_ms.max(1));
         let mut seen = conn.stats().udp_rx.datagrams;
-        let send = self.events_tx.send(event);
-        tokio::pin!(send);
+        self.readers_waiting.fetch_add(1, Ordering::AcqRel);
         loop {
-            tokio::select! {
-                sent = &mut send => {
-                    if sent.is_err() {
-                        debug!(local = %self.local(), "event dropped: endpoint closed");
-                    }
-                    return true;
+            let room = self.event_room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            if self.closed.load(Ordering::Acquire) {
+                debug!(local = %self.local(), "event dropped: endpoint closed");
+                break;
+            }
+            match lock(&self.events).push_data(event) {
+                Ok(()) => {
+                    self.event_ready.notify_one();
+                    break;
                 }
+                Err(QueueFull(back)) => event = back,
+            }
+            tokio::select! {
+                _ = room => {}
                 _ = tokio::time::sleep(interval) => {
                     let now_seen = conn.stats().udp_rx.datagrams;
                     if now_seen != seen && !self.faults.is_cut(peer, path) {
-                        self.heard(peer, path);
+                        self.heard(peer, path, link.incarnation);
                     }
                     seen = now_seen;
                 }
             }
         }
+        self.readers_waiting.fetch_sub(1, Ordering::AcqRel);
+        true
     }
 
-    /// Tells the detector `peer` was heard on `path` and carries out what that changed.
-    fn heard(&self, peer: EndpointId, path: Path) {
+    /// Tells the detector bytes of `incarnation` of `peer` arrived on `path`, and carries out
+    /// what that changed.
+    fn heard(&self, peer: EndpointId, path: Path, incarnation: u64) {
         let changed = {
             let mut d = lock(&self.detector);
-            let was_up = d.path_up(peer, path);
-            d.on_heard(peer, path, self.now());
-            was_up != Some(true)
+            d.on_heard(peer, path, incarnation, self.now());
+            d.has_actions()
         };
         if changed {
             self.run_detector_actions();
         }
     }
 
-    /// Carries out what the detector asked for: keep-alives out, events to the control queue.
-    /// Never waits: keep-alives use `try_send`, events go to the control queue.
+    /// Carries out what the detector asked for: keep-alives out, events to the control queue,
+    /// the paths a reported peer is heard on to its entry. Never waits.
     fn run_detector_actions(&self) {
         loop {
             let action = lock(&self.detector).poll_action();
@@ -591,7 +738,7 @@ impl Inner {
             match action {
                 DetectorAction::SendKeepAlive { peer, path } => {
                     let peers = lock(&self.peers);
-                    let link = peers.get(&peer).and_then(|e| e.links.get(&path));
+                    let link = peers.entries.get(&peer).and_then(|e| e.links.get(&path));
                     if let Some(link) = link
                         && let Err(e) = self.enqueue(peer, link, path, Frame::KeepAlive)
                     {
@@ -600,7 +747,21 @@ impl Inner {
                 }
                 DetectorAction::Report(event) => {
                     info!(local = %self.local(), ?event, "peer event");
+                    let peer = event.peer();
+                    {
+                        // Lock order: peers, then detector; nothing takes them the other way.
+                        let mut peers = lock(&self.peers);
+                        let paths_up = lock(&self.detector)
+                            .status(peer)
+                            .map(|s| s.paths_up)
+                            .unwrap_or_default();
+                        peers.entries.entry(peer).or_default().paths_up = paths_up;
+                    }
                     self.push_control(Event::Peer(event));
+                }
+                DetectorAction::LocalStall { stalled } => {
+                    warn!(local = %self.local(), stalled_ms = stalled.as_millis() as u64,
+                        "this process did not run for a while: silence not counted against peers");
                 }
             }
         }
@@ -614,18 +775,12 @@ impl Inner {
             let now = self.now();
             lock(&self.detector).on_tick(now);
             self.run_detector_actions();
-            self.expire_requests(now);
+            let expired = lock(&self.requests).expire(now);
+            for e in expired {
+                self.push_control(e);
+            }
             let next = lock(&self.detector).next_deadline();
-            let next_request = lock(&self.pending)
-                .values()
-                .filter_map(|w| {
-                    if let Waiter::Event { deadline, .. } = w {
-                        Some(*deadline)
-                    } else {
-                        None
-                    }
-                })
-                .min();
+            let next_request = lock(&self.requests).next_deadline();
             let wake_at = [next, next_request].into_iter().flatten().min();
             let sleep = wake_at.map_or(
                 Duration::from_millis(self.config.detector.keepalive_interval_ms),
@@ -639,58 +794,26 @@ impl Inner {
         }
     }
 
-    fn expire_requests(&self, now: Duration) {
-        let expired: Vec<Event> = {
-            let mut pending = lock(&self.pending);
-            let ids: Vec<u64> = pending
-                .iter()
-                .filter(|(_, w)| matches!(w, Waiter::Event { deadline, .. } if *deadline <= now))
-                .map(|(id, _)| *id)
-                .collect();
-            ids.into_iter()
-                .filter_map(|id| match pending.remove(&id) {
-                    Some(Waiter::Event { to, timeout_ms, .. }) => Some(Event::RequestFailed {
-                        to,
-                        id: RequestId(id),
-                        error: TransportError::Timeout {
-                            peer: to,
-                            id,
-                            timeout_ms,
-                        },
-                    }),
-                    _ => None,
-                })
-                .collect()
-        };
-        for e in expired {
-            self.push_control(e);
-        }
-    }
-
-    fn hello(&self, path: Path) -> Bytes {
+    fn hello_frame(&self, path: Path) -> Bytes {
         let mut out = BytesMut::new();
         Frame::Hello(Hello {
             version: self.config.protocol_version,
             from: self.local(),
             path,
+            incarnation: self.config.incarnation,
         })
         .encode(&mut out);
         out.freeze()
     }
 
-    /// Reads frames until the peer's hello and negotiates the version; leftover bytes stay in
-    /// the decoder. Returns the hello and the version the link will speak.
+    /// Reads frames until the peer's hello; leftover bytes stay in the decoder.
     async fn read_hello(
-        &self,
         recv: &mut RecvStream,
         decoder: &mut FrameDecoder,
-    ) -> Result<(Hello, u16), LinkError> {
+    ) -> Result<Hello, LinkError> {
         loop {
             match decoder.next_frame()? {
-                Some(Frame::Hello(h)) => {
-                    let version = negotiate_version(self.config.protocol_version, h.version)?;
-                    return Ok((h, version));
-                }
+                Some(Frame::Hello(h)) => return Ok(h),
                 Some(other) => {
                     return Err(LinkError::Handshake(format!(
                         "expected hello, found {other:?}"
@@ -698,11 +821,19 @@ impl Inner {
                 }
                 None => {}
             }
-            match recv.read_chunk(64 * 1024, true).await? {
+            match recv.read_chunk(READ_CHUNK_BYTES, true).await? {
                 Some(chunk) => decoder.push(&chunk.bytes),
                 None => return Err(LinkError::Finished),
             }
         }
+    }
+
+    /// Whether `peer` is in this endpoint's cluster list (was given to `add_peer`).
+    fn in_cluster(&self, peer: EndpointId) -> bool {
+        lock(&self.peers)
+            .entries
+            .get(&peer)
+            .is_some_and(|e| e.addrs.is_some())
     }
 
     /// Closes `conn` with the close code that says why, when the error is one we detected
@@ -710,8 +841,10 @@ impl Inner {
     fn close_for(&self, conn: &Connection, peer: Option<EndpointId>, path: Path, e: &LinkError) {
         let code = match e {
             LinkError::Frame(_) => close_code::BAD_FRAME,
-            LinkError::Version(_) => close_code::VERSION_REFUSED,
-            LinkError::Handshake(_) => close_code::HANDSHAKE_FAILED,
+            LinkError::Refused(HelloRefusal::Version(_)) => close_code::VERSION_REFUSED,
+            LinkError::Refused(HelloRefusal::NotInCluster { .. }) | LinkError::Handshake(_) => {
+                close_code::HANDSHAKE_FAILED
+            }
             _ => {
                 info!(local = %self.local(), ?peer, %path, "link ended: {e}");
                 return;
@@ -721,49 +854,92 @@ impl Inner {
         conn.close(VarInt::from_u32(code), e.to_string().as_bytes());
     }
 
-    /// Registers a ready link and runs it until it ends.
-    #[allow(clippy::too_many_arguments)]
+    /// Registers a ready link and runs it until either lane ends.
     async fn run_link(
         self: &Arc<Self>,
         peer: EndpointId,
         path: Path,
-        version: u16,
-        conn: Connection,
-        send: SendStream,
-        mut recv: RecvStream,
-        mut decoder: FrameDecoder,
+        lanes: Lanes,
     ) -> Result<(), LinkError> {
+        let Lanes {
+            conn,
+            terms,
+            control,
+            bulk,
+        } = lanes;
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(self.config.send_queue_frames);
+        let queue = Arc::new(SendQueue::new(&self.config.limits));
         let link = Link {
             conn: conn.clone(),
-            tx,
+            queue: Arc::clone(&queue),
             generation,
-            version,
+            terms,
         };
-        let replaced = {
+        let stale = {
             let mut peers = lock(&self.peers);
-            peers.entry(peer).or_default().links.insert(path, link)
+            let entry = peers.entries.entry(peer).or_default();
+            let mut stale: Vec<Link> = entry.links.insert(path, link).into_iter().collect();
+            // Links of an older incarnation on other paths belong to a process that is gone.
+            let older: Vec<Path> = entry
+                .links
+                .iter()
+                .filter(|(_, l)| l.terms.incarnation < terms.incarnation)
+                .map(|(p, _)| *p)
+                .collect();
+            stale.extend(older.iter().filter_map(|p| entry.links.remove(p)));
+            stale
         };
-        if let Some(old) = replaced {
+        for old in stale {
+            old.queue.close();
             old.conn.close(
                 VarInt::from_u32(close_code::REPLACED),
                 b"replaced by a newer connection",
             );
         }
-        info!(local = %self.local(), %peer, %path, version, "link established");
+        info!(local = %self.local(), %peer, %path, version = terms.version, incarnation = terms.incarnation, "link established");
         // The peer's hello was the first frame heard on this link.
-        self.heard(peer, path);
+        self.heard(peer, path, terms.incarnation);
         self.detector_wake.notify_one();
-        let writer =
-            tokio::spawn(write_loop(send, rx).instrument(info_span!("writer", %peer, %path)));
-        let result = self
-            .read_loop(peer, path, &conn, &mut recv, &mut decoder)
-            .await;
-        writer.abort();
+        let span = |lane: &'static str| info_span!("writer", %peer, %path, lane);
+        let writers = [
+            tokio::spawn(
+                write_loop(control.0, Arc::clone(&queue), Lane::Control)
+                    .instrument(span("control")),
+            ),
+            tokio::spawn(
+                write_loop(bulk.0, Arc::clone(&queue), Lane::Bulk).instrument(span("bulk")),
+            ),
+        ];
+        let this = Arc::clone(self);
+        let bulk_conn = conn.clone();
+        let (mut bulk_recv, mut bulk_decoder) = (bulk.1, bulk.2);
+        let mut bulk_reader = tokio::spawn(
+            async move {
+                this.read_loop(
+                    peer,
+                    path,
+                    terms,
+                    &bulk_conn,
+                    &mut bulk_recv,
+                    &mut bulk_decoder,
+                )
+                .await
+            }
+            .instrument(info_span!("reader", %peer, %path, lane = "bulk")),
+        );
+        let (mut control_recv, mut control_decoder) = (control.1, control.2);
+        let result = tokio::select! {
+            r = self.read_loop(peer, path, terms, &conn, &mut control_recv, &mut control_decoder) => r,
+            r = &mut bulk_reader => r.unwrap_or(Err(LinkError::Finished)),
+        };
+        bulk_reader.abort();
+        for w in writers {
+            w.abort();
+        }
+        queue.close();
         {
             let mut peers = lock(&self.peers);
-            if let Some(entry) = peers.get_mut(&peer)
+            if let Some(entry) = peers.entries.get_mut(&peer)
                 && entry
                     .links
                     .get(&path)
@@ -778,21 +954,25 @@ impl Inner {
         result
     }
 
+    /// Reads one lane: every chunk received is a sign of life (a large frame still arriving
+    /// keeps its peer up), then its whole frames are handled in order.
     async fn read_loop(
         self: &Arc<Self>,
         peer: EndpointId,
         path: Path,
+        terms: LinkTerms,
         conn: &Connection,
         recv: &mut RecvStream,
         decoder: &mut FrameDecoder,
     ) -> Result<(), LinkError> {
-        // Created at the first delayed frame; from then on every frame of the link goes
-        // through it, so delayed and undelayed frames keep their order.
-        let mut delayed: Option<mpsc::Sender<(tokio::time::Instant, Frame)>> = None;
+        // Created at the first delayed frame; from then on every frame of the lane goes
+        // through it, so delayed and undelayed frames keep their order, and liveness is heard
+        // when frames are released.
+        let mut delayed: Option<(mpsc::UnboundedSender<Delayed>, Arc<Semaphore>)> = None;
+        // A large frame arrives in thousands of packet-sized chunks: the detector hears the
+        // lane at most once per `HEAR_EVERY`, which is far below any detection time.
+        let mut last_heard: Option<Instant> = None;
         loop {
-            // Frames of one chunk arrived together: the detector hears them once, before the
-            // first event may wait for room, and again after any such wait.
-            let mut heard = false;
             while let Some(frame) = decoder.next_frame()? {
                 if self.faults.drops(peer, path) {
                     debug!(%peer, %path, "fault: frame dropped on receive");
@@ -800,48 +980,71 @@ impl Inner {
                 }
                 let delay = self.faults.delay(peer);
                 if delay.is_none() && delayed.is_none() {
-                    if !heard {
-                        self.heard(peer, path);
-                        heard = true;
-                    }
-                    if self.on_frame(peer, path, conn, frame).await? {
-                        heard = false;
+                    if self.on_frame(peer, path, &terms, conn, frame).await? {
+                        // It waited for the application: the frames after it are news again.
+                        self.heard(peer, path, terms.incarnation);
                     }
                     continue;
                 }
                 let release = tokio::time::Instant::now() + delay.unwrap_or_default();
-                let queue =
-                    delayed.get_or_insert_with(|| self.spawn_delay_queue(peer, path, conn.clone()));
-                if queue.send((release, frame)).await.is_err() {
+                let (queue, budget) = delayed
+                    .get_or_insert_with(|| self.spawn_delay_queue(peer, path, terms, conn.clone()));
+                let limit = self
+                    .config
+                    .limits
+                    .delay_queue_bytes
+                    .clamp(1, u32::MAX as usize);
+                let size = u32::try_from(frame.encoded_len().min(limit)).unwrap_or(u32::MAX);
+                let Ok(permit) = Arc::clone(budget).acquire_many_owned(size).await else {
+                    return Err(LinkError::Finished);
+                };
+                if queue.send((release, frame, permit)).is_err() {
                     // The delay queue only stops after closing the connection for a bad frame.
                     return Err(LinkError::Connection(conn.closed().await));
                 }
             }
-            match recv.read_chunk(256 * 1024, true).await? {
-                Some(chunk) => decoder.push(&chunk.bytes),
+            match recv.read_chunk(READ_CHUNK_BYTES, true).await? {
+                Some(chunk) => {
+                    let delaying = delayed.is_some() || self.faults.delay(peer).is_some();
+                    let due = last_heard.is_none_or(|t| t.elapsed() >= HEAR_EVERY);
+                    if due && !delaying && !self.faults.is_cut(peer, path) {
+                        self.heard(peer, path, terms.incarnation);
+                        last_heard = Some(Instant::now());
+                    }
+                    decoder.push(&chunk.bytes);
+                }
                 None => return Err(LinkError::Finished),
             }
         }
     }
 
-    /// The injected-delay queue of one link: frames stamped with their release time on arrival
+    /// The injected-delay queue of one lane: frames stamped with their release time on arrival
     /// are handled in arrival order, each at its release time, so a delay adds latency once
-    /// instead of accumulating per frame.
+    /// instead of accumulating per frame. Bounded by `Limits::delay_queue_bytes`: the reader
+    /// waits for budget, which a frame returns once handled.
     fn spawn_delay_queue(
         self: &Arc<Self>,
         peer: EndpointId,
         path: Path,
+        terms: LinkTerms,
         conn: Connection,
-    ) -> mpsc::Sender<(tokio::time::Instant, Frame)> {
-        let (tx, mut rx) =
-            mpsc::channel::<(tokio::time::Instant, Frame)>(self.config.event_queue_events.max(1));
+    ) -> (mpsc::UnboundedSender<Delayed>, Arc<Semaphore>) {
+        let budget = Arc::new(Semaphore::new(
+            self.config
+                .limits
+                .delay_queue_bytes
+                .clamp(1, Semaphore::MAX_PERMITS),
+        ));
+        let (tx, mut rx) = mpsc::unbounded_channel::<Delayed>();
         let this = Arc::clone(self);
         tokio::spawn(
             async move {
-                while let Some((release, frame)) = rx.recv().await {
+                while let Some((release, frame, permit)) = rx.recv().await {
                     tokio::time::sleep_until(release).await;
-                    this.heard(peer, path);
-                    if let Err(e) = this.on_frame(peer, path, &conn, frame).await {
+                    this.heard(peer, path, terms.incarnation);
+                    let handled = this.on_frame(peer, path, &terms, &conn, frame).await;
+                    drop(permit);
+                    if let Err(e) = handled {
                         this.close_for(&conn, Some(peer), path, &e);
                         return;
                     }
@@ -849,7 +1052,7 @@ impl Inner {
             }
             .instrument(info_span!("delay", %peer, %path)),
         );
-        tx
+        (tx, budget)
     }
 
     /// Handles one frame the detector has already heard (liveness comes before anything that
@@ -858,6 +1061,7 @@ impl Inner {
         &self,
         from: EndpointId,
         path: Path,
+        terms: &LinkTerms,
         conn: &Connection,
         frame: Frame,
     ) -> Result<bool, LinkError> {
@@ -875,26 +1079,15 @@ impl Inner {
                 payload,
             }),
             Frame::Response { id, payload } => {
-                let mut pending = lock(&self.pending);
-                match pending.get(&id).map(Waiter::peer) {
-                    Some(to) if to != from => {
-                        warn!(local = %self.local(), peer = %from, id, expected = %to,
+                match lock(&self.requests).on_response(from, id, payload) {
+                    ResponseOutcome::Deliver(event) => Some(event),
+                    ResponseOutcome::Completed => None,
+                    ResponseOutcome::WrongPeer { expected } => {
+                        warn!(local = %self.local(), peer = %from, id, %expected,
                             "response from a peer the request did not go to: ignored");
                         None
                     }
-                    Some(_) => match pending.remove(&id) {
-                        Some(Waiter::Call { tx, .. }) => {
-                            let _ = tx.send(Ok(payload));
-                            None
-                        }
-                        Some(Waiter::Event { .. }) => Some(Event::Response {
-                            from,
-                            id: RequestId(id),
-                            payload,
-                        }),
-                        None => None,
-                    },
-                    None => {
+                    ResponseOutcome::NotPending => {
                         debug!(peer = %from, id, "late response dropped");
                         None
                     }
@@ -912,7 +1105,7 @@ impl Inner {
             }),
         };
         Ok(match event {
-            Some(event) => self.push_data_event(from, path, conn, event).await,
+            Some(event) => self.push_data_event(from, path, terms, conn, event).await,
             None => false,
         })
     }
@@ -924,12 +1117,27 @@ impl Inner {
                 _ = self.shutdown.notified() => return,
             };
             let Some(incoming) = incoming else { return };
-            let this = Arc::clone(&self);
             let remote = incoming.remote_address();
+            let Ok(permit) = Arc::clone(&self.handshakes).try_acquire_owned() else {
+                warn!(local = %self.local(), %path, %remote,
+                    limit = self.config.max_incoming_handshakes,
+                    "refused incoming connection: too many handshakes in progress");
+                incoming.refuse();
+                continue;
+            };
+            let this = Arc::clone(&self);
             tokio::spawn(
                 async move {
-                    if let Err(e) = this.accept_one(path, incoming).await {
-                        warn!(local = %this.local(), %path, %remote, "refused incoming connection: {e}");
+                    let accepted = this.accept_handshake(path, incoming).await;
+                    drop(permit);
+                    match accepted {
+                        // How the link ended was logged when it ended (`close_for`).
+                        Ok((peer, lanes)) => {
+                            let _ = this.run_link(peer, path, lanes).await;
+                        }
+                        Err(e) => {
+                            warn!(local = %this.local(), %path, %remote, "refused incoming connection: {e}");
+                        }
                     }
                 }
                 .instrument(info_span!("accept", %path, %remote)),
@@ -955,44 +1163,73 @@ impl Inner {
         verify_node_certificate(leaf, claimed.node).map_err(refuse)
     }
 
-    async fn accept_one(
+    /// The acceptor's side of a handshake: TLS, then on each lane the dialer's hello and ours.
+    async fn accept_handshake(
         self: &Arc<Self>,
         path: Path,
         incoming: quinn::Incoming,
-    ) -> Result<(), LinkError> {
+    ) -> Result<(EndpointId, Lanes), LinkError> {
         let timeout = Duration::from_millis(self.config.handshake_timeout_ms);
         let handshake = async {
             let conn = incoming.await?;
-            let (mut send, mut recv) = conn.accept_bi().await?;
-            let mut decoder = FrameDecoder::new(self.config.max_frame_bytes);
-            let checked = match self.read_hello(&mut recv, &mut decoder).await {
-                Ok((hello, version)) => {
-                    Self::check_claim(&conn, hello.from).map(|()| (hello, version))
+            let checked = async {
+                let (send, mut recv) = conn.accept_bi().await?;
+                let mut decoder = FrameDecoder::new(CONTROL_FRAME_MAX_BYTES);
+                let hello = Self::read_hello(&mut recv, &mut decoder).await?;
+                let terms = accept_hello(
+                    self.local(),
+                    self.config.protocol_version,
+                    &hello,
+                    self.in_cluster(hello.from),
+                )?;
+                Self::check_claim(&conn, hello.from)?;
+                let mut control = (send, recv, decoder);
+                control.0.write_all(&self.hello_frame(path)).await?;
+                let (mut send, mut recv) = conn.accept_bi().await?;
+                let mut decoder = FrameDecoder::new(self.config.limits.frame_bytes());
+                let bulk_hello = Self::read_hello(&mut recv, &mut decoder).await?;
+                if (bulk_hello.from, bulk_hello.incarnation) != (hello.from, hello.incarnation) {
+                    return Err(LinkError::Handshake(format!(
+                        "bulk lane hello from {} (incarnation {}), control lane from {} ({})",
+                        bulk_hello.from, bulk_hello.incarnation, hello.from, hello.incarnation
+                    )));
                 }
-                Err(e) => Err(e),
-            };
-            let (hello, version) = match checked {
-                Ok(v) => v,
+                send.write_all(&self.hello_frame(path)).await?;
+                if hello.path != path {
+                    debug!(peer = %hello.from, said = %hello.path, %path, "hello names another path; using the socket's");
+                }
+                Ok((
+                    hello.from,
+                    terms,
+                    control,
+                    (send, recv, decoder),
+                ))
+            }
+            .await;
+            match checked {
+                Ok((peer, terms, control, bulk)) => Ok((
+                    peer,
+                    Lanes {
+                        conn,
+                        terms,
+                        control,
+                        bulk,
+                    },
+                )),
                 Err(e) => {
                     self.close_for(&conn, None, path, &e);
-                    return Err(e);
+                    Err(e)
                 }
-            };
-            send.write_all(&self.hello(hello.path)).await?;
-            Ok::<_, LinkError>((conn, send, recv, decoder, hello, version))
+            }
         };
-        let (conn, send, recv, decoder, hello, version) = tokio::time::timeout(timeout, handshake)
+        tokio::time::timeout(timeout, handshake)
             .await
             .map_err(|_| {
                 LinkError::Handshake(format!("no hello within {} ms", timeout.as_millis()))
-            })??;
-        if hello.path != path {
-            debug!(peer = %hello.from, said = %hello.path, %path, "hello names another path; using the socket's");
-        }
-        self.run_link(hello.from, path, version, conn, send, recv, decoder)
-            .await
+            })?
     }
 
+    /// The dialer's side of a handshake: TLS, then on each lane our hello and the acceptor's.
     async fn connect_once(
         self: &Arc<Self>,
         peer: EndpointId,
@@ -1015,36 +1252,63 @@ impl Inner {
                     &node_server_name(peer.node),
                 )?
                 .await?;
-            let (mut send, mut recv) = conn.open_bi().await?;
-            send.write_all(&self.hello(path)).await?;
-            let mut decoder = FrameDecoder::new(self.config.max_frame_bytes);
-            let checked = match self.read_hello(&mut recv, &mut decoder).await {
-                Ok((hello, _)) if hello.from != peer => Err(LinkError::Handshake(format!(
-                    "dialled {peer} at {addr}, found {}",
-                    hello.from
-                ))),
-                other => other,
-            };
-            let version = match checked {
-                Ok((_, version)) => version,
+            let lanes = async {
+                let mut terms = None;
+                let mut lanes = Vec::with_capacity(2);
+                for (lane, max_frame) in [
+                    (Lane::Control, CONTROL_FRAME_MAX_BYTES),
+                    (Lane::Bulk, self.config.limits.frame_bytes()),
+                ] {
+                    let (mut send, mut recv) = conn.open_bi().await?;
+                    send.write_all(&self.hello_frame(path)).await?;
+                    let mut decoder = FrameDecoder::new(max_frame);
+                    let hello = Self::read_hello(&mut recv, &mut decoder).await?;
+                    if hello.from != peer {
+                        return Err(LinkError::Handshake(format!(
+                            "dialled {peer} at {addr}, found {} on the {lane:?} lane",
+                            hello.from
+                        )));
+                    }
+                    terms = Some(accept_hello(
+                        self.local(),
+                        self.config.protocol_version,
+                        &hello,
+                        true,
+                    )?);
+                    lanes.push((send, recv, decoder));
+                }
+                let bulk = lanes.pop();
+                let control = lanes.pop();
+                match (terms, control, bulk) {
+                    (Some(terms), Some(control), Some(bulk)) => Ok((terms, control, bulk)),
+                    _ => Err(LinkError::Handshake("lanes not opened".into())),
+                }
+            }
+            .await;
+            match lanes {
+                Ok((terms, control, bulk)) => Ok(Lanes {
+                    conn,
+                    terms,
+                    control,
+                    bulk,
+                }),
                 Err(e) => {
                     self.close_for(&conn, Some(peer), path, &e);
-                    return Err(e);
+                    Err(e)
                 }
-            };
-            Ok::<_, LinkError>((conn, send, recv, decoder, version))
+            }
         };
-        let (conn, send, recv, decoder, version) = tokio::time::timeout(timeout, handshake)
+        let lanes = tokio::time::timeout(timeout, handshake)
             .await
             .map_err(|_| {
                 LinkError::Handshake(format!("no hello within {} ms", timeout.as_millis()))
             })??;
-        self.run_link(peer, path, version, conn, send, recv, decoder)
-            .await
+        self.run_link(peer, path, lanes).await
     }
 
-    /// Keeps one connection to `peer` on `path` alive: dial, run, redial with capped backoff.
-    async fn dial_loop(self: Arc<Self>, peer: EndpointId, path: Path, addr: SocketAddr) {
+    /// Keeps one connection to `peer` on `path` alive: dial its current address, run, redial
+    /// with capped backoff.
+    async fn dial_loop(self: Arc<Self>, peer: EndpointId, path: Path) {
         let min = self.config.reconnect_backoff_min_ms.max(1);
         let max = self.config.reconnect_backoff_max_ms.max(min);
         let mut backoff_ms = min;
@@ -1052,10 +1316,17 @@ impl Inner {
             if self.closed.load(Ordering::Acquire) {
                 return;
             }
+            let addr = lock(&self.peers)
+                .entries
+                .get(&peer)
+                .and_then(|e| e.addrs)
+                .and_then(|a| a.get(path));
             let started = Instant::now();
             // Refusals we detect (version, handshake, bad frame) were logged at warn when the
             // connection was closed; the rest (peer not there yet) is routine while redialling.
-            if let Err(e) = self.connect_once(peer, path, addr).await {
+            if let Some(addr) = addr
+                && let Err(e) = self.connect_once(peer, path, addr).await
+            {
                 debug!(local = %self.local(), %peer, %path, %addr, "dial failed: {e}");
             }
             // A session that lasted a while was a success: start the backoff again from the bottom.
@@ -1070,24 +1341,46 @@ impl Inner {
         }
     }
 }
-/// Writes whatever is queued in one batch: one wake-up per batch, not per frame. Headers and
-/// small payloads are encoded back to back into one buffer (one allocation per batch).
-async fn write_loop(mut send: SendStream, mut rx: mpsc::Receiver<Frame>) {
-    const BATCH_FRAMES_MAX: usize = 64;
+
+/// One lane's send stream, receive stream and decoder.
+type LaneStreams = (SendStream, RecvStream, FrameDecoder);
+
+/// A connection whose hellos were exchanged on both lanes.
+#[derive(Debug)]
+struct Lanes {
+    conn: Connection,
+    terms: LinkTerms,
+    control: LaneStreams,
+    bulk: LaneStreams,
+}
+
+/// Writes whatever is queued on one lane in one batch: one wake-up per batch, not per frame.
+/// Headers and small payloads are encoded back to back into one buffer (one allocation per
+/// batch). The control lane goes before the bulk lane in quinn's scheduling.
+async fn write_loop(mut send: SendStream, queue: Arc<SendQueue>, lane: Lane) {
+    let priority = match lane {
+        Lane::Control => 1,
+        Lane::Bulk => 0,
+    };
+    if let Err(e) = send.set_priority(priority) {
+        debug!("writer stopped: {e}");
+        return;
+    }
     let mut batch = Vec::with_capacity(BATCH_FRAMES_MAX);
     let mut chunks: Vec<Bytes> = Vec::with_capacity(BATCH_FRAMES_MAX * 2);
-    while rx.recv_many(&mut batch, BATCH_FRAMES_MAX).await > 0 {
+    while queue.take_batch(lane, &mut batch).await {
+        let mut bytes = 0;
         let size: usize = batch
             .iter()
             .map(|f| match f.payload().len() {
                 n if n <= COPY_PAYLOAD_MAX_BYTES => f.encoded_len(),
-                _ => FRAME_OVERHEAD_BYTES + wire::LENGTH_PREFIX_BYTES,
+                _ => FRAME_HEADER_MAX_BYTES + wire::LENGTH_PREFIX_BYTES,
             })
             .sum();
         let mut buf = BytesMut::with_capacity(size);
         for frame in batch.drain(..) {
-            let payload = frame.payload();
-            if payload.len() <= COPY_PAYLOAD_MAX_BYTES {
+            bytes += frame.encoded_len();
+            if frame.payload().len() <= COPY_PAYLOAD_MAX_BYTES {
                 frame.encode(&mut buf);
                 continue;
             }
@@ -1098,12 +1391,37 @@ async fn write_loop(mut send: SendStream, mut rx: mpsc::Receiver<Frame>) {
         if !buf.is_empty() {
             chunks.push(buf.freeze());
         }
-        if let Err(e) = send.write_all_chunks(&mut chunks).await {
+        let written = send.write_all_chunks(&mut chunks).await;
+        queue.written(lane, bytes);
+        if let Err(e) = written {
             debug!("writer stopped: {e}");
             return;
         }
         chunks.clear();
     }
+}
+
+/// quinn's limits, all explicit (see the module docs and `docs/transport.md`).
+fn quinn_transport(config: &QuicConfig) -> Result<quinn::TransportConfig, QuicError> {
+    let invalid = |reason: String| QuicError::Limits {
+        local: config.local,
+        reason,
+    };
+    let idle_ms = (config.detector.detection_time_ms * 4).max(1000);
+    let idle = quinn::IdleTimeout::try_from(Duration::from_millis(idle_ms))
+        .map_err(|e| invalid(format!("idle timeout {idle_ms} ms: {e}")))?;
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(Some(idle))
+        .keep_alive_interval(Some(Duration::from_millis(
+            config.detector.keepalive_interval_ms.max(1),
+        )))
+        .max_concurrent_bidi_streams(VarInt::from_u32(STREAMS_PER_CONNECTION))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .stream_receive_window(VarInt::from_u32(STREAM_WINDOW_BYTES))
+        .receive_window(VarInt::from_u32(CONNECTION_WINDOW_BYTES))
+        .send_window(SEND_WINDOW_BYTES)
+        .datagram_receive_buffer_size(None);
+    Ok(t)
 }
 
 impl QuicTransport {
@@ -1114,7 +1432,16 @@ impl QuicTransport {
             idle_timeout_ms: (config.detector.detection_time_ms * 4).max(1000),
             keep_alive_interval_ms: Some(config.detector.keepalive_interval_ms.max(1)),
         };
-        let (server_config, client_config) = quinn_configs(&config.credentials, timing)?;
+        let (mut server_config, mut client_config) = quinn_configs(&config.credentials, timing)?;
+        let transport = Arc::new(quinn_transport(&config)?);
+        server_config
+            .transport_config(Arc::clone(&transport))
+            .max_incoming(config.max_incoming_handshakes.max(1))
+            .incoming_buffer_size(INCOMING_BUFFER_BYTES)
+            .incoming_buffer_size_total(
+                INCOMING_BUFFER_BYTES * config.max_incoming_handshakes.max(1) as u64,
+            );
+        client_config.transport_config(transport);
         let mut endpoints = BTreeMap::new();
         let binds = [
             (Path::Main, Some(config.main_bind)),
@@ -1133,22 +1460,24 @@ impl QuicTransport {
                 })?;
             endpoints.insert(path, endpoint);
         }
-        let (events_tx, events_rx) = mpsc::channel(config.event_queue_events.max(1));
         let inner = Arc::new(Inner {
             detector: Mutex::new(FailureDetector::new(config.detector)),
+            events: Mutex::new(EventQueue::new(&config.limits)),
+            requests: Mutex::new(RequestTable::new(
+                config.local,
+                config.limits.max_pending_requests,
+            )),
+            handshakes: Arc::new(Semaphore::new(config.max_incoming_handshakes.max(1))),
             config,
             endpoints,
             client_config,
             epoch: Instant::now(),
-            peers: Mutex::new(BTreeMap::new()),
+            peers: Mutex::new(Peers::default()),
             detector_wake: Notify::new(),
-            events_tx,
-            events_rx: tokio::sync::Mutex::new(events_rx),
-            control: Mutex::new(VecDeque::new()),
-            control_wake: Notify::new(),
+            event_ready: Notify::new(),
+            event_room: Notify::new(),
+            readers_waiting: AtomicUsize::new(0),
             closed_tx: watch::Sender::new(false),
-            pending: Mutex::new(BTreeMap::new()),
-            next_request_id: AtomicU64::new(1),
             next_generation: AtomicU64::new(0),
             faults: FaultInjector::default(),
             closed: AtomicBool::new(false),
@@ -1182,11 +1511,13 @@ impl QuicTransport {
         })
     }
 
-    /// Makes `peer` known. If our id is the lower, we dial it on each of its paths we also have.
+    /// Puts `peer` in the cluster list (only listed endpoints are accepted) at `addrs`. If our
+    /// id is the lower, we dial it on each of its paths we also have; a later call with new
+    /// addresses (the peer restarted elsewhere) is used at the next redial.
     pub fn add_peer(&self, peer: EndpointId, addrs: PeerAddrs) {
         let start_dial = {
             let mut peers = lock(&self.inner.peers);
-            let entry = peers.entry(peer).or_default();
+            let entry = peers.entries.entry(peer).or_default();
             entry.addrs = Some(addrs);
             let dial = self.inner.local() < peer && !entry.dialing;
             entry.dialing |= dial;
@@ -1200,14 +1531,12 @@ impl QuicTransport {
         self.inner.detector_wake.notify_one();
         if start_dial {
             for path in paths {
-                if let Some(addr) = addrs.get(path) {
-                    let span = info_span!("dial", local = %self.inner.local(), %peer, %path);
-                    tokio::spawn(
-                        Arc::clone(&self.inner)
-                            .dial_loop(peer, path, addr)
-                            .instrument(span),
-                    );
-                }
+                let span = info_span!("dial", local = %self.inner.local(), %peer, %path);
+                tokio::spawn(
+                    Arc::clone(&self.inner)
+                        .dial_loop(peer, path)
+                        .instrument(span),
+                );
             }
         }
     }
@@ -1216,17 +1545,35 @@ impl QuicTransport {
         &self.inner.faults
     }
 
-    pub fn peer_status(&self, peer: EndpointId) -> Option<PeerStatus> {
-        lock(&self.inner.detector).status(peer)
+    /// This endpoint's boot id, as its hellos carry it.
+    pub fn incarnation(&self) -> u64 {
+        self.inner.config.incarnation
     }
 
-    /// The protocol version the link to `peer` on `path` speaks (the lower of the two sides'),
-    /// if that link is up.
-    pub fn link_version(&self, peer: EndpointId, path: Path) -> Option<u16> {
-        lock(&self.inner.peers)
-            .get(&peer)
-            .and_then(|e| e.links.get(&path))
-            .map(|l| l.version)
+    /// Bytes queued to `peer` on all its links and not yet handed to quinn.
+    pub fn send_queue_bytes(&self, peer: EndpointId) -> usize {
+        lock(&self.inner.peers).entries.get(&peer).map_or(0, |e| {
+            e.links.values().map(|l| l.queue.queued_bytes()).sum()
+        })
+    }
+
+    /// Bytes of data events waiting for the application.
+    pub fn event_queue_bytes(&self) -> usize {
+        lock(&self.inner.events).data_bytes()
+    }
+
+    /// Requests waiting for an answer (`request` and `call`).
+    pub fn pending_requests(&self) -> usize {
+        lock(&self.inner.requests).len()
+    }
+
+    /// Connections of this endpoint's sockets, handshaking or established.
+    pub fn open_connections(&self) -> usize {
+        self.inner
+            .endpoints
+            .values()
+            .map(quinn::Endpoint::open_connections)
+            .sum()
     }
 
     /// Waits for the next event; `None` once the endpoint is closed (events still queued then
@@ -1237,57 +1584,22 @@ impl QuicTransport {
             return Some(event);
         }
         let mut closed = self.inner.closed_tx.subscribe();
-        let mut rx = tokio::select! {
-            rx = self.inner.events_rx.lock() => rx,
-            _ = closed.wait_for(|c| *c) => return None,
-        };
         loop {
+            let ready = self.inner.event_ready.notified();
+            tokio::pin!(ready);
+            ready.as_mut().enable();
             if *closed.borrow_and_update() {
                 return None;
             }
-            if let Some(event) = self.inner.pop_control() {
+            if let Some(event) = self.inner.pop_event() {
                 return Some(event);
             }
             tokio::select! {
                 biased;
                 _ = closed.wait_for(|c| *c) => return None,
-                _ = self.inner.control_wake.notified() => {}
-                event = rx.recv() => return event,
+                _ = ready => {}
             }
         }
-    }
-
-    /// Request and wait for the response, at most `timeout`.
-    pub async fn call(
-        &self,
-        to: EndpointId,
-        payload: Bytes,
-        timeout: Duration,
-    ) -> Result<Bytes, TransportError> {
-        let span = info_span!("call", local = %self.inner.local(), peer = %to);
-        async {
-            let id = self.inner.next_request_id.fetch_add(1, Ordering::Relaxed);
-            let (tx, rx) = oneshot::channel();
-            self.inner.add_waiter(id, Waiter::Call { to, tx })?;
-            let (timeout, timeout_ms) = wire_timeout(timeout);
-            self.inner.send_request(to, id, timeout_ms, payload)?;
-            match tokio::time::timeout(timeout, rx).await {
-                Ok(Ok(answer)) => answer,
-                Ok(Err(_)) => Err(TransportError::Closed {
-                    local: self.inner.local(),
-                }),
-                Err(_) => {
-                    lock(&self.inner.pending).remove(&id);
-                    Err(TransportError::Timeout {
-                        peer: to,
-                        id,
-                        timeout_ms: u64::from(timeout_ms),
-                    })
-                }
-            }
-        }
-        .instrument(span)
-        .await
     }
 
     /// Closes every connection and stops the endpoint's tasks. Every `next_event` returns
@@ -1296,32 +1608,25 @@ impl QuicTransport {
         self.inner.closed.store(true, Ordering::Release);
         self.inner.closed_tx.send_replace(true);
         self.inner.shutdown.notify_waiters();
-        let waiters = std::mem::take(&mut *lock(&self.inner.pending));
-        let local = self.inner.local();
-        for waiter in waiters.into_values() {
-            if let Waiter::Call { tx, .. } = waiter {
-                let _ = tx.send(Err(TransportError::Closed { local }));
-            }
-        }
-        lock(&self.inner.control).clear();
+        lock(&self.inner.requests).close();
+        lock(&self.inner.events).clear();
+        self.inner.event_room.notify_waiters();
         for endpoint in self.inner.endpoints.values() {
             endpoint.close(VarInt::from_u32(close_code::SHUTDOWN), b"endpoint closed");
         }
     }
 }
 
-/// A request timeout as waited for and as carried on the wire (milliseconds, at most `u32`).
-fn wire_timeout(timeout: Duration) -> (Duration, u32) {
-    let timeout = timeout.min(REQUEST_TIMEOUT_MAX);
-    (
-        timeout,
-        timeout.as_millis().min(u128::from(u32::MAX)) as u32,
-    )
-}
+/// Bytes quinn buffers for one connection attempt before its handshake is taken up.
+const INCOMING_BUFFER_BYTES: u64 = 64 << 10;
 
 impl Transport for QuicTransport {
     fn local_id(&self) -> EndpointId {
         self.inner.local()
+    }
+
+    fn incarnation(&self) -> u64 {
+        self.inner.config.incarnation
     }
 
     fn send(&self, to: EndpointId, payload: Bytes) -> Result<(), TransportError> {
@@ -1334,21 +1639,51 @@ impl Transport for QuicTransport {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<RequestId, TransportError> {
-        let id = self.inner.next_request_id.fetch_add(1, Ordering::Relaxed);
-        let (timeout, timeout_ms) = wire_timeout(timeout);
-        let now = self.inner.now();
-        let deadline = now.checked_add(timeout).unwrap_or(Duration::MAX);
-        self.inner.add_waiter(
-            id,
-            Waiter::Event {
-                to,
-                deadline,
-                timeout_ms: u64::from(timeout_ms),
-            },
-        )?;
+        self.inner.check_sendable(to, payload.len())?;
+        let started =
+            lock(&self.inner.requests).start(to, timeout, self.inner.now(), Waiter::Event)?;
         self.inner.detector_wake.notify_one();
-        self.inner.send_request(to, id, timeout_ms, payload)?;
-        Ok(RequestId(id))
+        self.inner
+            .send_request(to, started.id, started.timeout_ms, payload)?;
+        Ok(RequestId(started.id))
+    }
+
+    fn call(
+        &self,
+        to: EndpointId,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Bytes, TransportError>> + Send {
+        let span = info_span!("call", local = %self.inner.local(), peer = %to);
+        async move {
+            let inner = &*self.inner;
+            inner.check_sendable(to, payload.len())?;
+            let (tx, rx) = oneshot::channel();
+            let started =
+                lock(&inner.requests).start(to, timeout, inner.now(), Waiter::Call(tx))?;
+            let mut forget = ForgetOnDrop {
+                inner,
+                id: Some(started.id),
+            };
+            inner.send_request(to, started.id, started.timeout_ms, payload)?;
+            let answer = match tokio::time::timeout(started.timeout, rx).await {
+                Ok(Ok(answer)) => answer,
+                Ok(Err(_)) => Err(TransportError::Closed {
+                    local: inner.local(),
+                }),
+                Err(_) => Err(TransportError::Timeout {
+                    peer: to,
+                    id: started.id,
+                    timeout_ms: u64::from(started.timeout_ms),
+                }),
+            };
+            if answer.is_ok() {
+                // The response took the request out of the table already.
+                forget.id = None;
+            }
+            answer
+        }
+        .instrument(span)
     }
 
     fn respond(&self, to: EndpointId, id: RequestId, payload: Bytes) -> Result<(), TransportError> {
@@ -1369,13 +1704,22 @@ impl Transport for QuicTransport {
         if self.inner.closed.load(Ordering::Acquire) {
             return None;
         }
-        if let Some(event) = self.inner.pop_control() {
-            return Some(event);
-        }
-        self.inner
-            .events_rx
-            .try_lock()
-            .ok()
-            .and_then(|mut rx| rx.try_recv().ok())
+        self.inner.pop_event()
+    }
+
+    fn queued_events(&self) -> usize {
+        lock(&self.inner.events).len()
+    }
+
+    fn peer_status(&self, peer: EndpointId) -> Option<PeerStatus> {
+        lock(&self.inner.detector).status(peer)
+    }
+
+    fn link_version(&self, peer: EndpointId, path: Path) -> Option<u16> {
+        lock(&self.inner.peers)
+            .entries
+            .get(&peer)
+            .and_then(|e| e.links.get(&path))
+            .map(|l| l.terms.version)
     }
 }

@@ -5,13 +5,19 @@
 //! ordered by (virtual time, insertion number), one ChaCha RNG seeded from the test's seed, and
 //! `BTreeMap`s for every collection that is ever iterated. Nothing reads the wall clock. Each
 //! endpoint runs the same `FailureDetector` as the QUIC transport, fed by keep-alive frames that
-//! cross the simulated links, so partitions are detected the way they are on real sockets.
+//! cross the simulated links, so partitions are detected the way they are on real sockets; and
+//! the same `core` (limits, request table, stream numbers, path choice, hello terms, event
+//! queue), so the two cannot drift. Every frame carries its sender's version and incarnation as
+//! a hello would; versions more than one apart never talk.
 //! Every decision (send, drop, deliver, timer) appends one line to the trace, which is how tests
 //! check that one seed gives one run, byte for byte.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,9 +26,13 @@ use rand_chacha::ChaCha8Rng;
 use thiserror::Error;
 
 use crate::addr::{EndpointId, Path};
-use crate::detector::{DetectorAction, DetectorConfig, FailureDetector};
+use crate::core::{
+    CallWaiter, EventQueue, Limits, QueueFull, RequestTable, ResponseOutcome, StreamNumbers,
+    Waiter, accept_hello, choose_path,
+};
+use crate::detector::{DetectorAction, DetectorConfig, FailureDetector, PeerStatus};
 use crate::transport::{Event, RequestId, Transport, TransportError};
-use crate::wire::{DEFAULT_MAX_FRAME_BYTES, Frame, StreamId};
+use crate::wire::{Frame, Hello, PROTOCOL_VERSION, StreamId};
 
 /// Faults and timing of the simulated network.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -34,9 +44,9 @@ pub struct SimConfig {
     /// Probability that a message, request or response frame is delivered twice.
     pub duplicate_probability: f64,
     pub detector: DetectorConfig,
-    pub max_frame_bytes: usize,
-    /// Bound on undelivered events per endpoint; beyond it frames are dropped and traced.
-    pub inbox_limit: usize,
+    /// The same limits as the QUIC transport; where QUIC makes a reader wait for room in the
+    /// event queue, the simulation drops the frame and traces it.
+    pub limits: Limits,
     /// Bound on the trace, so a runaway test cannot eat the machine's memory.
     pub trace_limit_bytes: usize,
 }
@@ -49,8 +59,7 @@ impl Default for SimConfig {
             loss_probability: 0.0,
             duplicate_probability: 0.0,
             detector: DetectorConfig::default(),
-            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
-            inbox_limit: 65_536,
+            limits: Limits::default(),
             trace_limit_bytes: 64 << 20,
         }
     }
@@ -84,7 +93,10 @@ enum Scheduled {
         from: EndpointId,
         to: EndpointId,
         path: Path,
-        incarnation: u64,
+        /// The sender's version and incarnation, as its hello would say them.
+        hello: Hello,
+        /// The receiver's incarnation when sent: frames to an earlier life are dropped.
+        to_incarnation: u64,
         frame: Frame,
     },
     Timer {
@@ -92,18 +104,54 @@ enum Scheduled {
     },
 }
 
+/// Where a simulated `call` finds its answer.
+#[derive(Debug, Default)]
+struct CallSlot {
+    answer: Option<Result<Bytes, TransportError>>,
+    waker: Option<Waker>,
+}
+
+#[derive(Debug)]
+struct SimCallTx(Arc<Mutex<CallSlot>>);
+
+impl CallWaiter for SimCallTx {
+    fn complete(self, answer: Result<Bytes, TransportError>) {
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        slot.answer = Some(answer);
+        if let Some(w) = slot.waker.take() {
+            w.wake();
+        }
+    }
+}
+
 #[derive(Debug)]
 struct SimNode {
     alive: bool,
     /// Rises at each restart, so frames addressed to an earlier life are dropped.
     incarnation: u64,
+    protocol_version: u16,
     paths: Vec<Path>,
     detector: FailureDetector,
-    inbox: VecDeque<Event>,
-    next_request_id: u64,
-    pending: BTreeMap<u64, (EndpointId, Duration, u64)>,
-    stream_next_seq: BTreeMap<(EndpointId, StreamId), u64>,
+    events: EventQueue,
+    requests: RequestTable<SimCallTx>,
+    streams: StreamNumbers,
     timer_at: Option<Duration>,
+}
+
+impl SimNode {
+    fn new(config: &SimConfig, id: EndpointId, paths: &[Path], protocol_version: u16) -> Self {
+        SimNode {
+            alive: true,
+            incarnation: 1,
+            protocol_version,
+            paths: paths.to_vec(),
+            detector: FailureDetector::new(config.detector),
+            events: EventQueue::new(&config.limits),
+            requests: RequestTable::new(id, config.limits.max_pending_requests),
+            streams: StreamNumbers::default(),
+            timer_at: None,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -134,6 +182,53 @@ pub struct SimNetwork {
 pub struct SimTransport {
     id: EndpointId,
     state: Arc<Mutex<SimState>>,
+}
+
+/// A simulated `call`: ready once the network, stepped by whoever drives it, delivers the
+/// answer or expires the request; poll it between steps. Dropping it forgets the request.
+#[derive(Debug)]
+pub struct SimCall {
+    state: Arc<Mutex<SimState>>,
+    local: EndpointId,
+    slot: Arc<Mutex<CallSlot>>,
+    /// The request while it waits; `Err` when it could not even be sent.
+    request: Result<Option<u64>, Option<TransportError>>,
+}
+
+impl Future for SimCall {
+    type Output = Result<Bytes, TransportError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Err(e) = &mut self.request {
+            return match e.take() {
+                Some(e) => Poll::Ready(Err(e)),
+                None => Poll::Pending,
+            };
+        }
+        let answer = {
+            let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+            match slot.answer.take() {
+                Some(a) => a,
+                None => {
+                    slot.waker = Some(cx.waker().clone());
+                    return Poll::Pending;
+                }
+            }
+        };
+        self.request = Ok(None);
+        Poll::Ready(answer)
+    }
+}
+
+impl Drop for SimCall {
+    fn drop(&mut self) {
+        if let Ok(Some(id)) = self.request {
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(node) = s.nodes.get_mut(&self.local) {
+                node.requests.forget(id);
+            }
+        }
+    }
 }
 
 fn frame_label(frame: &Frame) -> String {
@@ -174,15 +269,11 @@ impl SimState {
             return;
         };
         let deadline = node.detector.next_deadline();
-        let request_deadline = node.pending.values().map(|(_, d, _)| *d).min();
-        let at = match (deadline, request_deadline) {
-            (Some(a), Some(b)) => a.min(b),
-            (a, b) => match a.or(b) {
-                Some(t) => t,
-                None => return,
-            },
-        }
-        .max(self.now);
+        let request_deadline = node.requests.next_deadline();
+        let Some(at) = [deadline, request_deadline].into_iter().flatten().min() else {
+            return;
+        };
+        let at = at.max(self.now);
         if node.timer_at == Some(at) {
             return;
         }
@@ -192,30 +283,44 @@ impl SimState {
         self.schedule(at, Scheduled::Timer { endpoint });
     }
 
-    /// Data goes on the main path while the sender hears the peer there, else on the failsafe.
-    fn data_path(&self, from: EndpointId, to: EndpointId) -> Path {
-        let Some(node) = self.nodes.get(&from) else {
-            return Path::Main;
+    /// The path data from `from` to `to` takes (`core::choose_path`): `Unreachable` while
+    /// the sender's detector hears the peer on no path both have.
+    fn data_path(&self, from: EndpointId, to: EndpointId) -> Result<Path, TransportError> {
+        let (Some(node), Some(peer)) = (self.nodes.get(&from), self.nodes.get(&to)) else {
+            return Err(TransportError::UnknownPeer {
+                local: from,
+                peer: to,
+            });
         };
-        match node.detector.status(to) {
-            Some(s)
-                if !s.paths_up.contains(&Path::Main) && s.paths_up.contains(&Path::Failsafe) =>
-            {
-                Path::Failsafe
-            }
-            _ => Path::Main,
-        }
+        let paths_up = node
+            .detector
+            .status(to)
+            .map(|s| s.paths_up)
+            .unwrap_or_default();
+        choose_path(&paths_up, |p| {
+            node.paths.contains(&p) && peer.paths.contains(&p)
+        })
+        .ok_or(TransportError::Unreachable { peer: to })
     }
 
     fn transmit(&mut self, from: EndpointId, to: EndpointId, path: Path, frame: Frame) {
         let label = frame_label(&frame);
+        let Some(sender) = self.nodes.get(&from) else {
+            return;
+        };
+        let hello = Hello {
+            version: sender.protocol_version,
+            from,
+            path,
+            incarnation: sender.incarnation,
+        };
         let Some(target) = self.nodes.get(&to) else {
             self.trace(format_args!(
                 "{from}->{to} {path} {label} drop: no such endpoint"
             ));
             return;
         };
-        let incarnation = target.incarnation;
+        let to_incarnation = target.incarnation;
         if !target.paths.contains(&path) {
             self.trace(format_args!(
                 "{from}->{to} {path} {label} drop: no such path"
@@ -267,7 +372,8 @@ impl SimState {
                     from,
                     to,
                     path,
-                    incarnation,
+                    hello,
+                    to_incarnation,
                     frame: frame.clone(),
                 },
             );
@@ -294,25 +400,37 @@ impl SimState {
                 }
                 DetectorAction::Report(event) => {
                     self.trace(format_args!("{endpoint} event {event:?}"));
-                    self.push_event(endpoint, Event::Peer(event));
+                    self.push_control(endpoint, Event::Peer(event));
+                }
+                DetectorAction::LocalStall { stalled } => {
+                    self.trace(format_args!("{endpoint} local stall {stalled:?}"));
                 }
             }
         }
         self.schedule_timer(endpoint);
     }
 
-    fn push_event(&mut self, endpoint: EndpointId, event: Event) {
-        let limit = self.config.inbox_limit;
-        let full = match self.nodes.get_mut(&endpoint) {
-            Some(node) if node.inbox.len() < limit => {
-                node.inbox.push_back(event);
-                false
-            }
-            Some(_) => true,
-            None => false,
-        };
+    fn push_control(&mut self, endpoint: EndpointId, event: Event) {
+        let coalesced = self
+            .nodes
+            .get_mut(&endpoint)
+            .and_then(|n| n.events.push_control(event));
+        if let Some(old) = coalesced {
+            self.trace(format_args!("{endpoint} coalesced {old:?}"));
+        }
+    }
+
+    fn push_data(&mut self, endpoint: EndpointId, event: Event) {
+        let limits = self.config.limits;
+        let full = self
+            .nodes
+            .get_mut(&endpoint)
+            .is_some_and(|n| matches!(n.events.push_data(event), Err(QueueFull(_))));
         if full {
-            self.trace(format_args!("{endpoint} drop: inbox full ({limit} events)"));
+            self.trace(format_args!(
+                "{endpoint} drop: event queue full ({} bytes, {} events)",
+                limits.event_queue_bytes, limits.event_queue_events
+            ));
         }
     }
 
@@ -331,29 +449,10 @@ impl SimState {
                 }
                 node.timer_at = None;
                 node.detector.on_tick(at);
-                let expired: Vec<u64> = node
-                    .pending
-                    .iter()
-                    .filter(|(_, (_, d, _))| *d <= at)
-                    .map(|(id, _)| *id)
-                    .collect();
-                let mut failed = Vec::new();
-                for id in expired {
-                    if let Some((to, _, timeout_ms)) = node.pending.remove(&id) {
-                        failed.push(Event::RequestFailed {
-                            to,
-                            id: RequestId(id),
-                            error: TransportError::Timeout {
-                                peer: to,
-                                id,
-                                timeout_ms,
-                            },
-                        });
-                    }
-                }
+                let failed = node.requests.expire(at);
                 for event in failed {
                     self.trace(format_args!("{endpoint} event {event:?}"));
-                    self.push_event(endpoint, event);
+                    self.push_control(endpoint, event);
                 }
                 self.drain_detector(endpoint);
             }
@@ -361,84 +460,101 @@ impl SimState {
                 from,
                 to,
                 path,
-                incarnation,
+                hello,
+                to_incarnation,
                 frame,
-            } => {
-                let label = frame_label(&frame);
-                let Some(node) = self.nodes.get_mut(&to) else {
-                    return true;
-                };
-                if !node.alive || node.incarnation != incarnation {
-                    self.trace(format_args!(
-                        "{from}->{to} {path} {label} drop: receiver down"
-                    ));
-                    return true;
-                }
-                node.detector.on_heard(from, path, at);
-                let event = match frame {
-                    Frame::Hello(_) | Frame::KeepAlive => None,
-                    Frame::Message { payload } => Some(Event::Message { from, payload }),
-                    Frame::Request { id, payload, .. } => Some(Event::Request {
-                        from,
-                        id: RequestId(id),
-                        payload,
-                    }),
-                    Frame::Response { id, payload } => match node.pending.remove(&id) {
-                        Some(_) => Some(Event::Response {
-                            from,
-                            id: RequestId(id),
-                            payload,
-                        }),
-                        None => {
-                            self.trace(format_args!(
-                                "{from}->{to} {path} {label} drop: no pending request"
-                            ));
-                            None
-                        }
-                    },
-                    Frame::Stream {
-                        stream,
-                        seq,
-                        payload,
-                    } => Some(Event::Stream {
-                        from,
-                        stream,
-                        seq,
-                        payload,
-                    }),
-                };
-                if let Some(event) = event {
-                    self.trace(format_args!("{from}->{to} {path} {label} deliver"));
-                    self.push_event(to, event);
-                }
-                self.drain_detector(to);
-            }
+            } => self.deliver(from, to, path, hello, to_incarnation, frame),
         }
         true
     }
 
-    fn check_payload(&self, peer: EndpointId, payload: &Bytes) -> Result<(), TransportError> {
-        // 13 bytes: the largest header after the kind byte plus the kind byte.
-        let max_bytes = self.config.max_frame_bytes.saturating_sub(13);
-        if payload.len() > max_bytes {
-            return Err(TransportError::TooLarge {
-                peer,
-                size_bytes: payload.len(),
-                max_bytes,
-            });
+    fn deliver(
+        &mut self,
+        from: EndpointId,
+        to: EndpointId,
+        path: Path,
+        hello: Hello,
+        to_incarnation: u64,
+        frame: Frame,
+    ) {
+        let label = frame_label(&frame);
+        let now = self.now;
+        let Some(node) = self.nodes.get_mut(&to) else {
+            return;
+        };
+        if !node.alive || node.incarnation != to_incarnation {
+            self.trace(format_args!(
+                "{from}->{to} {path} {label} drop: receiver down"
+            ));
+            return;
         }
-        Ok(())
+        let terms = match accept_hello(to, node.protocol_version, &hello, true) {
+            Ok(terms) => terms,
+            Err(refused) => {
+                self.trace(format_args!("{from}->{to} {path} {label} drop: {refused}"));
+                return;
+            }
+        };
+        node.detector.on_heard(from, path, terms.incarnation, now);
+        let event = match frame {
+            Frame::Hello(_) | Frame::KeepAlive => None,
+            Frame::Message { payload } => Some(Event::Message { from, payload }),
+            Frame::Request { id, payload, .. } => Some(Event::Request {
+                from,
+                id: RequestId(id),
+                payload,
+            }),
+            Frame::Response { id, payload } => match node.requests.on_response(from, id, payload) {
+                ResponseOutcome::Deliver(event) => Some(event),
+                ResponseOutcome::Completed => {
+                    self.trace(format_args!("{from}->{to} {path} {label} deliver to call"));
+                    None
+                }
+                ResponseOutcome::WrongPeer { expected } => {
+                    self.trace(format_args!(
+                        "{from}->{to} {path} {label} drop: request went to {expected}"
+                    ));
+                    None
+                }
+                ResponseOutcome::NotPending => {
+                    self.trace(format_args!(
+                        "{from}->{to} {path} {label} drop: no pending request"
+                    ));
+                    None
+                }
+            },
+            Frame::Stream {
+                stream,
+                seq,
+                payload,
+            } => Some(Event::Stream {
+                from,
+                stream,
+                seq,
+                payload,
+            }),
+        };
+        if let Some(event) = event {
+            self.trace(format_args!("{from}->{to} {path} {label} deliver"));
+            self.push_data(to, event);
+        }
+        self.drain_detector(to);
     }
 
-    fn sender(&self, local: EndpointId, to: EndpointId) -> Result<(), TransportError> {
+    /// The sending endpoint must be alive, the payload within the limits and the peer known
+    /// and heard on some path; returns the path data takes.
+    fn sender(
+        &self,
+        local: EndpointId,
+        to: EndpointId,
+        payload: &Bytes,
+    ) -> Result<Path, TransportError> {
         match self.nodes.get(&local) {
             Some(n) if n.alive => {}
             _ => return Err(TransportError::Closed { local }),
         }
-        if !self.nodes.contains_key(&to) {
-            return Err(TransportError::UnknownPeer { local, peer: to });
-        }
-        Ok(())
+        self.config.limits.check_payload(to, payload.len())?;
+        self.data_path(local, to)
     }
 }
 
@@ -479,11 +595,21 @@ impl SimNetwork {
         self.lock().now
     }
 
-    /// Adds an endpoint reachable on `paths`; every endpoint watches every other on the
-    /// paths both have.
+    /// Adds an endpoint reachable on `paths`, speaking this build's protocol version; every
+    /// endpoint watches every other on the paths both have.
     pub fn add_endpoint(&self, id: EndpointId, paths: &[Path]) -> SimTransport {
+        self.add_endpoint_with_version(id, paths, PROTOCOL_VERSION)
+    }
+
+    /// Adds an endpoint that announces `protocol_version` (rolling-upgrade tests).
+    pub fn add_endpoint_with_version(
+        &self,
+        id: EndpointId,
+        paths: &[Path],
+        protocol_version: u16,
+    ) -> SimTransport {
         let mut s = self.lock();
-        let mut detector = FailureDetector::new(s.config.detector);
+        let mut node = SimNode::new(&s.config, id, paths, protocol_version);
         let others: Vec<(EndpointId, Vec<Path>)> = s
             .nodes
             .iter()
@@ -495,26 +621,15 @@ impl SimNetwork {
                 .copied()
                 .filter(|p| other_paths.contains(p))
                 .collect();
-            detector.add_peer(*other, &common);
+            node.detector.add_peer(*other, &common);
             if let Some(n) = s.nodes.get_mut(other) {
                 n.detector.add_peer(id, &common);
             }
         }
-        s.nodes.insert(
-            id,
-            SimNode {
-                alive: true,
-                incarnation: 0,
-                paths: paths.to_vec(),
-                detector,
-                inbox: VecDeque::new(),
-                next_request_id: 1,
-                pending: BTreeMap::new(),
-                stream_next_seq: BTreeMap::new(),
-                timer_at: None,
-            },
-        );
-        s.trace(format_args!("{id} added paths={paths:?}"));
+        s.nodes.insert(id, node);
+        s.trace(format_args!(
+            "{id} added paths={paths:?} version={protocol_version}"
+        ));
         let ids: Vec<EndpointId> = s.nodes.keys().copied().collect();
         for e in ids {
             s.schedule_timer(e);
@@ -525,22 +640,23 @@ impl SimNetwork {
         }
     }
 
-    /// The process dies: its queued events, pending requests and frames in flight to it vanish.
+    /// The process dies: its queued events, pending requests (a waiting `call` fails with
+    /// `Closed`) and frames in flight to it vanish.
     pub fn crash(&self, id: EndpointId) {
         let mut s = self.lock();
         if let Some(n) = s.nodes.get_mut(&id) {
             n.alive = false;
-            n.inbox.clear();
-            n.pending.clear();
+            n.events.clear();
+            n.requests.close();
             n.timer_at = None;
         }
         s.trace(format_args!("{id} crash"));
     }
 
-    /// The process starts again with fresh state and a new incarnation.
+    /// The process starts again with fresh state and the next incarnation.
     pub fn restart(&self, id: EndpointId) {
         let mut s = self.lock();
-        let config = s.config.detector;
+        let config = s.config;
         let peers: Vec<(EndpointId, Vec<Path>)> = s
             .nodes
             .iter()
@@ -548,19 +664,18 @@ impl SimNetwork {
             .map(|(p, n)| (*p, n.paths.clone()))
             .collect();
         if let Some(n) = s.nodes.get_mut(&id) {
-            n.alive = true;
-            n.incarnation += 1;
-            n.detector = FailureDetector::new(config);
+            let mut fresh = SimNode::new(&config, id, &n.paths, n.protocol_version);
+            fresh.incarnation = n.incarnation + 1;
             for (peer, paths) in peers {
-                let common: Vec<Path> = n
+                let common: Vec<Path> = fresh
                     .paths
                     .iter()
                     .copied()
                     .filter(|p| paths.contains(p))
                     .collect();
-                n.detector.add_peer(peer, &common);
+                fresh.detector.add_peer(peer, &common);
             }
-            n.stream_next_seq.clear();
+            *n = fresh;
         }
         s.trace(format_args!("{id} restart"));
         s.schedule_timer(id);
@@ -626,10 +741,33 @@ impl SimTransport {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn transmit_data(&self, to: EndpointId, frame: Frame) {
+    /// Registers a request with `waiter` and sends it.
+    fn start_request(
+        &self,
+        to: EndpointId,
+        payload: Bytes,
+        timeout: Duration,
+        waiter: Waiter<SimCallTx>,
+    ) -> Result<u64, TransportError> {
         let mut s = self.lock();
-        let path = s.data_path(self.id, to);
-        s.transmit(self.id, to, path, frame);
+        let path = s.sender(self.id, to, &payload)?;
+        let now = s.now;
+        let Some(node) = s.nodes.get_mut(&self.id) else {
+            return Err(TransportError::Closed { local: self.id });
+        };
+        let started = node.requests.start(to, timeout, now, waiter)?;
+        s.schedule_timer(self.id);
+        s.transmit(
+            self.id,
+            to,
+            path,
+            Frame::Request {
+                id: started.id,
+                timeout_ms: started.timeout_ms,
+                payload,
+            },
+        );
+        Ok(started.id)
     }
 }
 
@@ -638,13 +776,14 @@ impl Transport for SimTransport {
         self.id
     }
 
+    fn incarnation(&self) -> u64 {
+        self.lock().nodes.get(&self.id).map_or(0, |n| n.incarnation)
+    }
+
     fn send(&self, to: EndpointId, payload: Bytes) -> Result<(), TransportError> {
-        {
-            let s = self.lock();
-            s.sender(self.id, to)?;
-            s.check_payload(to, &payload)?;
-        }
-        self.transmit_data(to, Frame::Message { payload });
+        let mut s = self.lock();
+        let path = s.sender(self.id, to, &payload)?;
+        s.transmit(self.id, to, path, Frame::Message { payload });
         Ok(())
     }
 
@@ -654,43 +793,38 @@ impl Transport for SimTransport {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<RequestId, TransportError> {
-        let id = {
-            let mut s = self.lock();
-            s.sender(self.id, to)?;
-            s.check_payload(to, &payload)?;
-            let now = s.now;
-            let Some(node) = s.nodes.get_mut(&self.id) else {
-                return Err(TransportError::Closed { local: self.id });
-            };
-            let id = node.next_request_id;
-            node.next_request_id += 1;
-            // The wire carries u32 milliseconds; a longer timeout is capped, never overflows.
-            let timeout = timeout.min(Duration::from_millis(u64::from(u32::MAX)));
-            let timeout_ms = timeout.as_millis() as u64;
-            let deadline = now.checked_add(timeout).unwrap_or(Duration::MAX);
-            node.pending.insert(id, (to, deadline, timeout_ms));
-            s.schedule_timer(self.id);
-            id
-        };
-        let timeout_ms = timeout.as_millis().min(u128::from(u32::MAX)) as u32;
-        self.transmit_data(
-            to,
-            Frame::Request {
-                id,
-                timeout_ms,
+        self.start_request(to, payload, timeout, Waiter::Event)
+            .map(RequestId)
+    }
+
+    fn call(
+        &self,
+        to: EndpointId,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Bytes, TransportError>> + Send {
+        let slot = Arc::new(Mutex::new(CallSlot::default()));
+        let request = self
+            .start_request(
+                to,
                 payload,
-            },
-        );
-        Ok(RequestId(id))
+                timeout,
+                Waiter::Call(SimCallTx(Arc::clone(&slot))),
+            )
+            .map(Some)
+            .map_err(Some);
+        SimCall {
+            state: Arc::clone(&self.state),
+            local: self.id,
+            slot,
+            request,
+        }
     }
 
     fn respond(&self, to: EndpointId, id: RequestId, payload: Bytes) -> Result<(), TransportError> {
-        {
-            let s = self.lock();
-            s.sender(self.id, to)?;
-            s.check_payload(to, &payload)?;
-        }
-        self.transmit_data(to, Frame::Response { id: id.0, payload });
+        let mut s = self.lock();
+        let path = s.sender(self.id, to, &payload)?;
+        s.transmit(self.id, to, path, Frame::Response { id: id.0, payload });
         Ok(())
     }
 
@@ -700,20 +834,18 @@ impl Transport for SimTransport {
         stream: StreamId,
         payload: Bytes,
     ) -> Result<u64, TransportError> {
-        let seq = {
-            let mut s = self.lock();
-            s.sender(self.id, to)?;
-            s.check_payload(to, &payload)?;
-            let Some(node) = s.nodes.get_mut(&self.id) else {
-                return Err(TransportError::Closed { local: self.id });
-            };
-            let next = node.stream_next_seq.entry((to, stream)).or_insert(0);
-            let seq = *next;
-            *next += 1;
-            seq
+        let mut s = self.lock();
+        let path = s.sender(self.id, to, &payload)?;
+        let Some(node) = s.nodes.get_mut(&self.id) else {
+            return Err(TransportError::Closed { local: self.id });
         };
-        self.transmit_data(
+        let seq = node
+            .streams
+            .send(to, stream, |_| Ok::<_, TransportError>(()))?;
+        s.transmit(
+            self.id,
             to,
+            path,
             Frame::Stream {
                 stream,
                 seq,
@@ -725,8 +857,43 @@ impl Transport for SimTransport {
 
     fn try_next_event(&self) -> Option<Event> {
         let mut s = self.lock();
-        s.nodes
-            .get_mut(&self.id)
-            .and_then(|n| if n.alive { n.inbox.pop_front() } else { None })
+        let node = s.nodes.get_mut(&self.id).filter(|n| n.alive)?;
+        let event = node.events.pop()?;
+        if matches!(event, Event::RequestFailed { .. }) {
+            node.requests.failure_read();
+        }
+        Some(event)
+    }
+
+    fn queued_events(&self) -> usize {
+        self.lock()
+            .nodes
+            .get(&self.id)
+            .map_or(0, |n| n.events.len())
+    }
+
+    fn peer_status(&self, peer: EndpointId) -> Option<PeerStatus> {
+        self.lock()
+            .nodes
+            .get(&self.id)
+            .and_then(|n| n.detector.status(peer))
+    }
+
+    fn link_version(&self, peer: EndpointId, path: Path) -> Option<u16> {
+        let s = self.lock();
+        let node = s.nodes.get(&self.id)?;
+        let other = s.nodes.get(&peer)?;
+        let up = node
+            .detector
+            .status(peer)
+            .is_some_and(|st| st.paths_up.contains(&path));
+        let hello = Hello {
+            version: other.protocol_version,
+            from: peer,
+            path,
+            incarnation: other.incarnation,
+        };
+        let terms = accept_hello(self.id, node.protocol_version, &hello, true).ok()?;
+        up.then_some(terms.version)
     }
 }

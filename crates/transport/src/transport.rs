@@ -10,17 +10,23 @@
 //!   lost (a link that dies with frames in flight, an injected fault) and a switch between the
 //!   main and failsafe paths can reorder frames in flight, so receivers check `seq`: a gap or
 //!   a step back means resync.
-//! - events arrive through `try_next_event`, including peer up/down and link events.
+//! - `call`: a request whose answer goes straight to the caller's future; dropping the future
+//!   forgets the request at once (its pending slot is free again).
+//! - events arrive through `try_next_event`: peer events and request failures before any data
+//!   event queued earlier; a peer event names the peer's incarnation.
+//! - a peer the detector hears on no path is `Unreachable`: sends and requests fail at once.
 //!
 //! Methods never block: they queue, bounded, and fail with `QueueFull` instead of waiting.
+//! The conformance suite (`tests/conformance.rs`) runs every clause against both.
 
+use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
 use thiserror::Error;
 
-use crate::addr::EndpointId;
-use crate::detector::PeerEvent;
+use crate::addr::{EndpointId, Path};
+use crate::detector::{PeerEvent, PeerStatus};
 use crate::wire::StreamId;
 
 /// Names one request of one endpoint; unique for the life of the endpoint.
@@ -73,8 +79,11 @@ pub enum TransportError {
         size_bytes: usize,
         max_bytes: usize,
     },
-    #[error("send queue to {peer} is full ({limit} frames)")]
-    QueueFull { peer: EndpointId, limit: usize },
+    #[error("send queue to {peer} is full ({limit_bytes} bytes)")]
+    QueueFull {
+        peer: EndpointId,
+        limit_bytes: usize,
+    },
     #[error("request {id} to {peer} got no response within {timeout_ms} ms")]
     Timeout {
         peer: EndpointId,
@@ -92,6 +101,8 @@ pub enum TransportError {
 /// The cluster transport seen by its users.
 pub trait Transport {
     fn local_id(&self) -> EndpointId;
+    /// This endpoint's boot id, carried in its hellos and in its peers' events about it.
+    fn incarnation(&self) -> u64;
     /// One-way message.
     fn send(&self, to: EndpointId, payload: Bytes) -> Result<(), TransportError>;
     /// Request with a deadline; the answer comes as `Event::Response` or `Event::RequestFailed`.
@@ -101,6 +112,14 @@ pub trait Transport {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<RequestId, TransportError>;
+    /// Request and wait for the response, at most `timeout`. Dropping the future before the
+    /// answer forgets the request.
+    fn call(
+        &self,
+        to: EndpointId,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Bytes, TransportError>> + Send;
     /// Answers a request heard as `Event::Request`.
     fn respond(&self, to: EndpointId, id: RequestId, payload: Bytes) -> Result<(), TransportError>;
     /// Appends to an ordered stream; returns the frame's sequence number on that stream.
@@ -114,4 +133,11 @@ pub trait Transport {
     ) -> Result<u64, TransportError>;
     /// The next event, if one is ready.
     fn try_next_event(&self) -> Option<Event>;
+    /// Events waiting for the application (control and data).
+    fn queued_events(&self) -> usize;
+    /// What the failure detector knows of `peer`.
+    fn peer_status(&self, peer: EndpointId) -> Option<PeerStatus>;
+    /// The protocol version the link to `peer` on `path` speaks (the lower of the two sides'),
+    /// if that link is up.
+    fn link_version(&self, peer: EndpointId, path: Path) -> Option<u16>;
 }

@@ -8,7 +8,7 @@
 //!
 //! | kind | name       | header after the kind byte                                          |
 //! |------|------------|---------------------------------------------------------------------|
-//! | 0x01 | hello      | magic `DPLX`, version u16, node u16, cpu u16, path u8 (no payload)  |
+//! | 0x01 | hello      | magic `DPLX`, version u16, node u16, cpu u16, path u8, incarnation u64 |
 //! | 0x02 | keep-alive | none                                                                |
 //! | 0x03 | message    | none; payload follows                                               |
 //! | 0x04 | request    | request id u64, timeout_ms u32; payload follows                     |
@@ -17,20 +17,36 @@
 //!
 //! All integers are little-endian. Versions: each side says its version in `hello`; two
 //! versions may talk when they differ by at most one, and then both speak the lower one.
+//!
+//! Lanes: every QUIC connection carries two streams, each starting with a hello. The control
+//! lane carries keep-alives and messages, requests and responses of at most
+//! `CONTROL_PAYLOAD_MAX_BYTES`; the bulk lane carries every ordered-stream frame and every larger
+//! payload, so a large frame never delays a keep-alive or a small request (`Frame::lane`).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use thiserror::Error;
 
 use crate::addr::{EndpointId, Path};
 
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version this build speaks. Version 2 added the incarnation to the hello and the
+/// bulk lane; version 1 was never released, so its 11-byte hello is refused as malformed.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Bytes of the length prefix in front of every frame body.
 pub const LENGTH_PREFIX_BYTES: usize = 4;
-/// Default bound on a frame body; the largest checkpoint batch must fit in it.
-pub const DEFAULT_MAX_FRAME_BYTES: usize = 1 << 20;
+/// The largest fixed part of a body: the kind byte and the longest kind header (request, stream).
+pub const FRAME_HEADER_MAX_BYTES: usize = 13;
+/// Default bound on a user payload: a 16 MiB checkpoint message fits in one frame.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 16 << 20;
+/// Default bound on a frame body: the default payload bound plus the largest header.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = DEFAULT_MAX_PAYLOAD_BYTES + FRAME_HEADER_MAX_BYTES;
 /// Hard upper bound for the configurable frame size.
-pub const MAX_FRAME_BYTES_LIMIT: usize = 16 << 20;
+pub const MAX_FRAME_BYTES_LIMIT: usize = (64 << 20) + FRAME_HEADER_MAX_BYTES;
+/// Largest payload carried on the control lane; larger ones and ordered-stream frames go bulk.
+pub const CONTROL_PAYLOAD_MAX_BYTES: usize = 64 << 10;
+/// Bound on a control-lane frame body, checked by the control lane's decoder.
+pub const CONTROL_FRAME_MAX_BYTES: usize = CONTROL_PAYLOAD_MAX_BYTES + FRAME_HEADER_MAX_BYTES;
+/// Bytes of a hello body: kind, magic, version, node, cpu, path, incarnation.
+const HELLO_BODY_BYTES: usize = 1 + 4 + 2 + 2 + 2 + 1 + 8;
 
 const HELLO_MAGIC: [u8; 4] = *b"DPLX";
 
@@ -45,12 +61,24 @@ const KIND_STREAM: u8 = 0x06;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct StreamId(pub u32);
 
-/// The first frame on every connection, in both directions.
+/// The first frame on every stream, in both directions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hello {
     pub version: u16,
     pub from: EndpointId,
     pub path: Path,
+    /// The sender's boot id: rises at every restart of the process.
+    pub incarnation: u64,
+}
+
+/// Which stream of a connection a frame travels on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Lane {
+    /// Hello, keep-alives, and messages, requests and responses up to
+    /// `CONTROL_PAYLOAD_MAX_BYTES`: never behind a large frame.
+    Control,
+    /// Ordered-stream frames (so one stream keeps its order) and larger payloads.
+    Bulk,
 }
 
 /// One decoded frame. Payloads are postcard-encoded user messages (see `encode_payload`).
@@ -170,10 +198,19 @@ impl Frame {
         }
     }
 
+    /// The lane this frame travels on.
+    pub fn lane(&self) -> Lane {
+        match self {
+            Frame::Stream { .. } => Lane::Bulk,
+            other if other.payload().len() > CONTROL_PAYLOAD_MAX_BYTES => Lane::Bulk,
+            _ => Lane::Control,
+        }
+    }
+
     /// Bytes of the body's fixed part: the kind byte and the kind's header.
     fn header_bytes(&self) -> usize {
         1 + match self {
-            Frame::Hello(_) => 4 + 2 + 2 + 2 + 1,
+            Frame::Hello(_) => HELLO_BODY_BYTES - 1,
             Frame::KeepAlive | Frame::Message { .. } => 0,
             Frame::Request { .. } => 8 + 4,
             Frame::Response { .. } => 8,
@@ -200,6 +237,7 @@ impl Frame {
                 out.put_u16_le(h.from.node);
                 out.put_u16_le(h.from.cpu);
                 out.put_u8(h.path.to_byte());
+                out.put_u64_le(h.incarnation);
             }
             Frame::KeepAlive | Frame::Message { .. } => {}
             Frame::Request { id, timeout_ms, .. } => {
@@ -250,7 +288,7 @@ impl Frame {
         };
         match kind {
             KIND_HELLO => {
-                need(11, &body, true)?;
+                need(HELLO_BODY_BYTES - 1, &body, true)?;
                 let mut magic = [0u8; 4];
                 body.copy_to_slice(&mut magic);
                 if magic != HELLO_MAGIC {
@@ -267,10 +305,12 @@ impl Frame {
                     offset,
                     found: path_byte,
                 })?;
+                let incarnation = body.get_u64_le();
                 Ok(Frame::Hello(Hello {
                     version,
                     from: EndpointId { node, cpu },
                     path,
+                    incarnation,
                 }))
             }
             KIND_KEEP_ALIVE => {
@@ -309,7 +349,9 @@ impl Frame {
 }
 
 /// Incremental decoder for one byte stream: push bytes as they arrive, pull whole frames.
-/// It never buffers more than one maximal frame plus what one push adds.
+/// It never buffers more than one maximal frame plus what one push adds. Every decoded body is
+/// copied into its own allocation, so a queued frame holds exactly its own bytes and never pins
+/// the decoder's buffer (memory accounting counts payload bytes).
 #[derive(Debug)]
 pub struct FrameDecoder {
     buf: BytesMut,
@@ -353,11 +395,15 @@ impl FrameDecoder {
             });
         }
         if self.buf.len() < LENGTH_PREFIX_BYTES + body_len {
+            // Room for the whole frame at once: a large body is not copied at every doubling.
+            self.buf
+                .reserve(LENGTH_PREFIX_BYTES + body_len - self.buf.len());
             return Ok(None);
         }
         let frame_offset = self.offset;
         self.buf.advance(LENGTH_PREFIX_BYTES);
-        let body = self.buf.split_to(body_len).freeze();
+        let body = Bytes::copy_from_slice(&self.buf[..body_len]);
+        self.buf.advance(body_len);
         self.offset += (LENGTH_PREFIX_BYTES + body_len) as u64;
         Frame::decode_body(frame_offset, body).map(Some)
     }
@@ -395,6 +441,7 @@ mod tests {
             version: 7,
             from: EndpointId::new(3, 1),
             path: Path::Failsafe,
+            incarnation: u64::MAX - 1,
         }));
         roundtrip(Frame::KeepAlive);
         roundtrip(Frame::Message {
@@ -420,15 +467,17 @@ mod tests {
     fn hello_layout_is_byte_exact() {
         let mut out = BytesMut::new();
         Frame::Hello(Hello {
-            version: 1,
+            version: 2,
             from: EndpointId::new(2, 1),
             path: Path::Main,
+            incarnation: 0x0102,
         })
         .encode(&mut out);
         assert_eq!(
             &out[..],
             &[
-                12, 0, 0, 0, 0x01, b'D', b'P', b'L', b'X', 1, 0, 2, 0, 1, 0, 0
+                20, 0, 0, 0, 0x01, b'D', b'P', b'L', b'X', 2, 0, 2, 0, 1, 0, 0, 2, 1, 0, 0, 0, 0,
+                0, 0
             ]
         );
     }
@@ -477,6 +526,41 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn large_payloads_and_ordered_streams_go_bulk() {
+        let small = Bytes::from(vec![0u8; CONTROL_PAYLOAD_MAX_BYTES]);
+        let large = Bytes::from(vec![0u8; CONTROL_PAYLOAD_MAX_BYTES + 1]);
+        assert_eq!(Frame::KeepAlive.lane(), Lane::Control);
+        assert_eq!(
+            Frame::Message {
+                payload: small.clone()
+            }
+            .lane(),
+            Lane::Control
+        );
+        assert_eq!(
+            Frame::Message {
+                payload: large.clone()
+            }
+            .lane(),
+            Lane::Bulk
+        );
+        assert_eq!(
+            Frame::Response {
+                id: 1,
+                payload: large
+            }
+            .lane(),
+            Lane::Bulk
+        );
+        let stream = Frame::Stream {
+            stream: StreamId(1),
+            seq: 0,
+            payload: Bytes::new(),
+        };
+        assert_eq!(stream.lane(), Lane::Bulk);
     }
 
     #[test]

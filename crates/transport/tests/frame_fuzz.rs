@@ -12,15 +12,21 @@ const MAX_FRAME_BYTES: usize = 4096;
 fn arb_frame() -> impl Strategy<Value = Frame> {
     let payload = proptest::collection::vec(any::<u8>(), 0..512).prop_map(Bytes::from);
     prop_oneof![
-        (any::<u16>(), any::<u16>(), any::<u16>(), any::<bool>()).prop_map(
-            |(version, node, cpu, f)| {
+        (
+            any::<u16>(),
+            any::<u16>(),
+            any::<u16>(),
+            any::<bool>(),
+            any::<u64>()
+        )
+            .prop_map(|(version, node, cpu, f, incarnation)| {
                 Frame::Hello(Hello {
                     version,
                     from: EndpointId::new(node, cpu),
                     path: if f { Path::Failsafe } else { Path::Main },
+                    incarnation,
                 })
-            }
-        ),
+            }),
         Just(Frame::KeepAlive),
         payload
             .clone()

@@ -16,10 +16,10 @@ use duplex_transport::certs::{
     NodeCredentials, QuicTiming, ensure_cluster_certs, node_server_name, quinn_configs,
 };
 use duplex_transport::quic::close_code;
-use duplex_transport::wire::{Frame, Hello, StreamId};
+use duplex_transport::wire::{Frame, FrameDecoder, Hello, StreamId};
 use duplex_transport::{
-    DetectorConfig, EndpointId, Event, Path, PeerEvent, QuicConfig, QuicTransport, Transport,
-    TransportError,
+    DetectorConfig, EndpointId, Event, Path, PeerAddrs, PeerEvent, QuicConfig, QuicTransport,
+    Transport, TransportError,
 };
 
 const A: EndpointId = EndpointId::new(1, 0);
@@ -87,13 +87,21 @@ fn serve_echo(b: QuicTransport) -> Arc<Mutex<Vec<PeerEvent>>> {
 async fn pair(
     tweak_a: impl FnOnce(&mut QuicConfig),
 ) -> (tempfile::TempDir, QuicTransport, QuicTransport) {
+    pair_with(tweak_a, |_| {}).await
+}
+
+/// `pair` with both configurations tweaked.
+async fn pair_with(
+    tweak_a: impl FnOnce(&mut QuicConfig),
+    tweak_b: impl FnOnce(&mut QuicConfig),
+) -> (tempfile::TempDir, QuicTransport, QuicTransport) {
     let certs = certs_dir();
     let a = endpoint(certs.path(), A, tweak_a).await;
-    let b = endpoint(certs.path(), B, |_| {}).await;
+    let b = endpoint(certs.path(), B, tweak_b).await;
     a.add_peer(B, b.local_addrs().expect("addrs"));
     b.add_peer(A, a.local_addrs().expect("addrs"));
     let up = wait_event(&a, Duration::from_secs(10), |e| {
-        *e == Event::Peer(PeerEvent::Up { peer: B })
+        matches!(e, Event::Peer(PeerEvent::Up { peer: B, .. }))
     })
     .await;
     assert!(up.is_some(), "B came up at A");
@@ -146,7 +154,66 @@ fn hello(from: EndpointId) -> Frame {
         version: duplex_transport::PROTOCOL_VERSION,
         from,
         path: Path::Main,
+        incarnation: 1,
     })
+}
+
+/// An address where nothing answers: the cluster list needs one for every peer.
+fn nowhere() -> PeerAddrs {
+    PeerAddrs {
+        main: "127.0.0.1:9".parse().expect("addr"),
+        failsafe: None,
+    }
+}
+
+/// Reads frames from `recv` until one decodes, at most 5 s.
+async fn read_frame(recv: &mut quinn::RecvStream, decoder: &mut FrameDecoder) -> Frame {
+    loop {
+        if let Some(frame) = decoder.next_frame().expect("valid frame") {
+            return frame;
+        }
+        let chunk = tokio::time::timeout(Duration::from_secs(5), recv.read_chunk(4096, true))
+            .await
+            .expect("a frame in time")
+            .expect("read")
+            .expect("not finished");
+        decoder.push(&chunk.bytes);
+    }
+}
+
+/// A raw peer claiming `claimed` with node `claimed.node`'s certificate, both lanes open and
+/// hellos exchanged: (endpoint, connection, control lane, bulk lane).
+async fn raw_link(
+    certs: &std::path::Path,
+    claimed: EndpointId,
+    server: SocketAddr,
+    server_node: u16,
+) -> (
+    quinn::Endpoint,
+    quinn::Connection,
+    (quinn::SendStream, quinn::RecvStream),
+    (quinn::SendStream, quinn::RecvStream),
+) {
+    let (endpoint, conn, mut send, mut recv) =
+        raw_client(certs, claimed.node, server, server_node).await;
+    let mut decoder = FrameDecoder::new(1 << 20);
+    send.write_all(&encode(&[hello(claimed)]))
+        .await
+        .expect("write");
+    assert!(matches!(
+        read_frame(&mut recv, &mut decoder).await,
+        Frame::Hello(_)
+    ));
+    let (mut bulk_send, mut bulk_recv) = conn.open_bi().await.expect("bulk lane");
+    bulk_send
+        .write_all(&encode(&[hello(claimed)]))
+        .await
+        .expect("write");
+    assert!(matches!(
+        read_frame(&mut bulk_recv, &mut decoder).await,
+        Frame::Hello(_)
+    ));
+    (endpoint, conn, (send, recv), (bulk_send, bulk_recv))
 }
 
 #[tokio::test]
@@ -182,27 +249,54 @@ async fn a_certificate_of_node_3_cannot_claim_node_2_and_the_real_link_stays() {
         .expect("call over the real link");
     assert_eq!(&answer[..], b"real");
 
-    // A node may claim any CPU of its own node: 3.1 with node 3's certificate is answered.
+    // A node may claim any CPU of its own node that is in the cluster list: 3.1 with node 3's
+    // certificate is answered.
+    a.add_peer(EndpointId::new(3, 1), nowhere());
     let (_ep, _conn, mut send, mut recv) = raw_client(certs.path(), 3, server, A.node).await;
     send.write_all(&encode(&[hello(EndpointId::new(3, 1))]))
         .await
         .expect("write");
-    let mut decoder = duplex_transport::FrameDecoder::new(1 << 20);
-    let answer = loop {
-        if let Some(frame) = decoder.next_frame().expect("valid frame") {
-            break frame;
-        }
-        let chunk = tokio::time::timeout(Duration::from_secs(5), recv.read_chunk(4096, true))
-            .await
-            .expect("answer in time")
-            .expect("read")
-            .expect("not finished");
-        decoder.push(&chunk.bytes);
-    };
+    let mut decoder = FrameDecoder::new(1 << 20);
+    let answer = read_frame(&mut recv, &mut decoder).await;
     assert!(
         matches!(answer, Frame::Hello(Hello { from, .. }) if from == A),
         "{answer:?}"
     );
+}
+
+#[tokio::test]
+async fn an_endpoint_not_in_the_cluster_list_is_refused() {
+    let (certs, a, b) = pair(|_| {}).await;
+    let _b_events = serve_echo(b.clone());
+    let server = a.local_addrs().expect("addrs").main;
+    // Node 3's certificate is valid, but 3.2 was never added to A's cluster list.
+    let (_ep, conn, mut send, _recv) = raw_client(certs.path(), 3, server, A.node).await;
+    send.write_all(&encode(&[hello(EndpointId::new(3, 2))]))
+        .await
+        .expect("write");
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .expect("the stranger is closed");
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            let reason = String::from_utf8_lossy(&c.reason).to_string();
+            println!("stranger closed: code {} reason {reason:?}", c.error_code);
+            assert_eq!(
+                c.error_code,
+                quinn::VarInt::from_u32(close_code::HANDSHAKE_FAILED)
+            );
+            assert!(
+                reason.contains("3.2 is not in the cluster list"),
+                "{reason}"
+            );
+        }
+        other => panic!("stranger closed by {other}"),
+    }
+    let answer = a
+        .call(B, Bytes::from_static(b"member"), Duration::from_secs(2))
+        .await
+        .expect("members still talk");
+    assert_eq!(&answer[..], b"member");
 }
 
 #[tokio::test]
@@ -215,9 +309,10 @@ async fn a_response_from_a_peer_the_request_did_not_go_to_is_ignored() {
         .expect("request");
     let server = a.local_addrs().expect("addrs").main;
     let forger = EndpointId::new(3, 0);
-    let (_ep, _conn, mut send, _recv) = raw_client(certs.path(), 3, server, A.node).await;
+    a.add_peer(forger, nowhere());
+    let (_ep, _conn, (mut send, _recv), _bulk) =
+        raw_link(certs.path(), forger, server, A.node).await;
     send.write_all(&encode(&[
-        hello(forger),
         Frame::Response {
             id: id.0,
             payload: Bytes::from_static(b"forged"),
@@ -244,7 +339,7 @@ async fn a_response_from_a_peer_the_request_did_not_go_to_is_ignored() {
 
 #[tokio::test]
 async fn a_slow_consumer_causes_no_down_on_either_side() {
-    let (_certs, a, b) = pair(|c| c.event_queue_events = 16).await;
+    let (_certs, a, b) = pair(|c| c.limits.event_queue_events = 16).await;
     let b_events = serve_echo(b.clone());
     const MESSAGES: u32 = 3000;
     for i in 0..MESSAGES {
@@ -329,7 +424,7 @@ async fn injected_delay_is_latency_not_a_pause_per_frame() {
 
 #[tokio::test]
 async fn a_refused_stream_frame_consumes_no_sequence_number() {
-    let (_certs, a, _b) = pair(|c| c.max_frame_bytes = 1024).await;
+    let (_certs, a, _b) = pair(|c| c.limits.max_frame_bytes = 1024).await;
     let s = StreamId(7);
     assert_eq!(a.stream_send(B, s, Bytes::from_static(b"zero")), Ok(0));
     let err = a
@@ -406,7 +501,7 @@ async fn close_ends_next_event_and_fails_waiting_calls_at_once() {
 
 #[tokio::test]
 async fn requests_beyond_the_pending_bound_fail_with_a_clear_error() {
-    let (_certs, a, _b) = pair(|c| c.max_pending_requests = 2).await;
+    let (_certs, a, _b) = pair(|c| c.limits.max_pending_requests = 2).await;
     // Nothing is answered while B is cut off, so both requests stay pending.
     a.faults().partition(B, &Path::ALL);
     for _ in 0..2 {
@@ -444,7 +539,7 @@ async fn the_dialer_refuses_an_unknown_version_with_version_refused() {
     let a = endpoint(certs.path(), A, |_| {}).await;
     a.add_peer(
         B,
-        duplex_transport::PeerAddrs {
+        PeerAddrs {
             main: server_addr,
             failsafe: None,
         },
@@ -460,6 +555,7 @@ async fn the_dialer_refuses_an_unknown_version_with_version_refused() {
             version: 9,
             from: B,
             path: Path::Main,
+            incarnation: 1,
         })
         .encode(&mut answer);
         send.write_all(&answer).await.expect("write");
@@ -480,4 +576,262 @@ async fn the_dialer_refuses_an_unknown_version_with_version_refused() {
         other => panic!("closed by {other}"),
     }
     a.close();
+}
+
+#[tokio::test]
+async fn a_large_frame_arriving_slower_than_the_detection_time_keeps_its_peer_up() {
+    let (certs, a, _b) = pair(|_| {}).await;
+    drain(&a);
+    let slow = EndpointId::new(3, 0);
+    a.add_peer(slow, nowhere());
+    let server = a.local_addrs().expect("addrs").main;
+    let (_ep, _conn, _control, (mut bulk, _bulk_recv)) =
+        raw_link(certs.path(), slow, server, A.node).await;
+    let up = wait_event(
+        &a,
+        Duration::from_secs(5),
+        |e| matches!(e, Event::Peer(PeerEvent::Up { peer, .. }) if *peer == slow),
+    )
+    .await;
+    assert!(up.is_some(), "the slow peer came up");
+    // One 1 MiB message, dripped over five detection times, and nothing else: no keep-alive,
+    // no QUIC ping. Only the frame's own bytes say the peer is alive.
+    const PIECES: usize = 16;
+    let payload = Bytes::from(vec![7u8; 1 << 20]);
+    let mut frame = BytesMut::new();
+    Frame::Message {
+        payload: payload.clone(),
+    }
+    .encode(&mut frame);
+    let piece = frame.len().div_ceil(PIECES);
+    let pause = Duration::from_millis(5 * DETECTION_MS / PIECES as u64);
+    let sender = tokio::spawn(async move {
+        for chunk in frame.chunks(piece) {
+            bulk.write_all(chunk).await.expect("write a piece");
+            tokio::time::sleep(pause).await;
+        }
+        bulk
+    });
+    let mut downs = Vec::new();
+    let got = wait_event(&a, Duration::from_secs(10), |e| {
+        if let Event::Peer(p @ PeerEvent::Down { .. }) = e {
+            downs.push(*p);
+        }
+        matches!(e, Event::Message { from, .. } if *from == slow)
+    })
+    .await;
+    let _bulk = sender.await.expect("sender");
+    assert_eq!(
+        downs,
+        vec![],
+        "a peer still sending its frame was declared down"
+    );
+    assert_eq!(
+        got,
+        Some(Event::Message {
+            from: slow,
+            payload
+        })
+    );
+}
+
+#[tokio::test]
+async fn small_calls_pass_large_messages_stuck_on_the_same_link() {
+    // B's application stops draining: A's 1 MiB messages fill B's event queue, B's bulk reader
+    // waits, QUIC flow control stops A's bulk lane in the middle of a frame.
+    // A sends until its bulk lane is full (default limits), so its own queue refuses more
+    // large messages too.
+    let (_certs, a, b) = pair_with(|_| {}, |c| c.limits.event_queue_bytes = 2 << 20).await;
+    let _a_events = serve_echo(a.clone());
+    let large = Bytes::from(vec![1u8; 1 << 20]);
+    let (mut sent, mut refused_in_a_row) = (0, 0);
+    // Full for good once 25 attempts in a row (50 ms) are refused: nothing drains any more.
+    let full = wait_until(Duration::from_secs(10), || match a.send(B, large.clone()) {
+        Ok(()) => {
+            sent += 1;
+            refused_in_a_row = 0;
+            assert!(sent < 64, "the bulk lane never filled");
+            false
+        }
+        Err(TransportError::QueueFull { .. }) => {
+            refused_in_a_row += 1;
+            refused_in_a_row >= 25
+        }
+        Err(e) => panic!("send: {e}"),
+    })
+    .await;
+    assert!(full, "A's bulk lane filled up");
+    println!(
+        "{sent} large messages sent; A's queue holds {} bytes",
+        a.send_queue_bytes(B)
+    );
+    let messages = sent;
+    // B calls A: the request and A's answer travel on the control lanes, past the stuck frames.
+    for i in 0..10u32 {
+        let answer = b
+            .call(
+                A,
+                Bytes::from(i.to_le_bytes().to_vec()),
+                Duration::from_secs(2),
+            )
+            .await
+            .expect("a small call is not stuck behind large frames");
+        assert_eq!(answer[..], i.to_le_bytes()[..]);
+    }
+    assert!(
+        a.send_queue_bytes(B) > 0,
+        "the large messages were still stuck"
+    );
+    let mut got = 0;
+    while got < messages {
+        match wait_event(&b, Duration::from_secs(10), |e| {
+            matches!(e, Event::Message { .. })
+        })
+        .await
+        {
+            Some(Event::Message { payload, .. }) => {
+                assert_eq!(payload, large);
+                got += 1;
+            }
+            other => panic!("after {got} large messages: {other:?}"),
+        }
+    }
+}
+
+/// Waits until `done()` holds, checking every few milliseconds, at most `limit`.
+async fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    done()
+}
+
+#[tokio::test]
+async fn queues_stay_within_their_byte_bounds_with_maximum_size_frames() {
+    const MAX_PAYLOAD: usize = 1 << 20;
+    const SEND_QUEUE: usize = 4 << 20;
+    const EVENT_QUEUE: usize = 4 << 20;
+    let frame = MAX_PAYLOAD + duplex_transport::wire::FRAME_HEADER_MAX_BYTES;
+    let (_certs, a, b) = pair_with(
+        |c| {
+            c.limits.max_frame_bytes = frame;
+            c.limits.bulk_queue_bytes = SEND_QUEUE;
+        },
+        |c| {
+            c.limits.max_frame_bytes = frame;
+            c.limits.event_queue_bytes = EVENT_QUEUE;
+        },
+    )
+    .await;
+    // B's application does not drain; A sends maximum-size messages until its queue refuses.
+    let payload = Bytes::from(vec![9u8; MAX_PAYLOAD]);
+    let (mut sent, mut refused) = (0usize, 0usize);
+    for _ in 0..256 {
+        match a.send(B, payload.clone()) {
+            Ok(()) => sent += 1,
+            Err(TransportError::QueueFull { limit_bytes, .. }) => {
+                assert_eq!(limit_bytes, SEND_QUEUE);
+                refused += 1;
+                if refused >= 20 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(e) => panic!("send: {e}"),
+        }
+        assert!(
+            a.send_queue_bytes(B) <= SEND_QUEUE,
+            "send queue holds {} bytes",
+            a.send_queue_bytes(B)
+        );
+        assert!(
+            b.event_queue_bytes() <= EVENT_QUEUE,
+            "event queue holds {} bytes",
+            b.event_queue_bytes()
+        );
+    }
+    println!(
+        "sent {sent}, refused {refused}; A queues {} bytes, B holds {} bytes of events",
+        a.send_queue_bytes(B),
+        b.event_queue_bytes()
+    );
+    assert!(refused >= 20, "the sender met the bound ({sent} sent)");
+    assert!(sent < 64, "{sent} maximum-size frames accepted");
+    let mut got = 0;
+    while got < sent {
+        match wait_event(&b, Duration::from_secs(10), |e| {
+            matches!(e, Event::Message { .. })
+        })
+        .await
+        {
+            Some(_) => got += 1,
+            None => panic!("only {got} of {sent} accepted messages arrived"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_peer_cannot_open_more_streams_than_the_two_lanes() {
+    let (certs, a, _b) = pair(|_| {}).await;
+    let greedy = EndpointId::new(3, 0);
+    a.add_peer(greedy, nowhere());
+    let server = a.local_addrs().expect("addrs").main;
+    let (_ep, conn, _control, _bulk) = raw_link(certs.path(), greedy, server, A.node).await;
+    let third = tokio::time::timeout(Duration::from_millis(3 * DETECTION_MS), conn.open_bi()).await;
+    assert!(
+        third.is_err(),
+        "a third stream was granted: streams a peer never uses could grow our memory"
+    );
+}
+
+#[tokio::test]
+async fn handshakes_in_progress_are_bounded_and_silent_connections_closed() {
+    let (certs, a, b) = pair(|c| {
+        c.max_incoming_handshakes = 2;
+        c.handshake_timeout_ms = 1000;
+    })
+    .await;
+    let _b_events = serve_echo(b.clone());
+    let server = a.local_addrs().expect("addrs").main;
+    // Two connections finish TLS and never say hello: they hold both handshake slots.
+    let silent = [
+        raw_client(certs.path(), 3, server, A.node).await,
+        raw_client(certs.path(), 3, server, A.node).await,
+    ];
+    let creds = NodeCredentials::load(certs.path(), 3).expect("credentials");
+    let (_, client_config) = quinn_configs(
+        &creds,
+        QuicTiming {
+            idle_timeout_ms: 5000,
+            keep_alive_interval_ms: None,
+        },
+    )
+    .expect("client config");
+    let mut extra =
+        quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client endpoint");
+    extra.set_default_client_config(client_config);
+    let third = tokio::time::timeout(
+        Duration::from_secs(5),
+        extra
+            .connect(server, &node_server_name(A.node))
+            .expect("connect"),
+    )
+    .await
+    .expect("answered in time");
+    assert!(third.is_err(), "a third handshake was taken up: {third:?}");
+    for (_ep, conn, _send, _recv) in &silent {
+        let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+        assert!(closed.is_ok(), "a connection without hello was kept");
+    }
+    // The slots are free again, and the cluster's own link never noticed.
+    let (_ep, _conn, _send, _recv) = raw_client(certs.path(), 3, server, A.node).await;
+    let answer = a
+        .call(B, Bytes::from_static(b"fine"), Duration::from_secs(2))
+        .await
+        .expect("call");
+    assert_eq!(&answer[..], b"fine");
 }

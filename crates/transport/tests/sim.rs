@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use duplex_transport::{
-    DetectorConfig, EndpointId, Event, Path, PeerEvent, SimConfig, SimNetwork, SimTransport,
-    StreamId, Transport, TransportError,
+    DetectorConfig, EndpointId, Event, Limits, Path, PeerEvent, SimConfig, SimNetwork,
+    SimTransport, StreamId, Transport, TransportError,
 };
 
 const A: EndpointId = EndpointId::new(1, 0);
@@ -71,7 +71,7 @@ fn request_response_message_and_stream() {
     let (net, a, b) = pair(1, SimConfig::default());
     let up = peer_events(&drain(&a));
     assert_eq!(up.len(), 2, "{up:?}");
-    assert_eq!(up[0], PeerEvent::Up { peer: B });
+    assert!(matches!(up[0], PeerEvent::Up { peer: B, .. }), "{up:?}");
     assert!(matches!(up[1], PeerEvent::LinkUp { peer: B, .. }), "{up:?}");
     drain(&b);
     let id = a
@@ -151,14 +151,16 @@ fn crashed_peer_is_reported_down_within_detection_time() {
     drain(&a);
     net.crash(B);
     let took = wait_for(&net, &a, ms(1000), |e| {
-        *e == Event::Peer(PeerEvent::Down { peer: B })
+        matches!(e, Event::Peer(PeerEvent::Down { peer: B, .. }))
     });
     let took = took.expect("down reported");
     assert!(took <= ms(300 + 50 + 1), "down after {took:?}");
     net.restart(B);
     assert!(
-        wait_for(&net, &a, ms(200), |e| *e
-            == Event::Peer(PeerEvent::Up { peer: B }))
+        wait_for(&net, &a, ms(200), |e| matches!(
+            e,
+            Event::Peer(PeerEvent::Up { peer: B, .. })
+        ))
         .is_some()
     );
 }
@@ -170,21 +172,27 @@ fn partition_is_reported_down_then_up_after_heal() {
     drain(&b);
     net.partition(A, B, &Path::ALL);
     assert!(
-        wait_for(&net, &a, ms(1000), |e| *e
-            == Event::Peer(PeerEvent::Down { peer: B }))
+        wait_for(&net, &a, ms(1000), |e| matches!(
+            e,
+            Event::Peer(PeerEvent::Down { peer: B, .. })
+        ))
         .is_some()
     );
     // The partition cuts both directions at once, so B loses A within the same detection time.
     assert!(
-        wait_for(&net, &b, ms(100), |e| *e
-            == Event::Peer(PeerEvent::Down { peer: A }))
+        wait_for(&net, &b, ms(100), |e| matches!(
+            e,
+            Event::Peer(PeerEvent::Down { peer: A, .. })
+        ))
         .is_some(),
         "B reports A down"
     );
     net.heal(A, B, &Path::ALL);
     assert!(
-        wait_for(&net, &a, ms(200), |e| *e
-            == Event::Peer(PeerEvent::Up { peer: B }))
+        wait_for(&net, &a, ms(200), |e| matches!(
+            e,
+            Event::Peer(PeerEvent::Up { peer: B, .. })
+        ))
         .is_some()
     );
 }
@@ -200,14 +208,16 @@ fn main_cut_with_failsafe_alive_is_a_link_failure_and_data_moves_to_failsafe() {
         peer_events(&drain(&a)),
         vec![PeerEvent::LinkDown {
             peer: B,
-            path: Path::Main
+            path: Path::Main,
+            incarnation: 1,
         }]
     );
     assert_eq!(
         peer_events(&drain(&b)),
         vec![PeerEvent::LinkDown {
             peer: A,
-            path: Path::Main
+            path: Path::Main,
+            incarnation: 1,
         }]
     );
     a.send(B, Bytes::from_static(b"via failsafe"))
@@ -230,7 +240,8 @@ fn main_cut_with_failsafe_alive_is_a_link_failure_and_data_moves_to_failsafe() {
         peer_events(&drain(&a)),
         vec![PeerEvent::LinkUp {
             peer: B,
-            path: Path::Main
+            path: Path::Main,
+            incarnation: 1,
         }]
     );
 }
@@ -238,7 +249,10 @@ fn main_cut_with_failsafe_alive_is_a_link_failure_and_data_moves_to_failsafe() {
 #[test]
 fn oversized_payload_and_unknown_peer_are_refused() {
     let config = SimConfig {
-        max_frame_bytes: 1024,
+        limits: Limits {
+            max_frame_bytes: 1024,
+            ..Limits::default()
+        },
         ..SimConfig::default()
     };
     let (_net, a, _b) = pair(6, config);

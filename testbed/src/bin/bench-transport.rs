@@ -3,8 +3,10 @@
 //! layout (a current-thread tokio runtime in each process).
 //!
 //! Measures: request/response round trips (sequential), pipelined one-way throughput with 64
-//! messages in flight (the receiver answers each with 8 bytes), and the time from SIGKILL of a
-//! peer to its down event (baseline: bare quinn's idle timeout set to the same detection time).
+//! messages in flight (the receiver answers each with 8 bytes), the time from SIGKILL of a
+//! peer to its down event (baseline: bare quinn's idle timeout set to the same detection time),
+//! and a 100-byte round trip while 16 MiB messages stream on the same link, one always in
+//! flight (baseline: the same round trip on the idle link, measured in alternating blocks).
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -89,7 +91,8 @@ fn spawn(bin: &str, args: &[String]) -> Result<Guard> {
     Ok(guard)
 }
 
-fn peer_args(certs: &FsPath, node: u16) -> Vec<String> {
+/// Arguments of a `transport-peer` of `node` with `local` (ours) in its cluster list.
+fn peer_args(certs: &FsPath, node: u16, local: SocketAddr) -> Vec<String> {
     vec![
         "--node".into(),
         node.to_string(),
@@ -97,6 +100,8 @@ fn peer_args(certs: &FsPath, node: u16) -> Vec<String> {
         certs.display().to_string(),
         "--detection-time-ms".into(),
         DETECTION_MS.to_string(),
+        "--peer".into(),
+        format!("{LOCAL}={local}"),
     ]
 }
 
@@ -134,7 +139,14 @@ async fn run(args: Args) -> Result<()> {
             certs.path().display().to_string(),
         ],
     )?;
-    let peer = spawn("transport-peer", &peer_args(certs.path(), ECHO_NODE))?;
+    let mut config = QuicConfig::new(LOCAL, "127.0.0.1:0".parse()?, creds.clone());
+    config.detector = DetectorConfig::with_detection_time_ms(DETECTION_MS);
+    let ours = QuicTransport::bind(config).await?;
+    let local_addr = ours.local_addrs()?.main;
+    let peer = spawn(
+        "transport-peer",
+        &peer_args(certs.path(), ECHO_NODE, local_addr),
+    )?;
 
     let (_, client_config) = quinn_configs(
         &creds,
@@ -149,9 +161,6 @@ async fn run(args: Args) -> Result<()> {
         .connect(echo.addr, &node_server_name(ECHO_NODE))?
         .await?;
 
-    let mut config = QuicConfig::new(LOCAL, "127.0.0.1:0".parse()?, creds.clone());
-    config.detector = DetectorConfig::with_detection_time_ms(DETECTION_MS);
-    let ours = QuicTransport::bind(config).await?;
     let peer_id = EndpointId::new(ECHO_NODE, 0);
     ours.add_peer(
         peer_id,
@@ -160,9 +169,11 @@ async fn run(args: Args) -> Result<()> {
             failsafe: None,
         },
     );
-    wait_for(&ours, Duration::from_secs(10), |e| {
-        *e == Event::Peer(PeerEvent::Up { peer: peer_id })
-    })
+    wait_for(
+        &ours,
+        Duration::from_secs(10),
+        |e| matches!(e, Event::Peer(PeerEvent::Up { peer, .. }) if *peer == peer_id),
+    )
     .await?;
 
     let sizes = if args.quick {
@@ -242,10 +253,33 @@ async fn run(args: Args) -> Result<()> {
     }
     conn.close(0u32.into(), b"done");
 
+    let calls = sizes.rtt_calls / 5;
+    let (with_bulk, idle) = rtt_beside_bulk(&ours, peer_id, calls).await?;
+    let (mut with_bulk, mut idle) = (with_bulk, idle);
+    let (wp50, wp99) = percentiles(&mut with_bulk);
+    let (ip50, ip99) = percentiles(&mut idle);
+    println!(
+        "round trip 100B beside 16 MiB messages: p50 {wp50:.1} us p99 {wp99:.1} us; idle link p50 {ip50:.1} us p99 {ip99:.1} us ({calls} calls each)"
+    );
+    comparisons.push(Comparison::new(
+        "transport_rtt_100B_beside_16MiB_p50",
+        wp50,
+        ip50,
+        "us",
+        Better::Lower,
+    ));
+    comparisons.push(Comparison::new(
+        "transport_rtt_100B_beside_16MiB_p99",
+        wp99,
+        ip99,
+        "us",
+        Better::Lower,
+    ));
+
     let mut our_kill = Vec::new();
     let mut bare_kill = Vec::new();
     for &node in &kill_nodes {
-        our_kill.push(ours_kill_to_down(&ours, certs.path(), node).await?);
+        our_kill.push(ours_kill_to_down(&ours, certs.path(), node, local_addr).await?);
         bare_kill.push(bare_kill_to_close(&bare, certs.path(), node).await?);
     }
     let (op50, op99) = percentiles(&mut our_kill);
@@ -348,6 +382,60 @@ async fn ours_rtt(
     Ok(samples)
 }
 
+/// 100-byte round trips in alternating blocks: while 16 MiB messages stream to the peer on
+/// the same link (the next one sent when the peer acknowledges the last, so one is always in
+/// flight), and on the idle link. Returns (beside the messages, idle) in microseconds.
+async fn rtt_beside_bulk(
+    t: &QuicTransport,
+    peer: EndpointId,
+    calls: usize,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    const BULK_BYTES: usize = 16 << 20;
+    let bulk = Bytes::from(vec![3u8; BULK_BYTES]);
+    let (mut beside, mut idle) = (Vec::new(), Vec::new());
+    let blocks = (calls / RTT_BLOCK).max(1);
+    for _ in 0..blocks {
+        idle.extend(ours_rtt(t, peer, 100, RTT_BLOCK).await?);
+        t.send(peer, bulk.clone())?;
+        let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<()>();
+        let pump = {
+            let t = t.clone();
+            let bulk = bulk.clone();
+            tokio::spawn(async move {
+                let mut sent = 1u64;
+                loop {
+                    tokio::select! {
+                        _ = &mut done_rx => return Ok(sent),
+                        event = tokio::time::timeout(Duration::from_secs(10), t.next_event()) => match event {
+                            Ok(Some(Event::Message { from, .. })) if from == peer => {
+                                t.send(peer, bulk.clone())?;
+                                sent += 1;
+                            }
+                            Ok(Some(_)) => {}
+                            Ok(None) => bail!("endpoint closed"),
+                            Err(_) => bail!("no acknowledgement of a 16 MiB message within 10 s"),
+                        },
+                    }
+                }
+            })
+        };
+        beside.extend(ours_rtt(t, peer, 100, RTT_BLOCK).await?);
+        let _ = done_tx.send(());
+        let sent = pump.await??;
+        // Let the last message's acknowledgement arrive before the next idle block.
+        wait_for(
+            t,
+            Duration::from_secs(10),
+            |e| matches!(e, Event::Message { from, .. } if *from == peer),
+        )
+        .await?;
+        if sent == 0 {
+            bail!("no 16 MiB message was in flight");
+        }
+    }
+    Ok((beside, idle))
+}
+
 /// Seconds to move `messages` messages with `WINDOW` in flight.
 async fn bare_throughput(
     conn: &quinn::Connection,
@@ -395,8 +483,13 @@ async fn ours_throughput(
     Ok(t0.elapsed().as_secs_f64())
 }
 
-async fn ours_kill_to_down(t: &QuicTransport, certs: &FsPath, node: u16) -> Result<f64> {
-    let victim = spawn("transport-peer", &peer_args(certs, node))?;
+async fn ours_kill_to_down(
+    t: &QuicTransport,
+    certs: &FsPath,
+    node: u16,
+    local: SocketAddr,
+) -> Result<f64> {
+    let victim = spawn("transport-peer", &peer_args(certs, node, local))?;
     let id = EndpointId::new(node, 0);
     t.add_peer(
         id,
@@ -405,16 +498,20 @@ async fn ours_kill_to_down(t: &QuicTransport, certs: &FsPath, node: u16) -> Resu
             failsafe: None,
         },
     );
-    wait_for(t, Duration::from_secs(10), |e| {
-        *e == Event::Peer(PeerEvent::Up { peer: id })
-    })
+    wait_for(
+        t,
+        Duration::from_secs(10),
+        |e| matches!(e, Event::Peer(PeerEvent::Up { peer, .. }) if *peer == id),
+    )
     .await?;
     steady_state_pause().await;
     let t0 = Instant::now();
     kill(Pid::from_raw(victim.child.id() as i32), Signal::SIGKILL)?;
-    wait_for(t, Duration::from_secs(5), |e| {
-        *e == Event::Peer(PeerEvent::Down { peer: id })
-    })
+    wait_for(
+        t,
+        Duration::from_secs(5),
+        |e| matches!(e, Event::Peer(PeerEvent::Down { peer, .. }) if *peer == id),
+    )
     .await?;
     Ok(t0.elapsed().as_secs_f64() * 1e6)
 }

@@ -4,7 +4,8 @@
 //! an 8-byte message, and echoes every stream frame back on the same stream. It prints its
 //! addresses as the first line of stdout (JSON), then one line per peer event, and obeys fault
 //! commands on stdin: `partition|heal N.C main|failsafe|all`, `delay N.C MS`, `drop N.C P`,
-//! `peer N.C MAIN [FAILSAFE]`.
+//! `peer N.C MAIN [FAILSAFE]`. Only endpoints in its cluster list are accepted: `--peer
+//! N.C=MAIN[,FAILSAFE]` at start, or the `peer` command.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -35,6 +36,25 @@ struct Args {
     /// Announce this protocol version instead of the build's own.
     #[arg(long)]
     protocol_version: Option<u16>,
+    /// A member of the cluster list: `N.C=MAIN[,FAILSAFE]` (repeatable).
+    #[arg(long = "peer")]
+    peers: Vec<String>,
+}
+
+/// `N.C=MAIN[,FAILSAFE]` into an endpoint and its addresses.
+fn parse_member(s: &str) -> Result<(EndpointId, PeerAddrs)> {
+    let (id, addrs) = s.split_once('=').context("a peer is N.C=MAIN[,FAILSAFE]")?;
+    let (main, failsafe) = match addrs.split_once(',') {
+        Some((main, failsafe)) => (main, Some(failsafe.parse::<SocketAddr>()?)),
+        None => (addrs, None),
+    };
+    Ok((
+        parse_id(id)?,
+        PeerAddrs {
+            main: main.parse()?,
+            failsafe,
+        },
+    ))
 }
 
 fn parse_id(s: &str) -> Result<EndpointId> {
@@ -104,6 +124,10 @@ async fn run(args: Args) -> Result<()> {
         config.protocol_version = v;
     }
     let t = QuicTransport::bind(config).await?;
+    for member in &args.peers {
+        let (id, addrs) = parse_member(member)?;
+        t.add_peer(id, addrs);
+    }
     let addrs = t.local_addrs()?;
     let mut out = std::io::stdout();
     writeln!(
