@@ -746,15 +746,21 @@ impl<S: Store> Shared<S> {
             st.flush_generation += 1;
             st.flushing_upto = batch_last;
             let g = st.flush_generation;
+            let sync_names_first = st
+                .names_unsure_from
+                .is_some_and(|first| batch.iter().any(|c| c.segment >= first));
             drop(st);
             let _span =
                 tracing::trace_span!("audit_flush", bytes = batch_bytes, upto = %batch_last)
                     .entered();
-            let result = self.write_batch(&batch);
+            let result = self.write_batch(&batch, sync_names_first);
             st = lock(&self.state);
             st.flushing = false;
             match result {
                 Ok(()) => {
+                    if sync_names_first {
+                        st.names_unsure_from = None;
+                    }
                     st.durable_lsn = batch_last;
                     st.durable_end = batch_end;
                     st.stats.flushes += 1;
@@ -817,16 +823,14 @@ impl<S: Store> Shared<S> {
         }
     }
 
-    fn write_batch(&self, batch: &[Chunk]) -> Result<()> {
+    /// Writes and syncs a batch; with `sync_names_first`, first makes the names of segments found
+    /// at open durable (see `names_unsure_from`).
+    fn write_batch(&self, batch: &[Chunk], sync_names_first: bool) -> Result<()> {
         if let Some(fence) = &self.fence {
             fence.check()?;
         }
-        let unsure = lock(&self.state).names_unsure_from;
-        if let Some(first) = unsure
-            && batch.iter().any(|c| c.segment >= first)
-        {
+        if sync_names_first {
             self.store.sync_dir(AUDIT_DIR)?;
-            lock(&self.state).names_unsure_from = None;
         }
         for (i, chunk) in batch.iter().enumerate() {
             let file = self.segment_file(chunk.segment)?;
