@@ -7,8 +7,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use duplex_lsg::{
-    LogStorageGroup, LsgConfig, LsgError, LsgId, Lsn, OpenMode, RecordFlags, RecordType, SimFile,
-    SimLock, SimStore, Store,
+    DataVolume, LogStorageGroup, LsgConfig, LsgError, LsgId, Lsn, OpenMode, RecordFlags,
+    RecordType, SimFile, SimLock, SimStore, Store,
 };
 
 fn config() -> LsgConfig {
@@ -23,6 +23,21 @@ fn config() -> LsgConfig {
 }
 
 const FIRST_SEGMENT: &str = "audit/0000000000000001.seg";
+
+/// Logs a change durably and applies it to `v`, as a volume pair does; returns its LSN.
+fn logged_put(
+    lsg: &LogStorageGroup<SimStore>,
+    v: &DataVolume<SimStore>,
+    key: &[u8],
+    value: &[u8],
+) -> Lsn {
+    let lsn = lsg
+        .audit()
+        .append_durable(RecordType::Update, RecordFlags::NONE, key)
+        .expect("append");
+    v.put(key, value, lsn).expect("put");
+    lsn
+}
 
 /// A full disk at every point of a creation (capacity 0, 4 KiB, 8 KiB, ...): each failed try
 /// leaves no LSG, survives a power loss as no LSG, and a retry with space creates a whole one.
@@ -208,11 +223,7 @@ fn a_media_error_during_recovery_is_an_error_naming_file_and_offset() {
         let mut lsg =
             LogStorageGroup::create_in(store.clone(), LsgId(1), config()).expect("create");
         let v = lsg.create_volume("v").expect("volume");
-        let lsn = lsg
-            .audit()
-            .append_durable(RecordType::Update, RecordFlags::NONE, b"change")
-            .expect("append");
-        v.put(b"k", &[3u8; 300], lsn).expect("put");
+        let lsn = logged_put(&lsg, &v, b"k", &[3u8; 300]);
         v.flush(lsn).expect("flush");
     }
     store.power_loss();
@@ -377,17 +388,9 @@ fn a_failed_volume_sync_then_a_takeover_then_a_power_loss_loses_nothing() {
         let mut lsg =
             LogStorageGroup::create_in(store.clone(), LsgId(1), config()).expect("create");
         let v = lsg.create_volume("v").expect("volume");
-        let l1 = lsg
-            .audit()
-            .append_durable(RecordType::Update, RecordFlags::NONE, b"k1")
-            .expect("append");
-        v.put(b"k1", b"one", l1).expect("put");
+        let l1 = logged_put(&lsg, &v, b"k1", b"one");
         v.flush(l1).expect("checkpoint");
-        let l2 = lsg
-            .audit()
-            .append_durable(RecordType::Update, RecordFlags::NONE, b"k2")
-            .expect("append");
-        v.put(b"k2", b"two", l2).expect("put");
+        let l2 = logged_put(&lsg, &v, b"k2", b"two");
         store.fail_syncs("volumes/v/0000000000000001.seg", 1);
         v.flush(l2).expect_err("the volume sync fails");
         assert!(matches!(v.get(b"k2"), Err(LsgError::Failed(_))));
@@ -404,11 +407,7 @@ fn a_failed_volume_sync_then_a_takeover_then_a_power_loss_loses_nothing() {
             "the unwritten record was taken"
         );
         v.put(b"k2", b"two", Lsn(2)).expect("redo");
-        let l3 = lsg
-            .audit()
-            .append_durable(RecordType::Update, RecordFlags::NONE, b"k3")
-            .expect("append");
-        v.put(b"k3", b"three", l3).expect("put");
+        let l3 = logged_put(&lsg, &v, b"k3", b"three");
         v.flush(l3).expect("checkpoint by the new owner");
     }
     store.power_loss();

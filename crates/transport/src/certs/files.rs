@@ -921,7 +921,11 @@ fn open_regular(path: &Path) -> Result<(File, fs::Metadata), CertError> {
 }
 
 fn read(path: &Path) -> Result<String, CertError> {
-    let (mut file, _) = open_regular(path)?;
+    let (file, _) = open_regular(path)?;
+    read_text(file, path)
+}
+
+fn read_text(mut file: File, path: &Path) -> Result<String, CertError> {
     let mut text = String::new();
     file.read_to_string(&mut text)
         .map_err(|error| CertError::Read {
@@ -934,7 +938,7 @@ fn read(path: &Path) -> Result<String, CertError> {
 /// Reads a private key, refusing it if group or others may access it or another user owns it.
 /// Mode and owner are checked on the opened file, so they are those of the bytes read.
 fn read_secret(path: &Path) -> Result<String, CertError> {
-    let (mut file, metadata) = open_regular(path)?;
+    let (file, metadata) = open_regular(path)?;
     let mode = metadata.permissions().mode() & 0o7777;
     if mode & KEY_FORBIDDEN_MODE_BITS != 0 {
         return Err(CertError::KeyAccessibleByOthers {
@@ -950,13 +954,7 @@ fn read_secret(path: &Path) -> Result<String, CertError> {
             user,
         });
     }
-    let mut text = String::new();
-    file.read_to_string(&mut text)
-        .map_err(|error| CertError::Read {
-            path: path.to_path_buf(),
-            error,
-        })?;
-    Ok(text)
+    read_text(file, path)
 }
 
 #[cfg(test)]
