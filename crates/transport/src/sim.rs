@@ -139,7 +139,15 @@ struct SimNode {
 }
 
 impl SimNode {
-    fn new(config: &SimConfig, id: EndpointId, paths: &[Path], protocol_version: u16) -> Self {
+    /// A fresh process; its request ids start at `first_request_id` (drawn from the network's
+    /// seeded RNG at every start, as QUIC draws it from the OS).
+    fn new(
+        config: &SimConfig,
+        id: EndpointId,
+        paths: &[Path],
+        protocol_version: u16,
+        first_request_id: u64,
+    ) -> Self {
         SimNode {
             alive: true,
             incarnation: 1,
@@ -147,7 +155,7 @@ impl SimNode {
             paths: paths.to_vec(),
             detector: FailureDetector::new(config.detector),
             events: EventQueue::new(&config.limits),
-            requests: RequestTable::new(id, config.limits.max_pending_requests),
+            requests: RequestTable::new(id, config.limits.max_pending_requests, first_request_id),
             streams: StreamNumbers::default(),
             timer_at: None,
         }
@@ -404,6 +412,8 @@ impl SimState {
                 }
                 DetectorAction::LocalStall { stalled } => {
                     self.trace(format_args!("{endpoint} local stall {stalled:?}"));
+                    let stalled_ms = u64::try_from(stalled.as_millis()).unwrap_or(u64::MAX);
+                    self.push_control(endpoint, Event::LocalStall { stalled_ms });
                 }
             }
         }
@@ -420,17 +430,30 @@ impl SimState {
         }
     }
 
+    /// Queues a data event; where QUIC's reader would wait for room, the frame is dropped. A
+    /// dropped response fails its request instead (`on_response` already took it out of the
+    /// table), so every request still gets exactly one answer.
     fn push_data(&mut self, endpoint: EndpointId, event: Event) {
         let limits = self.config.limits;
-        let full = self
-            .nodes
-            .get_mut(&endpoint)
-            .is_some_and(|n| matches!(n.events.push_data(event), Err(QueueFull(_))));
-        if full {
-            self.trace(format_args!(
-                "{endpoint} drop: event queue full ({} bytes, {} events)",
-                limits.event_queue_bytes, limits.event_queue_events
-            ));
+        let Some(node) = self.nodes.get_mut(&endpoint) else {
+            return;
+        };
+        let Err(QueueFull(event)) = node.events.push_data(event) else {
+            return;
+        };
+        let failed = match event {
+            Event::Response { from, id, .. } => {
+                Some(node.requests.response_lost(from, id, "event queue full"))
+            }
+            _ => None,
+        };
+        self.trace(format_args!(
+            "{endpoint} drop: event queue full ({} bytes, {} events)",
+            limits.event_queue_bytes, limits.event_queue_events
+        ));
+        if let Some(failed) = failed {
+            self.trace(format_args!("{endpoint} event {failed:?}"));
+            self.push_control(endpoint, failed);
         }
     }
 
@@ -609,7 +632,8 @@ impl SimNetwork {
         protocol_version: u16,
     ) -> SimTransport {
         let mut s = self.lock();
-        let mut node = SimNode::new(&s.config, id, paths, protocol_version);
+        let first_request_id = s.rng.random();
+        let mut node = SimNode::new(&s.config, id, paths, protocol_version, first_request_id);
         let others: Vec<(EndpointId, Vec<Path>)> = s
             .nodes
             .iter()
@@ -657,6 +681,7 @@ impl SimNetwork {
     pub fn restart(&self, id: EndpointId) {
         let mut s = self.lock();
         let config = s.config;
+        let first_request_id = s.rng.random();
         let peers: Vec<(EndpointId, Vec<Path>)> = s
             .nodes
             .iter()
@@ -664,7 +689,8 @@ impl SimNetwork {
             .map(|(p, n)| (*p, n.paths.clone()))
             .collect();
         if let Some(n) = s.nodes.get_mut(&id) {
-            let mut fresh = SimNode::new(&config, id, &n.paths, n.protocol_version);
+            let mut fresh =
+                SimNode::new(&config, id, &n.paths, n.protocol_version, first_request_id);
             fresh.incarnation = n.incarnation + 1;
             for (peer, paths) in peers {
                 let common: Vec<Path> = fresh

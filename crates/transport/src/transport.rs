@@ -12,8 +12,8 @@
 //!   a step back means resync.
 //! - `call`: a request whose answer goes straight to the caller's future; dropping the future
 //!   forgets the request at once (its pending slot is free again).
-//! - events arrive through `try_next_event`: peer events and request failures before any data
-//!   event queued earlier; a peer event names the peer's incarnation.
+//! - events arrive through `try_next_event`: peer events, request failures and local stalls
+//!   before any data event queued earlier; a peer event names the peer's incarnation.
 //! - a peer the detector hears on no path is `Unreachable`: sends and requests fail at once.
 //!
 //! Methods never block: they queue, bounded, and fail with `QueueFull` instead of waiting.
@@ -63,6 +63,14 @@ pub enum Event {
         payload: Bytes,
     },
     Peer(PeerEvent),
+    /// This process did not run for `stalled_ms` (a long synchronous call, a paused VM, a
+    /// blocked runtime): the detector did not count that silence against any peer, and the
+    /// peers may have declared this process down meanwhile, so a pair layer should check
+    /// whether it is still the primary before acting. Stalls queued and not yet read merge
+    /// into one event (their durations add up).
+    LocalStall {
+        stalled_ms: u64,
+    },
 }
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -89,6 +97,12 @@ pub enum TransportError {
         peer: EndpointId,
         id: u64,
         timeout_ms: u64,
+    },
+    #[error("response to request {id} from {peer} arrived but was lost: {reason}")]
+    ResponseLost {
+        peer: EndpointId,
+        id: u64,
+        reason: &'static str,
     },
     #[error("peer {peer} is unreachable on every path")]
     Unreachable { peer: EndpointId },
