@@ -1,6 +1,7 @@
 //! Hardening of the QUIC transport after the review of the `transport` merge: a stale
 //! incarnation cannot displace the live one, a replaced link never speaks for a dead
-//! incarnation, steady local lateness still reports a dead peer in bounded time, and nothing
+//! incarnation, a live peer whose reader waits beside others stays up, steady local lateness
+//! still reports a dead peer in bounded time, and nothing
 //! is buffered in megabytes before both hellos are in. Each test failed on the merged code.
 
 use std::net::SocketAddr;
@@ -294,6 +295,70 @@ async fn a_replaced_link_waiting_for_the_application_never_speaks_for_a_dead_inc
             .iter()
             .any(|e| matches!(e, Event::Message { payload, .. } if &payload[..] != b"m1")),
         "only m1, queued before the restart, is delivered: {data:?}"
+    );
+}
+
+/// Finding: a reader waiting for room heard its peer only when a `sleep(interval)` recreated at
+/// every wake-up ran out, and every event the application read woke every waiting reader. With
+/// an application reading faster than the keep-alive interval, a peer whose event does not fit
+/// was never heard while it waited, though its keep-alives kept arriving: a false `Down`.
+/// Here Q's small messages keep A's queue nearly full, the application reads one event every
+/// 20 ms (never emptying the queue), and P's 15 KiB message can never fit.
+#[tokio::test]
+async fn a_live_peer_stays_up_while_its_reader_waits_beside_others() {
+    const Q: EndpointId = EndpointId::new(3, 1);
+    let certs = certs_dir();
+    let a = endpoint(certs.path(), A, |c| c.limits.event_queue_bytes = 16 << 10).await;
+    a.add_peer(P, nowhere());
+    a.add_peer(Q, nowhere());
+    let server = a.local_addrs().expect("addrs").main;
+    let (_ep_p, _p, (mut ctl_p, _rp), _bulk_p) = raw_link(certs.path(), P, 1, server).await;
+    let (_ep_q, _q, (mut ctl_q, _rq), _bulk_q) = raw_link(certs.path(), Q, 1, server).await;
+    let small: Vec<Frame> = (0..2000)
+        .map(|_| Frame::Message {
+            payload: Bytes::from(vec![1u8; 100]),
+        })
+        .collect();
+    ctl_q.write_all(&encode(&small)).await.expect("write");
+    let _ka_q = keep_alive(ctl_q, ms(50));
+    assert!(
+        wait_until(ms(2000), || a.readers_waiting() == 1
+            && a.queued_events() > 50)
+        .await,
+        "Q's reader waits on a nearly full queue"
+    );
+    ctl_p
+        .write_all(&encode(&[Frame::Message {
+            payload: Bytes::from(vec![2u8; 15 << 10]),
+        }]))
+        .await
+        .expect("write");
+    let _ka_p = keep_alive(ctl_p, ms(50));
+    assert!(
+        wait_until(ms(2000), || a.readers_waiting() == 2).await,
+        "P's reader waits too"
+    );
+    // The application reads one event every 20 ms, never the last one.
+    let mut peer_events = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < ms(5 * DETECTION_MS) {
+        tokio::time::sleep(ms(20)).await;
+        if a.queued_events() >= 2
+            && let Some(Event::Peer(e)) = a.try_next_event()
+        {
+            peer_events.push(e);
+        }
+    }
+    println!("A's peer events while P waited: {peer_events:?}");
+    assert!(
+        a.peer_status(P).is_some_and(|s| s.up),
+        "P stayed up: {peer_events:?}"
+    );
+    assert!(
+        !peer_events
+            .iter()
+            .any(|e| matches!(e, PeerEvent::Down { peer, .. } if *peer == P)),
+        "a live peer whose reader waits was reported down: {peer_events:?}"
     );
 }
 
