@@ -305,8 +305,14 @@ impl<C: CallWaiter> RequestTable<C> {
         self.take(id);
     }
 
-    /// A response to request `id` arrived from `from`.
-    pub fn on_response(&mut self, from: EndpointId, id: u64, payload: Bytes) -> ResponseOutcome {
+    /// A response to request `id` arrived from incarnation `incarnation` of `from`.
+    pub fn on_response(
+        &mut self,
+        from: EndpointId,
+        incarnation: u64,
+        id: u64,
+        payload: Bytes,
+    ) -> ResponseOutcome {
         match self.pending.get(&id).map(|p| p.to) {
             None => ResponseOutcome::NotPending,
             Some(expected) if expected != from => ResponseOutcome::WrongPeer { expected },
@@ -317,6 +323,7 @@ impl<C: CallWaiter> RequestTable<C> {
                 }
                 Some(Waiter::Event) => ResponseOutcome::Deliver(Event::Response {
                     from,
+                    incarnation,
                     id: RequestId(id),
                     payload,
                 }),
@@ -562,15 +569,15 @@ mod tests {
         t.start(B, ms(1), ms(150), Waiter::Event)
             .expect("slot freed");
         assert_eq!(
-            t.on_response(A, late.id, Bytes::new()),
+            t.on_response(A, 1, late.id, Bytes::new()),
             ResponseOutcome::WrongPeer { expected: B }
         );
         assert!(matches!(
-            t.on_response(B, late.id, Bytes::new()),
+            t.on_response(B, 1, late.id, Bytes::new()),
             ResponseOutcome::Deliver(Event::Response { .. })
         ));
         assert_eq!(
-            t.on_response(B, late.id, Bytes::new()),
+            t.on_response(B, 1, late.id, Bytes::new()),
             ResponseOutcome::NotPending
         );
     }
@@ -617,6 +624,7 @@ mod tests {
         let mut q = EventQueue::new(&limits);
         let big = |n: u8| Event::Message {
             from: B,
+            incarnation: 1,
             payload: Bytes::from(vec![n; 1 << 20]),
         };
         let mut accepted = 0;
@@ -637,6 +645,7 @@ mod tests {
         assert_eq!(q.data_bytes(), 0);
         let huge = Event::Message {
             from: B,
+            incarnation: 1,
             payload: Bytes::from(vec![0u8; 8 << 20]),
         };
         assert!(

@@ -1243,6 +1243,7 @@ impl Inner {
     /// may wait on the application). Returns whether it waited for room in the event queue.
     async fn on_frame(&self, link: &LinkReader, frame: Frame) -> Result<bool, LinkError> {
         let from = link.peer;
+        let incarnation = link.terms.incarnation;
         let event = match frame {
             Frame::KeepAlive => None,
             Frame::Hello(_) => {
@@ -1250,14 +1251,19 @@ impl Inner {
                     "second hello on an established link".into(),
                 ));
             }
-            Frame::Message { payload } => Some(Event::Message { from, payload }),
+            Frame::Message { payload } => Some(Event::Message {
+                from,
+                incarnation,
+                payload,
+            }),
             Frame::Request { id, payload, .. } => Some(Event::Request {
                 from,
+                incarnation,
                 id: RequestId(id),
                 payload,
             }),
             Frame::Response { id, payload } => {
-                match lock(&self.requests).on_response(from, id, payload) {
+                match lock(&self.requests).on_response(from, incarnation, id, payload) {
                     ResponseOutcome::Deliver(event) => Some(event),
                     ResponseOutcome::Completed => None,
                     ResponseOutcome::WrongPeer { expected } => {
@@ -1277,6 +1283,7 @@ impl Inner {
                 payload,
             } => Some(Event::Stream {
                 from,
+                incarnation,
                 stream,
                 seq,
                 payload,

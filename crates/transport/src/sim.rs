@@ -518,40 +518,49 @@ impl SimState {
                 return;
             }
         };
-        node.detector.on_heard(from, path, terms.incarnation, now);
+        let incarnation = terms.incarnation;
+        node.detector.on_heard(from, path, incarnation, now);
         let event = match frame {
             Frame::Hello(_) | Frame::KeepAlive => None,
-            Frame::Message { payload } => Some(Event::Message { from, payload }),
+            Frame::Message { payload } => Some(Event::Message {
+                from,
+                incarnation,
+                payload,
+            }),
             Frame::Request { id, payload, .. } => Some(Event::Request {
                 from,
+                incarnation,
                 id: RequestId(id),
                 payload,
             }),
-            Frame::Response { id, payload } => match node.requests.on_response(from, id, payload) {
-                ResponseOutcome::Deliver(event) => Some(event),
-                ResponseOutcome::Completed => {
-                    self.trace(format_args!("{from}->{to} {path} {label} deliver to call"));
-                    None
+            Frame::Response { id, payload } => {
+                match node.requests.on_response(from, incarnation, id, payload) {
+                    ResponseOutcome::Deliver(event) => Some(event),
+                    ResponseOutcome::Completed => {
+                        self.trace(format_args!("{from}->{to} {path} {label} deliver to call"));
+                        None
+                    }
+                    ResponseOutcome::WrongPeer { expected } => {
+                        self.trace(format_args!(
+                            "{from}->{to} {path} {label} drop: request went to {expected}"
+                        ));
+                        None
+                    }
+                    ResponseOutcome::NotPending => {
+                        self.trace(format_args!(
+                            "{from}->{to} {path} {label} drop: no pending request"
+                        ));
+                        None
+                    }
                 }
-                ResponseOutcome::WrongPeer { expected } => {
-                    self.trace(format_args!(
-                        "{from}->{to} {path} {label} drop: request went to {expected}"
-                    ));
-                    None
-                }
-                ResponseOutcome::NotPending => {
-                    self.trace(format_args!(
-                        "{from}->{to} {path} {label} drop: no pending request"
-                    ));
-                    None
-                }
-            },
+            }
             Frame::Stream {
                 stream,
                 seq,
                 payload,
             } => Some(Event::Stream {
                 from,
+                incarnation,
                 stream,
                 seq,
                 payload,

@@ -33,20 +33,25 @@ use crate::wire::StreamId;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RequestId(pub u64);
 
-/// Everything an endpoint hears.
+/// Everything an endpoint hears. Data events name the sender's incarnation (from the hello of
+/// the link they came on): control events come first, so a message of a peer's previous
+/// incarnation may be read after its `Down` and the `Up` of the next one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Message {
         from: EndpointId,
+        incarnation: u64,
         payload: Bytes,
     },
     Request {
         from: EndpointId,
+        incarnation: u64,
         id: RequestId,
         payload: Bytes,
     },
     Response {
         from: EndpointId,
+        incarnation: u64,
         id: RequestId,
         payload: Bytes,
     },
@@ -58,6 +63,7 @@ pub enum Event {
     },
     Stream {
         from: EndpointId,
+        incarnation: u64,
         stream: StreamId,
         seq: u64,
         payload: Bytes,

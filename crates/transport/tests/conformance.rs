@@ -106,7 +106,9 @@ fn serve(b: QuicTransport, seen: Arc<Mutex<Vec<Event>>>) -> tokio::task::JoinHan
     tokio::spawn(async move {
         while let Some(event) = b.next_event().await {
             match event {
-                Event::Request { from, id, payload } => {
+                Event::Request {
+                    from, id, payload, ..
+                } => {
                     let _ = b.respond(from, id, payload);
                 }
                 other => seen.lock().unwrap_or_else(|p| p.into_inner()).push(other),
@@ -227,7 +229,9 @@ impl SimWorld {
         self.net.run_for(Duration::from_micros(100));
         while let Some(event) = self.b.try_next_event() {
             match event {
-                Event::Request { from, id, payload } => {
+                Event::Request {
+                    from, id, payload, ..
+                } => {
                     let _ = self.b.respond(from, id, payload);
                 }
                 other => self
@@ -359,6 +363,7 @@ async fn calls_requests_messages_and_ordered_streams<W: World>() {
         w.next_a(ms(3000)).await,
         Some(Event::Response {
             from: B,
+            incarnation: w.b().incarnation(),
             id,
             payload: Bytes::from_static(b"event")
         })
@@ -614,11 +619,19 @@ async fn a_late_answer_to_the_previous_incarnation_never_answers_a_new_request<W
         .expect("request");
     let asked = w.next_a(ms(2000)).await;
     let Some(Event::Request {
-        from: B, id: heard, ..
+        from: B,
+        id: heard,
+        incarnation: asked_by,
+        ..
     }) = asked
     else {
         panic!("A heard {asked:?}");
     };
+    assert_eq!(
+        asked_by,
+        w.b().incarnation(),
+        "a data event names its sender's incarnation"
+    );
     w.crash_b().await;
     w.restart_b().await;
     let new_inc = w.b().incarnation();

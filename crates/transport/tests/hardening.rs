@@ -1,8 +1,8 @@
 //! Hardening of the QUIC transport after the review of the `transport` merge: a stale
 //! incarnation cannot displace the live one, a replaced link never speaks for a dead
 //! incarnation, a live peer whose reader waits beside others stays up, steady local lateness
-//! still reports a dead peer in bounded time, and nothing
-//! is buffered in megabytes before both hellos are in. Each test failed on the merged code.
+//! still reports a dead peer in bounded time, and nothing is buffered in megabytes before both
+//! hellos are in. Each test failed on the merged code.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
