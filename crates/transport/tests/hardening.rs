@@ -1,8 +1,9 @@
 //! Hardening of the QUIC transport after the review of the `transport` merge: a stale
 //! incarnation cannot displace the live one, a replaced link never speaks for a dead
 //! incarnation, a live peer whose reader waits beside others stays up, steady local lateness
-//! still reports a dead peer in bounded time, and nothing is buffered in megabytes before both
-//! hellos are in. Each test failed on the merged code.
+//! still reports a dead peer in bounded time and a local stall reaches the application, and
+//! nothing is buffered in megabytes before both hellos are in. Each test failed on the merged
+//! code.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -396,6 +397,24 @@ fn a_steadily_late_runtime_still_reports_a_dead_peer_within_a_bounded_time() {
     assert!(
         down_after.is_some_and(|d| d <= bound),
         "reported after {down_after:?} ms, more than {bound} ms"
+    );
+}
+
+/// Finding: a local stall was only logged; the application (the pair layer, which must fence
+/// itself when its peers may have declared it down) never heard of it.
+#[tokio::test]
+async fn a_local_stall_reaches_the_application_as_an_event() {
+    let certs = certs_dir();
+    let a = endpoint(certs.path(), A, |_| {}).await;
+    // Let the detector tick once, then block this (current-thread) runtime: nothing runs.
+    tokio::time::sleep(ms(2 * DETECTION_MS / 6)).await;
+    std::thread::sleep(ms(400));
+    let (_, events) = collect(&a, ms(DETECTION_MS)).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::LocalStall { stalled_ms } if *stalled_ms >= 300)),
+        "{events:?}"
     );
 }
 
