@@ -221,13 +221,16 @@ pub enum ResponseOutcome {
 /// Requests waiting for an answer, each with its deadline, and request failures not yet read.
 ///
 /// Request ids start at a random value per incarnation (`first_id`, from the OS in QUIC and
-/// from the seeded RNG in the simulation) and count up from there, wrapping: a response is
-/// matched by (peer, id) only, so a late answer to a previous incarnation's request must not
-/// find a new request under the same id. With 64-bit random starts two incarnations' ids meet
-/// only with negligible probability.
+/// from the seeded RNG in the simulation) and count up from there, wrapping. A response is
+/// matched by (peer, id); what keeps a late answer to a previous incarnation's request from
+/// matching a new request under the same id is the responder (`respond` answers only the
+/// incarnation that asked, `RequestId::requester_incarnation`); the random start keeps two
+/// incarnations' ids apart in logs and traces.
 #[derive(Debug)]
 pub struct RequestTable<C> {
     local: EndpointId,
+    /// This process's incarnation, which every `RequestId` it hands out names.
+    incarnation: u64,
     max_pending: usize,
     next_id: u64,
     pending: BTreeMap<u64, PendingRequest<C>>,
@@ -237,15 +240,25 @@ pub struct RequestTable<C> {
 }
 
 impl<C: CallWaiter> RequestTable<C> {
-    /// A table whose first request gets id `first_id` (random per incarnation, see above).
-    pub fn new(local: EndpointId, max_pending: usize, first_id: u64) -> Self {
+    /// The table of incarnation `incarnation` of `local`, whose first request gets id
+    /// `first_id` (random per incarnation, see above).
+    pub fn new(local: EndpointId, incarnation: u64, max_pending: usize, first_id: u64) -> Self {
         RequestTable {
             local,
+            incarnation,
             max_pending,
             next_id: first_id,
             pending: BTreeMap::new(),
             by_deadline: BTreeSet::new(),
             unread_failures: 0,
+        }
+    }
+
+    /// How the application names request `id` of this process.
+    pub fn request_id(&self, id: u64) -> RequestId {
+        RequestId {
+            id,
+            requester_incarnation: self.incarnation,
         }
     }
 
@@ -324,7 +337,7 @@ impl<C: CallWaiter> RequestTable<C> {
                 Some(Waiter::Event) => ResponseOutcome::Deliver(Event::Response {
                     from,
                     incarnation,
-                    id: RequestId(id),
+                    id: self.request_id(id),
                     payload,
                 }),
                 None => ResponseOutcome::NotPending,
@@ -352,7 +365,7 @@ impl<C: CallWaiter> RequestTable<C> {
                     self.unread_failures += 1;
                     failed.push(Event::RequestFailed {
                         to: p.to,
-                        id: RequestId(id),
+                        id: self.request_id(id),
                         error,
                     });
                 }
@@ -377,7 +390,7 @@ impl<C: CallWaiter> RequestTable<C> {
             id,
             error: TransportError::ResponseLost {
                 peer: from,
-                id: id.0,
+                id: id.id,
                 reason,
             },
         }
@@ -553,7 +566,7 @@ mod tests {
 
     #[test]
     fn requests_expire_in_deadline_order_and_count_until_read() {
-        let mut t: RequestTable<Slot> = RequestTable::new(A, 2, 1);
+        let mut t: RequestTable<Slot> = RequestTable::new(A, 1, 2, 1);
         let late = t.start(B, ms(200), ms(0), Waiter::Event).expect("first");
         let early = t.start(B, ms(100), ms(0), Waiter::Event).expect("second");
         assert!(matches!(
@@ -562,7 +575,9 @@ mod tests {
         ));
         assert_eq!(t.next_deadline(), Some(ms(100)));
         let failed = t.expire(ms(150));
-        assert!(matches!(failed.as_slice(), [Event::RequestFailed { id, .. }] if id.0 == early.id));
+        assert!(
+            matches!(failed.as_slice(), [Event::RequestFailed { id, .. }] if id.id == early.id)
+        );
         // The unread failure still holds its slot: the control queue stays bounded.
         assert!(t.start(B, ms(1), ms(150), Waiter::Event).is_err());
         t.failure_read();
@@ -584,7 +599,7 @@ mod tests {
 
     #[test]
     fn a_forgotten_call_frees_its_slot_and_a_timed_out_call_is_told() {
-        let mut t: RequestTable<Slot> = RequestTable::new(A, 1, 1);
+        let mut t: RequestTable<Slot> = RequestTable::new(A, 1, 1, 1);
         let answer = std::rc::Rc::new(std::cell::RefCell::new(None));
         let r = t
             .start(B, ms(10), ms(0), Waiter::Call(Slot(answer.clone())))
@@ -607,7 +622,7 @@ mod tests {
 
     #[test]
     fn unbounded_timeouts_are_capped_not_overflowed() {
-        let mut t: RequestTable<Slot> = RequestTable::new(A, 4, 1);
+        let mut t: RequestTable<Slot> = RequestTable::new(A, 1, 4, 1);
         let r = t
             .start(B, Duration::MAX, Duration::MAX / 2, Waiter::Event)
             .expect("start");
@@ -734,7 +749,7 @@ mod tests {
 
     #[test]
     fn request_ids_start_where_told_and_wrap() {
-        let mut t: RequestTable<Slot> = RequestTable::new(A, 4, u64::MAX);
+        let mut t: RequestTable<Slot> = RequestTable::new(A, 1, 4, u64::MAX);
         let first = t.start(B, ms(10), ms(0), Waiter::Event).expect("first");
         let second = t.start(B, ms(10), ms(0), Waiter::Event).expect("second");
         assert_eq!((first.id, second.id), (u64::MAX, 0));

@@ -640,6 +640,26 @@ impl Inner {
         self.enqueue(to, link, path, frame)
     }
 
+    /// Queues an answer on the link to the requester's incarnation; drops it if the link speaks
+    /// for another incarnation (the requester restarted: the answer could only meet a new
+    /// request that reused the id).
+    fn respond(&self, to: EndpointId, id: RequestId, payload: Bytes) -> Result<(), TransportError> {
+        self.check_sendable(to, payload.len())?;
+        let peers = lock(&self.peers);
+        let entry = peers
+            .entries
+            .get(&to)
+            .ok_or_else(|| self.unknown_peer(to))?;
+        let (path, link) = self.route(to, entry)?;
+        if link.terms.incarnation != id.requester_incarnation {
+            debug!(local = %self.local(), peer = %to, id = id.id,
+                asked_by = id.requester_incarnation, now = link.terms.incarnation,
+                "response dropped: the requester restarted");
+            return Ok(());
+        }
+        self.enqueue(to, link, path, Frame::Response { id: id.id, payload })
+    }
+
     /// Numbers and queues a stream frame in one critical section (the peers lock), so numbers
     /// follow queue order and a refused frame consumes no number.
     fn stream_send(
@@ -1259,7 +1279,10 @@ impl Inner {
             Frame::Request { id, payload, .. } => Some(Event::Request {
                 from,
                 incarnation,
-                id: RequestId(id),
+                id: RequestId {
+                    id,
+                    requester_incarnation: incarnation,
+                },
                 payload,
             }),
             Frame::Response { id, payload } => {
@@ -1660,6 +1683,7 @@ impl QuicTransport {
             // answer to the previous incarnation's request never matches a new one.
             requests: Mutex::new(RequestTable::new(
                 config.local,
+                config.incarnation,
                 config.limits.max_pending_requests,
                 rand::random(),
             )),
@@ -1848,7 +1872,7 @@ impl Transport for QuicTransport {
         self.inner.detector_wake.notify_one();
         self.inner
             .send_request(to, started.id, started.timeout_ms, payload)?;
-        Ok(RequestId(started.id))
+        Ok(lock(&self.inner.requests).request_id(started.id))
     }
 
     fn call(
@@ -1890,8 +1914,7 @@ impl Transport for QuicTransport {
     }
 
     fn respond(&self, to: EndpointId, id: RequestId, payload: Bytes) -> Result<(), TransportError> {
-        self.inner
-            .send_frame(to, Frame::Response { id: id.0, payload })
+        self.inner.respond(to, id, payload)
     }
 
     fn stream_send(

@@ -139,23 +139,29 @@ struct SimNode {
 }
 
 impl SimNode {
-    /// A fresh process; its request ids start at `first_request_id` (drawn from the network's
-    /// seeded RNG at every start, as QUIC draws it from the OS).
+    /// Incarnation `incarnation` of a process; its request ids start at `first_request_id`
+    /// (drawn from the network's seeded RNG at every start, as QUIC draws it from the OS).
     fn new(
         config: &SimConfig,
         id: EndpointId,
         paths: &[Path],
         protocol_version: u16,
+        incarnation: u64,
         first_request_id: u64,
     ) -> Self {
         SimNode {
             alive: true,
-            incarnation: 1,
+            incarnation,
             protocol_version,
             paths: paths.to_vec(),
             detector: FailureDetector::new(config.detector),
             events: EventQueue::new(&config.limits),
-            requests: RequestTable::new(id, config.limits.max_pending_requests, first_request_id),
+            requests: RequestTable::new(
+                id,
+                incarnation,
+                config.limits.max_pending_requests,
+                first_request_id,
+            ),
             streams: StreamNumbers::default(),
             timer_at: None,
         }
@@ -530,7 +536,10 @@ impl SimState {
             Frame::Request { id, payload, .. } => Some(Event::Request {
                 from,
                 incarnation,
-                id: RequestId(id),
+                id: RequestId {
+                    id,
+                    requester_incarnation: incarnation,
+                },
                 payload,
             }),
             Frame::Response { id, payload } => {
@@ -642,7 +651,7 @@ impl SimNetwork {
     ) -> SimTransport {
         let mut s = self.lock();
         let first_request_id = s.rng.random();
-        let mut node = SimNode::new(&s.config, id, paths, protocol_version, first_request_id);
+        let mut node = SimNode::new(&s.config, id, paths, protocol_version, 1, first_request_id);
         let others: Vec<(EndpointId, Vec<Path>)> = s
             .nodes
             .iter()
@@ -698,9 +707,14 @@ impl SimNetwork {
             .map(|(p, n)| (*p, n.paths.clone()))
             .collect();
         if let Some(n) = s.nodes.get_mut(&id) {
-            let mut fresh =
-                SimNode::new(&config, id, &n.paths, n.protocol_version, first_request_id);
-            fresh.incarnation = n.incarnation + 1;
+            let mut fresh = SimNode::new(
+                &config,
+                id,
+                &n.paths,
+                n.protocol_version,
+                n.incarnation + 1,
+                first_request_id,
+            );
             for (peer, paths) in peers {
                 let common: Vec<Path> = fresh
                     .paths
@@ -828,8 +842,13 @@ impl Transport for SimTransport {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<RequestId, TransportError> {
-        self.start_request(to, payload, timeout, Waiter::Event)
-            .map(RequestId)
+        let id = self.start_request(to, payload, timeout, Waiter::Event)?;
+        let s = self.lock();
+        let node = s
+            .nodes
+            .get(&self.id)
+            .ok_or(TransportError::Closed { local: self.id })?;
+        Ok(node.requests.request_id(id))
     }
 
     fn call(
@@ -859,7 +878,16 @@ impl Transport for SimTransport {
     fn respond(&self, to: EndpointId, id: RequestId, payload: Bytes) -> Result<(), TransportError> {
         let mut s = self.lock();
         let path = s.sender(self.id, to, &payload)?;
-        s.transmit(self.id, to, path, Frame::Response { id: id.0, payload });
+        let now = s.nodes.get(&to).map(|n| n.incarnation);
+        if now != Some(id.requester_incarnation) {
+            // As on QUIC, where the link to the requester speaks for its new incarnation.
+            s.trace(format_args!(
+                "{}->{to} {path} response id={} drop: requester restarted",
+                self.id, id.id
+            ));
+            return Ok(());
+        }
+        s.transmit(self.id, to, path, Frame::Response { id: id.id, payload });
         Ok(())
     }
 

@@ -29,9 +29,14 @@ use crate::addr::{EndpointId, Path};
 use crate::detector::{PeerEvent, PeerStatus};
 use crate::wire::StreamId;
 
-/// Names one request of one endpoint; unique for the life of the endpoint.
+/// Names one request: the id its requester gave it (unique for the life of that process) and
+/// the requester's incarnation. `respond` sends an answer only to that incarnation, so a late
+/// answer never reaches a later incarnation of the requester that reused the id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct RequestId(pub u64);
+pub struct RequestId {
+    pub id: u64,
+    pub requester_incarnation: u64,
+}
 
 /// Everything an endpoint hears. Data events name the sender's incarnation (from the hello of
 /// the link they came on): control events come first, so a message of a peer's previous
@@ -140,7 +145,9 @@ pub trait Transport {
         payload: Bytes,
         timeout: Duration,
     ) -> impl Future<Output = Result<Bytes, TransportError>> + Send;
-    /// Answers a request heard as `Event::Request`.
+    /// Answers a request heard as `Event::Request`. An answer to an incarnation of the
+    /// requester that is gone (the link to `to` now speaks for a later one) is dropped: it
+    /// could only answer a new request that reused the id.
     fn respond(&self, to: EndpointId, id: RequestId, payload: Bytes) -> Result<(), TransportError>;
     /// Appends to an ordered stream; returns the frame's sequence number on that stream.
     /// Numbering and queueing are one step: concurrent callers get increasing numbers in queue

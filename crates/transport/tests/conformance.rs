@@ -415,7 +415,7 @@ async fn a_request_to_a_silent_peer_fails_once_with_a_timeout<W: World>() {
             id,
             error: TransportError::Timeout {
                 peer: B,
-                id: id.0,
+                id: id.id,
                 timeout_ms: 100
             }
         })

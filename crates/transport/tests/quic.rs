@@ -316,7 +316,7 @@ async fn a_response_from_a_peer_the_request_did_not_go_to_is_ignored() {
         raw_link(certs.path(), forger, server, A.node).await;
     send.write_all(&encode(&[
         Frame::Response {
-            id: id.0,
+            id: id.id,
             payload: Bytes::from_static(b"forged"),
         },
         Frame::Message {
