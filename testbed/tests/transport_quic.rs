@@ -192,6 +192,10 @@ async fn request_response_messages_and_streams_between_processes() {
         got.map(|g| g.0),
         Some(Event::Response {
             from: PEER,
+            incarnation: t
+                .peer_status(PEER)
+                .and_then(|s| s.incarnation)
+                .expect("the peer was heard"),
             id,
             payload: Bytes::from_static(b"via event")
         })
@@ -214,6 +218,7 @@ async fn request_response_messages_and_streams_between_processes() {
                     stream,
                     seq,
                     payload,
+                    ..
                 },
                 _,
             )) => {

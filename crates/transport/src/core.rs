@@ -15,8 +15,8 @@ use crate::addr::{EndpointId, Path};
 use crate::detector::PeerEvent;
 use crate::transport::{Event, RequestId, TransportError};
 use crate::wire::{
-    DEFAULT_MAX_FRAME_BYTES, FRAME_HEADER_MAX_BYTES, Hello, MAX_FRAME_BYTES_LIMIT, StreamId,
-    VersionError, negotiate_version,
+    DEFAULT_MAX_FRAME_BYTES, FRAME_HEADER_MAX_BYTES, Hello, LENGTH_PREFIX_BYTES,
+    MAX_FRAME_BYTES_LIMIT, StreamId, VersionError, negotiate_version,
 };
 
 /// Longest request deadline: the wire carries `timeout_ms` as u32 (about 49 days).
@@ -57,7 +57,8 @@ impl Default for Limits {
         Limits {
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             control_queue_bytes: 4 << 20,
-            bulk_queue_bytes: 32 << 20,
+            // Two maximal frames with their length prefixes: one can queue behind one in flight.
+            bulk_queue_bytes: 2 * (DEFAULT_MAX_FRAME_BYTES + LENGTH_PREFIX_BYTES),
             event_queue_bytes: 64 << 20,
             event_queue_events: 4096,
             delay_queue_bytes: 32 << 20,
@@ -98,7 +99,7 @@ pub fn event_bytes(event: &Event) -> usize {
         | Event::Request { payload, .. }
         | Event::Response { payload, .. }
         | Event::Stream { payload, .. } => payload.len(),
-        Event::RequestFailed { .. } | Event::Peer(_) => 0,
+        Event::RequestFailed { .. } | Event::Peer(_) | Event::LocalStall { .. } => 0,
     };
     std::mem::size_of::<Event>() + payload
 }
@@ -218,9 +219,18 @@ pub enum ResponseOutcome {
 }
 
 /// Requests waiting for an answer, each with its deadline, and request failures not yet read.
+///
+/// Request ids start at a random value per incarnation (`first_id`, from the OS in QUIC and
+/// from the seeded RNG in the simulation) and count up from there, wrapping. A response is
+/// matched by (peer, id); what keeps a late answer to a previous incarnation's request from
+/// matching a new request under the same id is the responder (`respond` answers only the
+/// incarnation that asked, `RequestId::requester_incarnation`); the random start keeps two
+/// incarnations' ids apart in logs and traces.
 #[derive(Debug)]
 pub struct RequestTable<C> {
     local: EndpointId,
+    /// This process's incarnation, which every `RequestId` it hands out names.
+    incarnation: u64,
     max_pending: usize,
     next_id: u64,
     pending: BTreeMap<u64, PendingRequest<C>>,
@@ -230,14 +240,25 @@ pub struct RequestTable<C> {
 }
 
 impl<C: CallWaiter> RequestTable<C> {
-    pub fn new(local: EndpointId, max_pending: usize) -> Self {
+    /// The table of incarnation `incarnation` of `local`, whose first request gets id
+    /// `first_id` (random per incarnation, see above).
+    pub fn new(local: EndpointId, incarnation: u64, max_pending: usize, first_id: u64) -> Self {
         RequestTable {
             local,
+            incarnation,
             max_pending,
-            next_id: 1,
+            next_id: first_id,
             pending: BTreeMap::new(),
             by_deadline: BTreeSet::new(),
             unread_failures: 0,
+        }
+    }
+
+    /// How the application names request `id` of this process.
+    pub fn request_id(&self, id: u64) -> RequestId {
+        RequestId {
+            id,
+            requester_incarnation: self.incarnation,
         }
     }
 
@@ -268,7 +289,7 @@ impl<C: CallWaiter> RequestTable<C> {
         let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
         let deadline = now.checked_add(timeout).unwrap_or(Duration::MAX);
         let id = self.next_id;
-        self.next_id += 1;
+        self.next_id = self.next_id.wrapping_add(1);
         self.pending.insert(
             id,
             PendingRequest {
@@ -297,8 +318,14 @@ impl<C: CallWaiter> RequestTable<C> {
         self.take(id);
     }
 
-    /// A response to request `id` arrived from `from`.
-    pub fn on_response(&mut self, from: EndpointId, id: u64, payload: Bytes) -> ResponseOutcome {
+    /// A response to request `id` arrived from incarnation `incarnation` of `from`.
+    pub fn on_response(
+        &mut self,
+        from: EndpointId,
+        incarnation: u64,
+        id: u64,
+        payload: Bytes,
+    ) -> ResponseOutcome {
         match self.pending.get(&id).map(|p| p.to) {
             None => ResponseOutcome::NotPending,
             Some(expected) if expected != from => ResponseOutcome::WrongPeer { expected },
@@ -309,7 +336,8 @@ impl<C: CallWaiter> RequestTable<C> {
                 }
                 Some(Waiter::Event) => ResponseOutcome::Deliver(Event::Response {
                     from,
-                    id: RequestId(id),
+                    incarnation,
+                    id: self.request_id(id),
                     payload,
                 }),
                 None => ResponseOutcome::NotPending,
@@ -337,13 +365,35 @@ impl<C: CallWaiter> RequestTable<C> {
                     self.unread_failures += 1;
                     failed.push(Event::RequestFailed {
                         to: p.to,
-                        id: RequestId(id),
+                        id: self.request_id(id),
                         error,
                     });
                 }
             }
         }
         failed
+    }
+
+    /// A response that `on_response` took out of the table could not be queued for the
+    /// application (the event queue was full in the simulation, its link died while the QUIC
+    /// reader waited for room): the request fails instead, so it still gets exactly one answer.
+    /// The failure counts as unread until `failure_read`.
+    pub fn response_lost(
+        &mut self,
+        from: EndpointId,
+        id: RequestId,
+        reason: &'static str,
+    ) -> Event {
+        self.unread_failures += 1;
+        Event::RequestFailed {
+            to: from,
+            id,
+            error: TransportError::ResponseLost {
+                peer: from,
+                id: id.id,
+                reason,
+            },
+        }
     }
 
     /// The application read a `RequestFailed` event (or it was discarded): its slot is free.
@@ -399,22 +449,47 @@ impl EventQueue {
         }
     }
 
-    /// Queues a peer event or a request failure; never refuses. Returns a peer event that was
-    /// coalesced away (an older event of the same peer) when peer events were at their bound.
+    /// Queues a peer event, a request failure or a local stall; never refuses. Returns a peer
+    /// event that was coalesced away when peer events were at their bound: the oldest queued
+    /// event of the same peer that is not a `Down` (and, when that is an `Up`, the `Down` of
+    /// the same incarnation with it, since the application never saw that incarnation up). So a
+    /// `Down` the application needs (its `Up` was read) is never dropped while a later `Up` is
+    /// kept; at most one such `Down` per peer can hold the queue above its bound. Local stalls
+    /// merge into the one already queued (their durations add up).
     pub fn push_control(&mut self, event: Event) -> Option<PeerEvent> {
         let mut coalesced = None;
-        if let Event::Peer(new) = event {
-            if self.peer_events >= PEER_EVENTS_QUEUED_MAX
-                && let Some(pos) = self
-                    .control
-                    .iter()
-                    .position(|e| matches!(e, Event::Peer(old) if old.peer() == new.peer()))
-                && let Some(Event::Peer(old)) = self.control.remove(pos)
-            {
-                coalesced = Some(old);
-                self.peer_events -= 1;
+        match event {
+            Event::Peer(new) => {
+                if self.peer_events >= PEER_EVENTS_QUEUED_MAX
+                    && let Some(pos) = self.control.iter().position(|e| {
+                        matches!(e, Event::Peer(old) if old.peer() == new.peer()
+                            && !matches!(old, PeerEvent::Down { .. }))
+                    })
+                    && let Some(Event::Peer(old)) = self.control.remove(pos)
+                {
+                    self.peer_events -= 1;
+                    if let PeerEvent::Up { peer, incarnation } = old {
+                        let down = Event::Peer(PeerEvent::Down { peer, incarnation });
+                        if let Some(pos) = self.control.iter().position(|e| *e == down) {
+                            self.control.remove(pos);
+                            self.peer_events -= 1;
+                        }
+                    }
+                    coalesced = Some(old);
+                }
+                self.peer_events += 1;
             }
-            self.peer_events += 1;
+            Event::LocalStall { stalled_ms } => {
+                let queued = self.control.iter_mut().find_map(|e| match e {
+                    Event::LocalStall { stalled_ms } => Some(stalled_ms),
+                    _ => None,
+                });
+                if let Some(queued) = queued {
+                    *queued = queued.saturating_add(stalled_ms);
+                    return None;
+                }
+            }
+            _ => {}
         }
         self.control.push_back(event);
         coalesced
@@ -491,7 +566,7 @@ mod tests {
 
     #[test]
     fn requests_expire_in_deadline_order_and_count_until_read() {
-        let mut t: RequestTable<Slot> = RequestTable::new(A, 2);
+        let mut t: RequestTable<Slot> = RequestTable::new(A, 1, 2, 1);
         let late = t.start(B, ms(200), ms(0), Waiter::Event).expect("first");
         let early = t.start(B, ms(100), ms(0), Waiter::Event).expect("second");
         assert!(matches!(
@@ -500,29 +575,31 @@ mod tests {
         ));
         assert_eq!(t.next_deadline(), Some(ms(100)));
         let failed = t.expire(ms(150));
-        assert!(matches!(failed.as_slice(), [Event::RequestFailed { id, .. }] if id.0 == early.id));
+        assert!(
+            matches!(failed.as_slice(), [Event::RequestFailed { id, .. }] if id.id == early.id)
+        );
         // The unread failure still holds its slot: the control queue stays bounded.
         assert!(t.start(B, ms(1), ms(150), Waiter::Event).is_err());
         t.failure_read();
         t.start(B, ms(1), ms(150), Waiter::Event)
             .expect("slot freed");
         assert_eq!(
-            t.on_response(A, late.id, Bytes::new()),
+            t.on_response(A, 1, late.id, Bytes::new()),
             ResponseOutcome::WrongPeer { expected: B }
         );
         assert!(matches!(
-            t.on_response(B, late.id, Bytes::new()),
+            t.on_response(B, 1, late.id, Bytes::new()),
             ResponseOutcome::Deliver(Event::Response { .. })
         ));
         assert_eq!(
-            t.on_response(B, late.id, Bytes::new()),
+            t.on_response(B, 1, late.id, Bytes::new()),
             ResponseOutcome::NotPending
         );
     }
 
     #[test]
     fn a_forgotten_call_frees_its_slot_and_a_timed_out_call_is_told() {
-        let mut t: RequestTable<Slot> = RequestTable::new(A, 1);
+        let mut t: RequestTable<Slot> = RequestTable::new(A, 1, 1, 1);
         let answer = std::rc::Rc::new(std::cell::RefCell::new(None));
         let r = t
             .start(B, ms(10), ms(0), Waiter::Call(Slot(answer.clone())))
@@ -545,7 +622,7 @@ mod tests {
 
     #[test]
     fn unbounded_timeouts_are_capped_not_overflowed() {
-        let mut t: RequestTable<Slot> = RequestTable::new(A, 4);
+        let mut t: RequestTable<Slot> = RequestTable::new(A, 1, 4, 1);
         let r = t
             .start(B, Duration::MAX, Duration::MAX / 2, Waiter::Event)
             .expect("start");
@@ -562,6 +639,7 @@ mod tests {
         let mut q = EventQueue::new(&limits);
         let big = |n: u8| Event::Message {
             from: B,
+            incarnation: 1,
             payload: Bytes::from(vec![n; 1 << 20]),
         };
         let mut accepted = 0;
@@ -582,6 +660,7 @@ mod tests {
         assert_eq!(q.data_bytes(), 0);
         let huge = Event::Message {
             from: B,
+            incarnation: 1,
             payload: Bytes::from(vec![0u8; 8 << 20]),
         };
         assert!(
@@ -616,6 +695,64 @@ mod tests {
             })
         );
         assert_eq!(q.len(), PEER_EVENTS_QUEUED_MAX);
+    }
+
+    #[test]
+    fn coalescing_never_drops_a_down_the_application_needs() {
+        let mut q = EventQueue::new(&Limits::default());
+        let p0 = EndpointId::new(0, 0);
+        let peer = |peer, n: u16| {
+            Event::Peer(PeerEvent::LinkUp {
+                peer,
+                path: Path::Failsafe,
+                incarnation: u64::from(n),
+            })
+        };
+        // The application read Up{p0, 1}; Down{p0, 1} is queued first, then other peers fill up.
+        q.push_control(Event::Peer(PeerEvent::Down {
+            peer: p0,
+            incarnation: 1,
+        }));
+        for n in 1..PEER_EVENTS_QUEUED_MAX as u16 {
+            q.push_control(peer(EndpointId::new(n, 0), n));
+        }
+        q.push_control(Event::Peer(PeerEvent::Up {
+            peer: p0,
+            incarnation: 2,
+        }));
+        let p0_events: Vec<Event> = std::iter::from_fn(|| q.pop())
+            .filter(|e| matches!(e, Event::Peer(p) if p.peer() == p0))
+            .collect();
+        assert_eq!(
+            p0_events,
+            vec![
+                Event::Peer(PeerEvent::Down {
+                    peer: p0,
+                    incarnation: 1
+                }),
+                Event::Peer(PeerEvent::Up {
+                    peer: p0,
+                    incarnation: 2
+                })
+            ]
+        );
+    }
+
+    #[test]
+    fn local_stalls_merge_into_one_queued_event() {
+        let mut q = EventQueue::new(&Limits::default());
+        q.push_control(Event::LocalStall { stalled_ms: 150 });
+        q.push_control(Event::LocalStall { stalled_ms: 200 });
+        assert_eq!(q.pop(), Some(Event::LocalStall { stalled_ms: 350 }));
+        assert_eq!(q.pop(), None);
+    }
+
+    #[test]
+    fn request_ids_start_where_told_and_wrap() {
+        let mut t: RequestTable<Slot> = RequestTable::new(A, 1, 4, u64::MAX);
+        let first = t.start(B, ms(10), ms(0), Waiter::Event).expect("first");
+        let second = t.start(B, ms(10), ms(0), Waiter::Event).expect("second");
+        assert_eq!((first.id, second.id), (u64::MAX, 0));
     }
 
     #[test]

@@ -22,7 +22,11 @@
 //! later than that means this process did not run (a long sync, a paused VM); the silence that
 //! piled up meanwhile says nothing about the peers, so every path's silence clock is moved
 //! forward by the stall and the stall is reported to the driver (`DetectorAction::LocalStall`)
-//! instead of declaring every peer down.
+//! instead of declaring every peer down. Forgiveness is capped per silence episode (from the
+//! last frame heard on a path): the first stall is forgiven in full, later ones only while the
+//! episode's total stays within one detection time. So a runtime that is late at every tick
+//! (ticks every `g`) still reports a dead peer within about `detection + max(g, detection) + g`
+//! instead of never.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
@@ -125,6 +129,9 @@ struct PathState {
     last_heard: Option<Duration>,
     last_keepalive_sent: Option<Duration>,
     up: bool,
+    /// Silence forgiven for local stalls since `last_heard` was last set by a frame; `None`
+    /// before the first stall of this silence episode.
+    forgiven: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -187,6 +194,7 @@ impl FailureDetector {
                 last_heard: None,
                 last_keepalive_sent: None,
                 up: false,
+                forgiven: None,
             });
         }
     }
@@ -279,6 +287,7 @@ impl FailureDetector {
             return;
         };
         ps.last_heard = Some(now);
+        ps.forgiven = None;
         if ps.up {
             return;
         }
@@ -304,7 +313,8 @@ impl FailureDetector {
 
     /// Advances time: queues the keep-alives that are due and the paths and peers that fell silent.
     /// A tick much later than the previous one is a local stall: the silence it covers is not
-    /// counted (every path's silence clock moves forward by the stall).
+    /// counted (every path's silence clock moves forward by the stall), within the cap per
+    /// silence episode of the module docs.
     pub fn on_tick(&mut self, now: Duration) {
         let interval = Duration::from_millis(self.config.keepalive_interval_ms);
         let detection = Duration::from_millis(self.config.detection_time_ms);
@@ -316,7 +326,14 @@ impl FailureDetector {
         if gap > self.stall_after() {
             let stalled = gap.saturating_sub(interval);
             for ps in self.peers.values_mut().flat_map(|s| s.paths.values_mut()) {
-                ps.last_heard = ps.last_heard.map(|t| (t + stalled).min(now));
+                let Some(t) = ps.last_heard else { continue };
+                let allowed = match ps.forgiven {
+                    None => stalled,
+                    Some(f) => detection.saturating_sub(f).min(stalled),
+                };
+                let shifted = (t + allowed).min(now).max(t);
+                ps.last_heard = Some(shifted);
+                ps.forgiven = Some(ps.forgiven.unwrap_or_default() + (shifted - t));
             }
             out.push(DetectorAction::LocalStall { stalled });
         }

@@ -14,7 +14,10 @@
 //! Who dials: for each pair, the endpoint with the lower id dials (and redials with backoff,
 //! to the peer's current address), the other accepts, and only endpoints in its cluster list
 //! (`add_peer`); so there is never more than one connection per pair and path. A newer
-//! connection from the same peer and path replaces the older one (the peer restarted).
+//! connection from the same peer and path replaces the older one (the peer restarted), unless
+//! its hello names an older incarnation than the live one (`STALE_INCARNATION`). A replaced
+//! link stops at once, even with readers waiting for the application, and never feeds the
+//! detector again.
 //!
 //! Failure detection is the sans-IO `FailureDetector`, fed by every chunk the readers receive
 //! (a frame still arriving is a sign of life) with the incarnation from the link's hello, and
@@ -73,6 +76,11 @@ pub mod close_code {
     pub const VERSION_REFUSED: u32 = 2;
     pub const HANDSHAKE_FAILED: u32 = 3;
     pub const REPLACED: u32 = 4;
+    /// The link's hello names an older incarnation than the one this endpoint lives with
+    /// (a paused or hung process of the peer's previous life woke up).
+    pub const STALE_INCARNATION: u32 = 5;
+    /// A lane of the link failed (a write error, a lane finished by the peer).
+    pub const LANE_FAILED: u32 = 6;
 }
 
 /// Longest injected delay; larger values are capped, so release times never overflow.
@@ -80,9 +88,13 @@ const FAULT_DELAY_MAX_MS: u64 = 3_600_000;
 
 /// quinn's per-stream receive window: what one lane may have in flight towards us.
 pub const STREAM_WINDOW_BYTES: u32 = 4 << 20;
-/// quinn's connection receive window: room for both lanes' windows, so a bulk lane stalled by
-/// a slow consumer never takes the control lane's credit.
+/// quinn's connection receive window once both hellos are in: room for both lanes' windows, so
+/// a bulk lane stalled by a slow consumer never takes the control lane's credit.
 pub const CONNECTION_WINDOW_BYTES: u32 = 2 * STREAM_WINDOW_BYTES;
+/// quinn's connection receive window until both hellos are in: what a connection that has
+/// not said who it is may make us buffer, on all its streams together. Raised to
+/// `CONNECTION_WINDOW_BYTES` (`Connection::set_receive_window`) once the link's terms are known.
+pub const HANDSHAKE_WINDOW_BYTES: u32 = 64 << 10;
 /// quinn's send buffer per connection: bytes written by the writers and not yet acknowledged.
 pub const SEND_WINDOW_BYTES: u64 = 8 << 20;
 /// Streams a peer may open towards us: the two lanes.
@@ -91,6 +103,8 @@ pub const STREAMS_PER_CONNECTION: u32 = 2;
 const READ_CHUNK_BYTES: usize = 256 << 10;
 /// How often at most a lane's received chunks are told to the detector.
 const HEAR_EVERY: Duration = Duration::from_millis(1);
+/// Local stalls are logged at warn at most this often (the rest at debug); each is an event.
+const STALL_WARN_EVERY_MS: u64 = 1000;
 
 #[derive(Debug, Clone)]
 pub struct QuicConfig {
@@ -170,6 +184,10 @@ enum LinkError {
     Handshake(String),
     #[error("stream closed by peer")]
     Finished,
+    #[error("incarnation {incarnation} is older than the live incarnation {live}")]
+    Stale { incarnation: u64, live: u64 },
+    #[error("replaced by a newer connection")]
+    Replaced,
 }
 
 /// Faults injected by tests and drills: everything to and from a peer can be dropped (per
@@ -436,6 +454,36 @@ struct Link {
     /// Tells a replaced link apart from its successor when it ends.
     generation: u64,
     terms: LinkTerms,
+    /// True while the link is registered in its peer's entry; set false (under the detector
+    /// lock) when it is replaced or ends, after which its readers never feed the detector.
+    current: Arc<AtomicBool>,
+}
+
+/// What a lane's reader knows of its link.
+#[derive(Debug, Clone)]
+struct LinkReader {
+    peer: EndpointId,
+    path: Path,
+    terms: LinkTerms,
+    conn: Connection,
+    current: Arc<AtomicBool>,
+}
+
+/// Counts a reader waiting for room in the event queue for as long as it waits, even if its
+/// task is aborted meanwhile.
+struct WaitingReader<'a>(&'a AtomicUsize);
+
+impl<'a> WaitingReader<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        WaitingReader(count)
+    }
+}
+
+impl Drop for WaitingReader<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -470,6 +518,11 @@ struct Inner {
     epoch: Instant,
     peers: Mutex<Peers>,
     detector: Mutex<FailureDetector>,
+    /// Held while detector actions are drained and carried out, so peer events reach the
+    /// event queue in the order the detector produced them, whichever thread drains.
+    report_order: Mutex<()>,
+    /// When a local stall was last logged at warn (ms since `epoch`; `u64::MAX`: never).
+    last_stall_warn_ms: AtomicU64,
     detector_wake: Notify,
     events: Mutex<EventQueue>,
     /// An event was queued.
@@ -587,6 +640,26 @@ impl Inner {
         self.enqueue(to, link, path, frame)
     }
 
+    /// Queues an answer on the link to the requester's incarnation; drops it if the link speaks
+    /// for another incarnation (the requester restarted: the answer could only meet a new
+    /// request that reused the id).
+    fn respond(&self, to: EndpointId, id: RequestId, payload: Bytes) -> Result<(), TransportError> {
+        self.check_sendable(to, payload.len())?;
+        let peers = lock(&self.peers);
+        let entry = peers
+            .entries
+            .get(&to)
+            .ok_or_else(|| self.unknown_peer(to))?;
+        let (path, link) = self.route(to, entry)?;
+        if link.terms.incarnation != id.requester_incarnation {
+            debug!(local = %self.local(), peer = %to, id = id.id,
+                asked_by = id.requester_incarnation, now = link.terms.incarnation,
+                "response dropped: the requester restarted");
+            return Ok(());
+        }
+        self.enqueue(to, link, path, Frame::Response { id: id.id, payload })
+    }
+
     /// Numbers and queues a stream frame in one critical section (the peers lock), so numbers
     /// follow queue order and a refused frame consumes no number.
     fn stream_send(
@@ -654,9 +727,11 @@ impl Inner {
         let event = lock(&self.events).pop()?;
         match &event {
             Event::RequestFailed { .. } => lock(&self.requests).failure_read(),
-            Event::Peer(_) => {}
+            Event::Peer(_) | Event::LocalStall { .. } => {}
+            // One event's room for one waiting reader: waking them all for every event would
+            // restart their waits at every pop.
             _ if self.readers_waiting.load(Ordering::Acquire) > 0 => {
-                self.event_room.notify_waiters();
+                self.event_room.notify_one();
             }
             _ => {}
         }
@@ -665,63 +740,81 @@ impl Inner {
 
     /// Hands a data event to the application, waiting while its queue is full (the reader then
     /// stops reading and QUIC flow control slows the sender). While waiting, packets still
-    /// arriving on the connection prove the peer alive, so the detector keeps hearing it.
-    /// Returns whether it had to wait.
-    async fn push_data_event(
-        &self,
-        peer: EndpointId,
-        path: Path,
-        link: &LinkTerms,
-        conn: &Connection,
-        event: Event,
-    ) -> bool {
+    /// arriving on the connection prove the peer alive, so the detector keeps hearing it (every
+    /// keep-alive interval, on one timer that room for other readers does not restart). A link
+    /// that is replaced or whose connection closes meanwhile drops the event and ends: a dead
+    /// incarnation's frames are never delivered after its successor took over (a dropped
+    /// response fails its request instead). Returns whether it had to wait.
+    async fn push_data_event(&self, link: &LinkReader, event: Event) -> Result<bool, LinkError> {
         let mut event = match lock(&self.events).push_data(event) {
             Ok(()) => {
                 self.event_ready.notify_one();
-                return false;
+                return Ok(false);
             }
             Err(QueueFull(event)) => event,
         };
+        let (peer, path) = (link.peer, link.path);
         debug!(local = %self.local(), %peer, %path, "event queue full: reader waits for the application");
         let interval = Duration::from_millis(self.config.detector.keepalive_interval_ms.max(1));
-        let mut seen = conn.stats().udp_rx.datagrams;
-        self.readers_waiting.fetch_add(1, Ordering::AcqRel);
+        let mut sign_of_life =
+            tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        sign_of_life.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seen = link.conn.stats().udp_rx.datagrams;
+        let _waiting = WaitingReader::new(&self.readers_waiting);
         loop {
             let room = self.event_room.notified();
             tokio::pin!(room);
             room.as_mut().enable();
             if self.closed.load(Ordering::Acquire) {
                 debug!(local = %self.local(), "event dropped: endpoint closed");
-                break;
+                return Ok(true);
+            }
+            if !link.current.load(Ordering::Acquire) {
+                self.event_lost(event, "its link was replaced while it waited");
+                return Err(LinkError::Replaced);
             }
             match lock(&self.events).push_data(event) {
                 Ok(()) => {
                     self.event_ready.notify_one();
-                    break;
+                    return Ok(true);
                 }
                 Err(QueueFull(back)) => event = back,
             }
             tokio::select! {
                 _ = room => {}
-                _ = tokio::time::sleep(interval) => {
-                    let now_seen = conn.stats().udp_rx.datagrams;
+                _ = sign_of_life.tick() => {
+                    let now_seen = link.conn.stats().udp_rx.datagrams;
                     if now_seen != seen && !self.faults.is_cut(peer, path) {
-                        self.heard(peer, path, link.incarnation);
+                        self.heard_on(link);
                     }
                     seen = now_seen;
                 }
+                reason = link.conn.closed() => {
+                    self.event_lost(event, "its connection closed while it waited");
+                    return Err(LinkError::Connection(reason));
+                }
             }
         }
-        self.readers_waiting.fetch_sub(1, Ordering::AcqRel);
-        true
     }
 
-    /// Tells the detector bytes of `incarnation` of `peer` arrived on `path`, and carries out
-    /// what that changed.
-    fn heard(&self, peer: EndpointId, path: Path, incarnation: u64) {
+    /// A data event a dead link's reader held is dropped; a response fails its request.
+    fn event_lost(&self, event: Event, reason: &'static str) {
+        debug!(local = %self.local(), ?event, "event dropped: {reason}");
+        if let Event::Response { from, id, .. } = event {
+            let failed = lock(&self.requests).response_lost(from, id, reason);
+            self.push_control(failed);
+        }
+    }
+
+    /// Tells the detector bytes arrived on a link, if the link is still the registered one (a
+    /// replaced link never speaks for its incarnation again), and carries out what that changed.
+    fn heard_on(&self, link: &LinkReader) {
         let changed = {
             let mut d = lock(&self.detector);
-            d.on_heard(peer, path, incarnation, self.now());
+            if !link.current.load(Ordering::Acquire) {
+                return;
+            }
+            d.on_heard(link.peer, link.path, link.terms.incarnation, self.now());
             d.has_actions()
         };
         if changed {
@@ -732,6 +825,7 @@ impl Inner {
     /// Carries out what the detector asked for: keep-alives out, events to the control queue,
     /// the paths a reported peer is heard on to its entry. Never waits.
     fn run_detector_actions(&self) {
+        let _order = lock(&self.report_order);
         loop {
             let action = lock(&self.detector).poll_action();
             let Some(action) = action else { break };
@@ -760,8 +854,17 @@ impl Inner {
                     self.push_control(Event::Peer(event));
                 }
                 DetectorAction::LocalStall { stalled } => {
-                    warn!(local = %self.local(), stalled_ms = stalled.as_millis() as u64,
-                        "this process did not run for a while: silence not counted against peers");
+                    let stalled_ms = u64::try_from(stalled.as_millis()).unwrap_or(u64::MAX);
+                    let now_ms = u64::try_from(self.now().as_millis()).unwrap_or(u64::MAX);
+                    let last = self.last_stall_warn_ms.load(Ordering::Acquire);
+                    if last == u64::MAX || now_ms.saturating_sub(last) >= STALL_WARN_EVERY_MS {
+                        self.last_stall_warn_ms.store(now_ms, Ordering::Release);
+                        warn!(local = %self.local(), stalled_ms,
+                            "this process did not run for a while: silence not counted against peers");
+                    } else {
+                        debug!(local = %self.local(), stalled_ms, "local stall");
+                    }
+                    self.push_control(Event::LocalStall { stalled_ms });
                 }
             }
         }
@@ -806,14 +909,15 @@ impl Inner {
         out.freeze()
     }
 
-    /// Reads frames until the peer's hello; leftover bytes stay in the decoder.
-    async fn read_hello(
-        recv: &mut RecvStream,
-        decoder: &mut FrameDecoder,
-    ) -> Result<Hello, LinkError> {
+    /// Reads a lane's first frame, which must be the peer's hello. The decoder is bounded to a
+    /// hello and each read asks for no more than the hello's bytes still missing, so a peer
+    /// that announces anything else is refused at its length prefix and nothing beyond the
+    /// hello is buffered; the caller then gives the decoder the lane's bound.
+    async fn read_hello(recv: &mut RecvStream) -> Result<(Hello, FrameDecoder), LinkError> {
+        let mut decoder = FrameDecoder::new(wire::HELLO_BODY_BYTES);
         loop {
             match decoder.next_frame()? {
-                Some(Frame::Hello(h)) => return Ok(h),
+                Some(Frame::Hello(h)) => return Ok((h, decoder)),
                 Some(other) => {
                     return Err(LinkError::Handshake(format!(
                         "expected hello, found {other:?}"
@@ -821,11 +925,29 @@ impl Inner {
                 }
                 None => {}
             }
-            match recv.read_chunk(READ_CHUNK_BYTES, true).await? {
+            let missing = wire::HELLO_FRAME_BYTES.saturating_sub(decoder.buffered_bytes());
+            match recv.read_chunk(missing.max(1), true).await? {
                 Some(chunk) => decoder.push(&chunk.bytes),
                 None => return Err(LinkError::Finished),
             }
         }
+    }
+
+    /// The two lanes' hellos must agree on who is speaking, in which version and incarnation.
+    fn same_speaker(control: &Hello, bulk: &Hello) -> Result<(), LinkError> {
+        let id = |h: &Hello| (h.from, h.version, h.incarnation);
+        if id(control) != id(bulk) {
+            return Err(LinkError::Handshake(format!(
+                "bulk lane hello from {} (version {}, incarnation {}), control lane from {} ({}, {})",
+                bulk.from,
+                bulk.version,
+                bulk.incarnation,
+                control.from,
+                control.version,
+                control.incarnation
+            )));
+        }
+        Ok(())
     }
 
     /// Whether `peer` is in this endpoint's cluster list (was given to `add_peer`).
@@ -837,7 +959,8 @@ impl Inner {
     }
 
     /// Closes `conn` with the close code that says why, when the error is one we detected
-    /// (bad frame, version, handshake), and logs it; other errors only end the link.
+    /// (bad frame, version, handshake, stale incarnation, a failed lane), and logs it; an
+    /// error of the connection itself only ends the link.
     fn close_for(&self, conn: &Connection, peer: Option<EndpointId>, path: Path, e: &LinkError) {
         let code = match e {
             LinkError::Frame(_) => close_code::BAD_FRAME,
@@ -845,7 +968,16 @@ impl Inner {
             LinkError::Refused(HelloRefusal::NotInCluster { .. }) | LinkError::Handshake(_) => {
                 close_code::HANDSHAKE_FAILED
             }
-            _ => {
+            LinkError::Stale { .. } => close_code::STALE_INCARNATION,
+            LinkError::Write(_) | LinkError::Read(_) | LinkError::Finished => {
+                info!(local = %self.local(), ?peer, %path, "link ended: {e}");
+                conn.close(
+                    VarInt::from_u32(close_code::LANE_FAILED),
+                    e.to_string().as_bytes(),
+                );
+                return;
+            }
+            LinkError::Connection(_) | LinkError::Connect(_) | LinkError::Replaced => {
                 info!(local = %self.local(), ?peer, %path, "link ended: {e}");
                 return;
             }
@@ -854,7 +986,76 @@ impl Inner {
         conn.close(VarInt::from_u32(code), e.to_string().as_bytes());
     }
 
-    /// Registers a ready link and runs it until either lane ends.
+    /// Refuses `incarnation` of a peer that lives with a newer one: a newer live link on any
+    /// path (one whose connection is not closed yet) or the incarnation the detector has the
+    /// peer up with (`up_with`).
+    fn check_not_stale(
+        entry: Option<&PeerEntry>,
+        up_with: Option<u64>,
+        incarnation: u64,
+    ) -> Result<(), LinkError> {
+        let live = entry
+            .into_iter()
+            .flat_map(|e| e.links.values())
+            .filter(|l| l.conn.close_reason().is_none())
+            .map(|l| l.terms.incarnation)
+            .chain(up_with)
+            .max();
+        match live {
+            Some(live) if live > incarnation => Err(LinkError::Stale { incarnation, live }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The incarnation the detector has `peer` up with, if it is up.
+    fn up_with(detector: &FailureDetector, peer: EndpointId) -> Option<u64> {
+        detector
+            .status(peer)
+            .filter(|s| s.up)
+            .and_then(|s| s.incarnation)
+    }
+
+    /// Whether a hello's incarnation is stale, checked before answering it (`register_link`
+    /// checks again, atomically with registering).
+    fn refuse_stale(&self, hello: &Hello) -> Result<(), LinkError> {
+        let peers = lock(&self.peers);
+        let up_with = Self::up_with(&lock(&self.detector), hello.from);
+        Self::check_not_stale(peers.entries.get(&hello.from), up_with, hello.incarnation)
+    }
+
+    /// Registers a link unless the peer lives with a newer incarnation (`check_not_stale`).
+    /// Returns the links it replaces, or the refusal.
+    fn register_link(
+        &self,
+        peer: EndpointId,
+        path: Path,
+        link: Link,
+    ) -> Result<Vec<Link>, LinkError> {
+        let incarnation = link.terms.incarnation;
+        let mut peers = lock(&self.peers);
+        // Lock order: peers, then detector; nothing takes them the other way.
+        let detector = lock(&self.detector);
+        let entry = peers.entries.entry(peer).or_default();
+        Self::check_not_stale(Some(entry), Self::up_with(&detector, peer), incarnation)?;
+        link.current.store(true, Ordering::Release);
+        let mut stale: Vec<Link> = entry.links.insert(path, link).into_iter().collect();
+        // Links of an older incarnation on other paths belong to a process that is gone.
+        let older: Vec<Path> = entry
+            .links
+            .iter()
+            .filter(|(_, l)| l.terms.incarnation < incarnation)
+            .map(|(p, _)| *p)
+            .collect();
+        stale.extend(older.iter().filter_map(|p| entry.links.remove(p)));
+        for old in &stale {
+            // Under the detector lock: none of its readers is telling the detector anything now.
+            old.current.store(false, Ordering::Release);
+        }
+        drop(detector);
+        Ok(stale)
+    }
+
+    /// Registers a ready link and runs it until a lane ends, a writer stops or it is replaced.
     async fn run_link(
         self: &Arc<Self>,
         peer: EndpointId,
@@ -869,25 +1070,20 @@ impl Inner {
         } = lanes;
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
         let queue = Arc::new(SendQueue::new(&self.config.limits));
+        let current = Arc::new(AtomicBool::new(false));
         let link = Link {
             conn: conn.clone(),
             queue: Arc::clone(&queue),
             generation,
             terms,
+            current: Arc::clone(&current),
         };
-        let stale = {
-            let mut peers = lock(&self.peers);
-            let entry = peers.entries.entry(peer).or_default();
-            let mut stale: Vec<Link> = entry.links.insert(path, link).into_iter().collect();
-            // Links of an older incarnation on other paths belong to a process that is gone.
-            let older: Vec<Path> = entry
-                .links
-                .iter()
-                .filter(|(_, l)| l.terms.incarnation < terms.incarnation)
-                .map(|(p, _)| *p)
-                .collect();
-            stale.extend(older.iter().filter_map(|p| entry.links.remove(p)));
-            stale
+        let stale = match self.register_link(peer, path, link) {
+            Ok(stale) => stale,
+            Err(e) => {
+                self.close_for(&conn, Some(peer), path, &e);
+                return Err(e);
+            }
         };
         for old in stale {
             old.queue.close();
@@ -897,48 +1093,53 @@ impl Inner {
             );
         }
         info!(local = %self.local(), %peer, %path, version = terms.version, incarnation = terms.incarnation, "link established");
+        let reader = LinkReader {
+            peer,
+            path,
+            terms,
+            conn: conn.clone(),
+            current: Arc::clone(&current),
+        };
         // The peer's hello was the first frame heard on this link.
-        self.heard(peer, path, terms.incarnation);
+        self.heard_on(&reader);
         self.detector_wake.notify_one();
         let span = |lane: &'static str| info_span!("writer", %peer, %path, lane);
-        let writers = [
-            tokio::spawn(
-                write_loop(control.0, Arc::clone(&queue), Lane::Control)
-                    .instrument(span("control")),
-            ),
-            tokio::spawn(
-                write_loop(bulk.0, Arc::clone(&queue), Lane::Bulk).instrument(span("bulk")),
-            ),
-        ];
+        let mut control_writer = tokio::spawn(
+            write_loop(control.0, Arc::clone(&queue), Lane::Control).instrument(span("control")),
+        );
+        let mut bulk_writer = tokio::spawn(
+            write_loop(bulk.0, Arc::clone(&queue), Lane::Bulk).instrument(span("bulk")),
+        );
         let this = Arc::clone(self);
-        let bulk_conn = conn.clone();
+        let bulk_link = reader.clone();
         let (mut bulk_recv, mut bulk_decoder) = (bulk.1, bulk.2);
         let mut bulk_reader = tokio::spawn(
             async move {
-                this.read_loop(
-                    peer,
-                    path,
-                    terms,
-                    &bulk_conn,
-                    &mut bulk_recv,
-                    &mut bulk_decoder,
-                )
-                .await
+                this.read_loop(&bulk_link, &mut bulk_recv, &mut bulk_decoder)
+                    .await
             }
             .instrument(info_span!("reader", %peer, %path, lane = "bulk")),
         );
         let (mut control_recv, mut control_decoder) = (control.1, control.2);
+        // A writer ends when its stream fails, or with `Ok` once the queue is closed (the link
+        // was replaced); either way the link is over.
+        let ended = |r: Result<Result<(), LinkError>, tokio::task::JoinError>| {
+            r.unwrap_or(Err(LinkError::Finished))
+        };
         let result = tokio::select! {
-            r = self.read_loop(peer, path, terms, &conn, &mut control_recv, &mut control_decoder) => r,
-            r = &mut bulk_reader => r.unwrap_or(Err(LinkError::Finished)),
+            r = self.read_loop(&reader, &mut control_recv, &mut control_decoder) => r,
+            r = &mut bulk_reader => ended(r),
+            r = &mut control_writer => ended(r),
+            r = &mut bulk_writer => ended(r),
         };
         bulk_reader.abort();
-        for w in writers {
-            w.abort();
-        }
+        control_writer.abort();
+        bulk_writer.abort();
         queue.close();
         {
             let mut peers = lock(&self.peers);
+            let _detector = lock(&self.detector);
+            current.store(false, Ordering::Release);
             if let Some(entry) = peers.entries.get_mut(&peer)
                 && entry
                     .links
@@ -955,16 +1156,15 @@ impl Inner {
     }
 
     /// Reads one lane: every chunk received is a sign of life (a large frame still arriving
-    /// keeps its peer up), then its whole frames are handled in order.
+    /// keeps its peer up), then its whole frames are handled in order, as long as the link is
+    /// still the registered one.
     async fn read_loop(
         self: &Arc<Self>,
-        peer: EndpointId,
-        path: Path,
-        terms: LinkTerms,
-        conn: &Connection,
+        link: &LinkReader,
         recv: &mut RecvStream,
         decoder: &mut FrameDecoder,
     ) -> Result<(), LinkError> {
+        let (peer, path) = (link.peer, link.path);
         // Created at the first delayed frame; from then on every frame of the lane goes
         // through it, so delayed and undelayed frames keep their order, and liveness is heard
         // when frames are released.
@@ -974,21 +1174,24 @@ impl Inner {
         let mut last_heard: Option<Instant> = None;
         loop {
             while let Some(frame) = decoder.next_frame()? {
+                if !link.current.load(Ordering::Acquire) {
+                    return Err(LinkError::Replaced);
+                }
                 if self.faults.drops(peer, path) {
                     debug!(%peer, %path, "fault: frame dropped on receive");
                     continue;
                 }
                 let delay = self.faults.delay(peer);
                 if delay.is_none() && delayed.is_none() {
-                    if self.on_frame(peer, path, &terms, conn, frame).await? {
+                    if self.on_frame(link, frame).await? {
                         // It waited for the application: the frames after it are news again.
-                        self.heard(peer, path, terms.incarnation);
+                        self.heard_on(link);
                     }
                     continue;
                 }
                 let release = tokio::time::Instant::now() + delay.unwrap_or_default();
-                let (queue, budget) = delayed
-                    .get_or_insert_with(|| self.spawn_delay_queue(peer, path, terms, conn.clone()));
+                let (queue, budget) =
+                    delayed.get_or_insert_with(|| self.spawn_delay_queue(link.clone()));
                 let limit = self
                     .config
                     .limits
@@ -999,8 +1202,8 @@ impl Inner {
                     return Err(LinkError::Finished);
                 };
                 if queue.send((release, frame, permit)).is_err() {
-                    // The delay queue only stops after closing the connection for a bad frame.
-                    return Err(LinkError::Connection(conn.closed().await));
+                    // The delay queue only stops once its link is over.
+                    return Err(LinkError::Connection(link.conn.closed().await));
                 }
             }
             match recv.read_chunk(READ_CHUNK_BYTES, true).await? {
@@ -1008,7 +1211,7 @@ impl Inner {
                     let delaying = delayed.is_some() || self.faults.delay(peer).is_some();
                     let due = last_heard.is_none_or(|t| t.elapsed() >= HEAR_EVERY);
                     if due && !delaying && !self.faults.is_cut(peer, path) {
-                        self.heard(peer, path, terms.incarnation);
+                        self.heard_on(link);
                         last_heard = Some(Instant::now());
                     }
                     decoder.push(&chunk.bytes);
@@ -1024,10 +1227,7 @@ impl Inner {
     /// waits for budget, which a frame returns once handled.
     fn spawn_delay_queue(
         self: &Arc<Self>,
-        peer: EndpointId,
-        path: Path,
-        terms: LinkTerms,
-        conn: Connection,
+        link: LinkReader,
     ) -> (mpsc::UnboundedSender<Delayed>, Arc<Semaphore>) {
         let budget = Arc::new(Semaphore::new(
             self.config
@@ -1037,34 +1237,33 @@ impl Inner {
         ));
         let (tx, mut rx) = mpsc::unbounded_channel::<Delayed>();
         let this = Arc::clone(self);
+        let span = info_span!("delay", peer = %link.peer, path = %link.path);
         tokio::spawn(
             async move {
                 while let Some((release, frame, permit)) = rx.recv().await {
                     tokio::time::sleep_until(release).await;
-                    this.heard(peer, path, terms.incarnation);
-                    let handled = this.on_frame(peer, path, &terms, &conn, frame).await;
+                    if !link.current.load(Ordering::Acquire) {
+                        return;
+                    }
+                    this.heard_on(&link);
+                    let handled = this.on_frame(&link, frame).await;
                     drop(permit);
                     if let Err(e) = handled {
-                        this.close_for(&conn, Some(peer), path, &e);
+                        this.close_for(&link.conn, Some(link.peer), link.path, &e);
                         return;
                     }
                 }
             }
-            .instrument(info_span!("delay", %peer, %path)),
+            .instrument(span),
         );
         (tx, budget)
     }
 
     /// Handles one frame the detector has already heard (liveness comes before anything that
     /// may wait on the application). Returns whether it waited for room in the event queue.
-    async fn on_frame(
-        &self,
-        from: EndpointId,
-        path: Path,
-        terms: &LinkTerms,
-        conn: &Connection,
-        frame: Frame,
-    ) -> Result<bool, LinkError> {
+    async fn on_frame(&self, link: &LinkReader, frame: Frame) -> Result<bool, LinkError> {
+        let from = link.peer;
+        let incarnation = link.terms.incarnation;
         let event = match frame {
             Frame::KeepAlive => None,
             Frame::Hello(_) => {
@@ -1072,14 +1271,22 @@ impl Inner {
                     "second hello on an established link".into(),
                 ));
             }
-            Frame::Message { payload } => Some(Event::Message { from, payload }),
+            Frame::Message { payload } => Some(Event::Message {
+                from,
+                incarnation,
+                payload,
+            }),
             Frame::Request { id, payload, .. } => Some(Event::Request {
                 from,
-                id: RequestId(id),
+                incarnation,
+                id: RequestId {
+                    id,
+                    requester_incarnation: incarnation,
+                },
                 payload,
             }),
             Frame::Response { id, payload } => {
-                match lock(&self.requests).on_response(from, id, payload) {
+                match lock(&self.requests).on_response(from, incarnation, id, payload) {
                     ResponseOutcome::Deliver(event) => Some(event),
                     ResponseOutcome::Completed => None,
                     ResponseOutcome::WrongPeer { expected } => {
@@ -1099,15 +1306,16 @@ impl Inner {
                 payload,
             } => Some(Event::Stream {
                 from,
+                incarnation,
                 stream,
                 seq,
                 payload,
             }),
         };
-        Ok(match event {
-            Some(event) => self.push_data_event(from, path, terms, conn, event).await,
-            None => false,
-        })
+        match event {
+            Some(event) => self.push_data_event(link, event).await,
+            None => Ok(false),
+        }
     }
 
     async fn accept_loop(self: Arc<Self>, path: Path, endpoint: quinn::Endpoint) {
@@ -1174,8 +1382,8 @@ impl Inner {
             let conn = incoming.await?;
             let checked = async {
                 let (send, mut recv) = conn.accept_bi().await?;
-                let mut decoder = FrameDecoder::new(CONTROL_FRAME_MAX_BYTES);
-                let hello = Self::read_hello(&mut recv, &mut decoder).await?;
+                let (hello, mut decoder) = Self::read_hello(&mut recv).await?;
+                decoder.set_max_frame_bytes(CONTROL_FRAME_MAX_BYTES);
                 let terms = accept_hello(
                     self.local(),
                     self.config.protocol_version,
@@ -1183,18 +1391,16 @@ impl Inner {
                     self.in_cluster(hello.from),
                 )?;
                 Self::check_claim(&conn, hello.from)?;
+                self.refuse_stale(&hello)?;
                 let mut control = (send, recv, decoder);
                 control.0.write_all(&self.hello_frame(path)).await?;
                 let (mut send, mut recv) = conn.accept_bi().await?;
-                let mut decoder = FrameDecoder::new(self.config.limits.frame_bytes());
-                let bulk_hello = Self::read_hello(&mut recv, &mut decoder).await?;
-                if (bulk_hello.from, bulk_hello.incarnation) != (hello.from, hello.incarnation) {
-                    return Err(LinkError::Handshake(format!(
-                        "bulk lane hello from {} (incarnation {}), control lane from {} ({})",
-                        bulk_hello.from, bulk_hello.incarnation, hello.from, hello.incarnation
-                    )));
-                }
+                let (bulk_hello, mut decoder) = Self::read_hello(&mut recv).await?;
+                Self::same_speaker(&hello, &bulk_hello)?;
+                decoder.set_max_frame_bytes(self.config.limits.frame_bytes());
                 send.write_all(&self.hello_frame(path)).await?;
+                // Both hellos are in: the link may now use its full receive window.
+                conn.set_receive_window(VarInt::from_u32(CONNECTION_WINDOW_BYTES));
                 if hello.path != path {
                     debug!(peer = %hello.from, said = %hello.path, %path, "hello names another path; using the socket's");
                 }
@@ -1254,6 +1460,7 @@ impl Inner {
                 .await?;
             let lanes = async {
                 let mut terms = None;
+                let mut hellos: Vec<Hello> = Vec::with_capacity(2);
                 let mut lanes = Vec::with_capacity(2);
                 for (lane, max_frame) in [
                     (Lane::Control, CONTROL_FRAME_MAX_BYTES),
@@ -1261,28 +1468,35 @@ impl Inner {
                 ] {
                     let (mut send, mut recv) = conn.open_bi().await?;
                     send.write_all(&self.hello_frame(path)).await?;
-                    let mut decoder = FrameDecoder::new(max_frame);
-                    let hello = Self::read_hello(&mut recv, &mut decoder).await?;
+                    let (hello, mut decoder) = Self::read_hello(&mut recv).await?;
+                    decoder.set_max_frame_bytes(max_frame);
                     if hello.from != peer {
                         return Err(LinkError::Handshake(format!(
                             "dialled {peer} at {addr}, found {} on the {lane:?} lane",
                             hello.from
                         )));
                     }
+                    // Refused on the lane that shows it, before another lane is opened.
                     terms = Some(accept_hello(
                         self.local(),
                         self.config.protocol_version,
                         &hello,
                         true,
                     )?);
+                    if let Some(first) = hellos.first() {
+                        Self::same_speaker(first, &hello)?;
+                    }
+                    hellos.push(hello);
                     lanes.push((send, recv, decoder));
                 }
                 let bulk = lanes.pop();
                 let control = lanes.pop();
-                match (terms, control, bulk) {
-                    (Some(terms), Some(control), Some(bulk)) => Ok((terms, control, bulk)),
-                    _ => Err(LinkError::Handshake("lanes not opened".into())),
-                }
+                let (Some(terms), Some(control), Some(bulk)) = (terms, control, bulk) else {
+                    return Err(LinkError::Handshake("lanes not opened".into()));
+                };
+                // Both hellos are in: the link may now use its full receive window.
+                conn.set_receive_window(VarInt::from_u32(CONNECTION_WINDOW_BYTES));
+                Ok((terms, control, bulk))
             }
             .await;
             match lanes {
@@ -1356,16 +1570,19 @@ struct Lanes {
 
 /// Writes whatever is queued on one lane in one batch: one wake-up per batch, not per frame.
 /// Headers and small payloads are encoded back to back into one buffer (one allocation per
-/// batch). The control lane goes before the bulk lane in quinn's scheduling.
-async fn write_loop(mut send: SendStream, queue: Arc<SendQueue>, lane: Lane) {
+/// batch). The control lane goes before the bulk lane in quinn's scheduling. Ends with `Ok`
+/// once the queue is closed, with the error once the stream fails (which ends the link).
+async fn write_loop(
+    mut send: SendStream,
+    queue: Arc<SendQueue>,
+    lane: Lane,
+) -> Result<(), LinkError> {
     let priority = match lane {
         Lane::Control => 1,
         Lane::Bulk => 0,
     };
-    if let Err(e) = send.set_priority(priority) {
-        debug!("writer stopped: {e}");
-        return;
-    }
+    send.set_priority(priority)
+        .map_err(|e| LinkError::Write(e.into()))?;
     let mut batch = Vec::with_capacity(BATCH_FRAMES_MAX);
     let mut chunks: Vec<Bytes> = Vec::with_capacity(BATCH_FRAMES_MAX * 2);
     while queue.take_batch(lane, &mut batch).await {
@@ -1393,12 +1610,10 @@ async fn write_loop(mut send: SendStream, queue: Arc<SendQueue>, lane: Lane) {
         }
         let written = send.write_all_chunks(&mut chunks).await;
         queue.written(lane, bytes);
-        if let Err(e) = written {
-            debug!("writer stopped: {e}");
-            return;
-        }
+        written?;
         chunks.clear();
     }
+    Ok(())
 }
 
 /// quinn's limits, all explicit (see the module docs and `docs/transport.md`).
@@ -1418,7 +1633,8 @@ fn quinn_transport(config: &QuicConfig) -> Result<quinn::TransportConfig, QuicEr
         .max_concurrent_bidi_streams(VarInt::from_u32(STREAMS_PER_CONNECTION))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .stream_receive_window(VarInt::from_u32(STREAM_WINDOW_BYTES))
-        .receive_window(VarInt::from_u32(CONNECTION_WINDOW_BYTES))
+        // Raised to CONNECTION_WINDOW_BYTES once both hellos are in.
+        .receive_window(VarInt::from_u32(HANDSHAKE_WINDOW_BYTES))
         .send_window(SEND_WINDOW_BYTES)
         .datagram_receive_buffer_size(None);
     Ok(t)
@@ -1463,9 +1679,13 @@ impl QuicTransport {
         let inner = Arc::new(Inner {
             detector: Mutex::new(FailureDetector::new(config.detector)),
             events: Mutex::new(EventQueue::new(&config.limits)),
+            // Request ids start at a random value per incarnation (OS-seeded RNG), so a late
+            // answer to the previous incarnation's request never matches a new one.
             requests: Mutex::new(RequestTable::new(
                 config.local,
+                config.incarnation,
                 config.limits.max_pending_requests,
+                rand::random(),
             )),
             handshakes: Arc::new(Semaphore::new(config.max_incoming_handshakes.max(1))),
             config,
@@ -1473,6 +1693,8 @@ impl QuicTransport {
             client_config,
             epoch: Instant::now(),
             peers: Mutex::new(Peers::default()),
+            report_order: Mutex::new(()),
+            last_stall_warn_ms: AtomicU64::new(u64::MAX),
             detector_wake: Notify::new(),
             event_ready: Notify::new(),
             event_room: Notify::new(),
@@ -1555,6 +1777,11 @@ impl QuicTransport {
         lock(&self.inner.peers).entries.get(&peer).map_or(0, |e| {
             e.links.values().map(|l| l.queue.queued_bytes()).sum()
         })
+    }
+
+    /// Readers waiting for room in the event queue (each holds one decoded frame meanwhile).
+    pub fn readers_waiting(&self) -> usize {
+        self.inner.readers_waiting.load(Ordering::Acquire)
     }
 
     /// Bytes of data events waiting for the application.
@@ -1645,7 +1872,7 @@ impl Transport for QuicTransport {
         self.inner.detector_wake.notify_one();
         self.inner
             .send_request(to, started.id, started.timeout_ms, payload)?;
-        Ok(RequestId(started.id))
+        Ok(lock(&self.inner.requests).request_id(started.id))
     }
 
     fn call(
@@ -1687,8 +1914,7 @@ impl Transport for QuicTransport {
     }
 
     fn respond(&self, to: EndpointId, id: RequestId, payload: Bytes) -> Result<(), TransportError> {
-        self.inner
-            .send_frame(to, Frame::Response { id: id.0, payload })
+        self.inner.respond(to, id, payload)
     }
 
     fn stream_send(

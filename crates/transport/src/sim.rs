@@ -139,15 +139,29 @@ struct SimNode {
 }
 
 impl SimNode {
-    fn new(config: &SimConfig, id: EndpointId, paths: &[Path], protocol_version: u16) -> Self {
+    /// Incarnation `incarnation` of a process; its request ids start at `first_request_id`
+    /// (drawn from the network's seeded RNG at every start, as QUIC draws it from the OS).
+    fn new(
+        config: &SimConfig,
+        id: EndpointId,
+        paths: &[Path],
+        protocol_version: u16,
+        incarnation: u64,
+        first_request_id: u64,
+    ) -> Self {
         SimNode {
             alive: true,
-            incarnation: 1,
+            incarnation,
             protocol_version,
             paths: paths.to_vec(),
             detector: FailureDetector::new(config.detector),
             events: EventQueue::new(&config.limits),
-            requests: RequestTable::new(id, config.limits.max_pending_requests),
+            requests: RequestTable::new(
+                id,
+                incarnation,
+                config.limits.max_pending_requests,
+                first_request_id,
+            ),
             streams: StreamNumbers::default(),
             timer_at: None,
         }
@@ -404,6 +418,8 @@ impl SimState {
                 }
                 DetectorAction::LocalStall { stalled } => {
                     self.trace(format_args!("{endpoint} local stall {stalled:?}"));
+                    let stalled_ms = u64::try_from(stalled.as_millis()).unwrap_or(u64::MAX);
+                    self.push_control(endpoint, Event::LocalStall { stalled_ms });
                 }
             }
         }
@@ -420,17 +436,30 @@ impl SimState {
         }
     }
 
+    /// Queues a data event; where QUIC's reader would wait for room, the frame is dropped. A
+    /// dropped response fails its request instead (`on_response` already took it out of the
+    /// table), so every request still gets exactly one answer.
     fn push_data(&mut self, endpoint: EndpointId, event: Event) {
         let limits = self.config.limits;
-        let full = self
-            .nodes
-            .get_mut(&endpoint)
-            .is_some_and(|n| matches!(n.events.push_data(event), Err(QueueFull(_))));
-        if full {
-            self.trace(format_args!(
-                "{endpoint} drop: event queue full ({} bytes, {} events)",
-                limits.event_queue_bytes, limits.event_queue_events
-            ));
+        let Some(node) = self.nodes.get_mut(&endpoint) else {
+            return;
+        };
+        let Err(QueueFull(event)) = node.events.push_data(event) else {
+            return;
+        };
+        let failed = match event {
+            Event::Response { from, id, .. } => {
+                Some(node.requests.response_lost(from, id, "event queue full"))
+            }
+            _ => None,
+        };
+        self.trace(format_args!(
+            "{endpoint} drop: event queue full ({} bytes, {} events)",
+            limits.event_queue_bytes, limits.event_queue_events
+        ));
+        if let Some(failed) = failed {
+            self.trace(format_args!("{endpoint} event {failed:?}"));
+            self.push_control(endpoint, failed);
         }
     }
 
@@ -495,40 +524,52 @@ impl SimState {
                 return;
             }
         };
-        node.detector.on_heard(from, path, terms.incarnation, now);
+        let incarnation = terms.incarnation;
+        node.detector.on_heard(from, path, incarnation, now);
         let event = match frame {
             Frame::Hello(_) | Frame::KeepAlive => None,
-            Frame::Message { payload } => Some(Event::Message { from, payload }),
-            Frame::Request { id, payload, .. } => Some(Event::Request {
+            Frame::Message { payload } => Some(Event::Message {
                 from,
-                id: RequestId(id),
+                incarnation,
                 payload,
             }),
-            Frame::Response { id, payload } => match node.requests.on_response(from, id, payload) {
-                ResponseOutcome::Deliver(event) => Some(event),
-                ResponseOutcome::Completed => {
-                    self.trace(format_args!("{from}->{to} {path} {label} deliver to call"));
-                    None
+            Frame::Request { id, payload, .. } => Some(Event::Request {
+                from,
+                incarnation,
+                id: RequestId {
+                    id,
+                    requester_incarnation: incarnation,
+                },
+                payload,
+            }),
+            Frame::Response { id, payload } => {
+                match node.requests.on_response(from, incarnation, id, payload) {
+                    ResponseOutcome::Deliver(event) => Some(event),
+                    ResponseOutcome::Completed => {
+                        self.trace(format_args!("{from}->{to} {path} {label} deliver to call"));
+                        None
+                    }
+                    ResponseOutcome::WrongPeer { expected } => {
+                        self.trace(format_args!(
+                            "{from}->{to} {path} {label} drop: request went to {expected}"
+                        ));
+                        None
+                    }
+                    ResponseOutcome::NotPending => {
+                        self.trace(format_args!(
+                            "{from}->{to} {path} {label} drop: no pending request"
+                        ));
+                        None
+                    }
                 }
-                ResponseOutcome::WrongPeer { expected } => {
-                    self.trace(format_args!(
-                        "{from}->{to} {path} {label} drop: request went to {expected}"
-                    ));
-                    None
-                }
-                ResponseOutcome::NotPending => {
-                    self.trace(format_args!(
-                        "{from}->{to} {path} {label} drop: no pending request"
-                    ));
-                    None
-                }
-            },
+            }
             Frame::Stream {
                 stream,
                 seq,
                 payload,
             } => Some(Event::Stream {
                 from,
+                incarnation,
                 stream,
                 seq,
                 payload,
@@ -609,7 +650,8 @@ impl SimNetwork {
         protocol_version: u16,
     ) -> SimTransport {
         let mut s = self.lock();
-        let mut node = SimNode::new(&s.config, id, paths, protocol_version);
+        let first_request_id = s.rng.random();
+        let mut node = SimNode::new(&s.config, id, paths, protocol_version, 1, first_request_id);
         let others: Vec<(EndpointId, Vec<Path>)> = s
             .nodes
             .iter()
@@ -657,6 +699,7 @@ impl SimNetwork {
     pub fn restart(&self, id: EndpointId) {
         let mut s = self.lock();
         let config = s.config;
+        let first_request_id = s.rng.random();
         let peers: Vec<(EndpointId, Vec<Path>)> = s
             .nodes
             .iter()
@@ -664,8 +707,14 @@ impl SimNetwork {
             .map(|(p, n)| (*p, n.paths.clone()))
             .collect();
         if let Some(n) = s.nodes.get_mut(&id) {
-            let mut fresh = SimNode::new(&config, id, &n.paths, n.protocol_version);
-            fresh.incarnation = n.incarnation + 1;
+            let mut fresh = SimNode::new(
+                &config,
+                id,
+                &n.paths,
+                n.protocol_version,
+                n.incarnation + 1,
+                first_request_id,
+            );
             for (peer, paths) in peers {
                 let common: Vec<Path> = fresh
                     .paths
@@ -793,8 +842,13 @@ impl Transport for SimTransport {
         payload: Bytes,
         timeout: Duration,
     ) -> Result<RequestId, TransportError> {
-        self.start_request(to, payload, timeout, Waiter::Event)
-            .map(RequestId)
+        let id = self.start_request(to, payload, timeout, Waiter::Event)?;
+        let s = self.lock();
+        let node = s
+            .nodes
+            .get(&self.id)
+            .ok_or(TransportError::Closed { local: self.id })?;
+        Ok(node.requests.request_id(id))
     }
 
     fn call(
@@ -824,7 +878,16 @@ impl Transport for SimTransport {
     fn respond(&self, to: EndpointId, id: RequestId, payload: Bytes) -> Result<(), TransportError> {
         let mut s = self.lock();
         let path = s.sender(self.id, to, &payload)?;
-        s.transmit(self.id, to, path, Frame::Response { id: id.0, payload });
+        let now = s.nodes.get(&to).map(|n| n.incarnation);
+        if now != Some(id.requester_incarnation) {
+            // As on QUIC, where the link to the requester speaks for its new incarnation.
+            s.trace(format_args!(
+                "{}->{to} {path} response id={} drop: requester restarted",
+                self.id, id.id
+            ));
+            return Ok(());
+        }
+        s.transmit(self.id, to, path, Frame::Response { id: id.id, payload });
         Ok(())
     }
 

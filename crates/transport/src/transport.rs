@@ -12,8 +12,8 @@
 //!   a step back means resync.
 //! - `call`: a request whose answer goes straight to the caller's future; dropping the future
 //!   forgets the request at once (its pending slot is free again).
-//! - events arrive through `try_next_event`: peer events and request failures before any data
-//!   event queued earlier; a peer event names the peer's incarnation.
+//! - events arrive through `try_next_event`: peer events, request failures and local stalls
+//!   before any data event queued earlier; a peer event names the peer's incarnation.
 //! - a peer the detector hears on no path is `Unreachable`: sends and requests fail at once.
 //!
 //! Methods never block: they queue, bounded, and fail with `QueueFull` instead of waiting.
@@ -29,24 +29,34 @@ use crate::addr::{EndpointId, Path};
 use crate::detector::{PeerEvent, PeerStatus};
 use crate::wire::StreamId;
 
-/// Names one request of one endpoint; unique for the life of the endpoint.
+/// Names one request: the id its requester gave it (unique for the life of that process) and
+/// the requester's incarnation. `respond` sends an answer only to that incarnation, so a late
+/// answer never reaches a later incarnation of the requester that reused the id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct RequestId(pub u64);
+pub struct RequestId {
+    pub id: u64,
+    pub requester_incarnation: u64,
+}
 
-/// Everything an endpoint hears.
+/// Everything an endpoint hears. Data events name the sender's incarnation (from the hello of
+/// the link they came on): control events come first, so a message of a peer's previous
+/// incarnation may be read after its `Down` and the `Up` of the next one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Message {
         from: EndpointId,
+        incarnation: u64,
         payload: Bytes,
     },
     Request {
         from: EndpointId,
+        incarnation: u64,
         id: RequestId,
         payload: Bytes,
     },
     Response {
         from: EndpointId,
+        incarnation: u64,
         id: RequestId,
         payload: Bytes,
     },
@@ -58,11 +68,20 @@ pub enum Event {
     },
     Stream {
         from: EndpointId,
+        incarnation: u64,
         stream: StreamId,
         seq: u64,
         payload: Bytes,
     },
     Peer(PeerEvent),
+    /// This process did not run for `stalled_ms` (a long synchronous call, a paused VM, a
+    /// blocked runtime): the detector did not count that silence against any peer, and the
+    /// peers may have declared this process down meanwhile, so a pair layer should check
+    /// whether it is still the primary before acting. Stalls queued and not yet read merge
+    /// into one event (their durations add up).
+    LocalStall {
+        stalled_ms: u64,
+    },
 }
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -89,6 +108,12 @@ pub enum TransportError {
         peer: EndpointId,
         id: u64,
         timeout_ms: u64,
+    },
+    #[error("response to request {id} from {peer} arrived but was lost: {reason}")]
+    ResponseLost {
+        peer: EndpointId,
+        id: u64,
+        reason: &'static str,
     },
     #[error("peer {peer} is unreachable on every path")]
     Unreachable { peer: EndpointId },
@@ -120,7 +145,9 @@ pub trait Transport {
         payload: Bytes,
         timeout: Duration,
     ) -> impl Future<Output = Result<Bytes, TransportError>> + Send;
-    /// Answers a request heard as `Event::Request`.
+    /// Answers a request heard as `Event::Request`. An answer to an incarnation of the
+    /// requester that is gone (the link to `to` now speaks for a later one) is dropped: it
+    /// could only answer a new request that reused the id.
     fn respond(&self, to: EndpointId, id: RequestId, payload: Bytes) -> Result<(), TransportError>;
     /// Appends to an ordered stream; returns the frame's sequence number on that stream.
     /// Numbering and queueing are one step: concurrent callers get increasing numbers in queue

@@ -45,8 +45,11 @@ pub const MAX_FRAME_BYTES_LIMIT: usize = (64 << 20) + FRAME_HEADER_MAX_BYTES;
 pub const CONTROL_PAYLOAD_MAX_BYTES: usize = 64 << 10;
 /// Bound on a control-lane frame body, checked by the control lane's decoder.
 pub const CONTROL_FRAME_MAX_BYTES: usize = CONTROL_PAYLOAD_MAX_BYTES + FRAME_HEADER_MAX_BYTES;
-/// Bytes of a hello body: kind, magic, version, node, cpu, path, incarnation.
-const HELLO_BODY_BYTES: usize = 1 + 4 + 2 + 2 + 2 + 1 + 8;
+/// Bytes of a hello body: kind, magic, version, node, cpu, path, incarnation. A lane's hello
+/// is read with a decoder bounded to this, so a handshake never buffers more than one hello.
+pub const HELLO_BODY_BYTES: usize = 1 + 4 + 2 + 2 + 2 + 1 + 8;
+/// Bytes of a whole hello frame, length prefix included.
+pub const HELLO_FRAME_BYTES: usize = LENGTH_PREFIX_BYTES + HELLO_BODY_BYTES;
 
 const HELLO_MAGIC: [u8; 4] = *b"DPLX";
 
@@ -367,6 +370,12 @@ impl FrameDecoder {
             max_frame_bytes: max_frame_bytes.min(MAX_FRAME_BYTES_LIMIT),
             offset: 0,
         }
+    }
+
+    /// Changes the bound on frame bodies for the frames still to come (a lane's decoder reads
+    /// the hello bounded to `HELLO_BODY_BYTES`, then the lane's frames with the lane's bound).
+    pub fn set_max_frame_bytes(&mut self, max_frame_bytes: usize) {
+        self.max_frame_bytes = max_frame_bytes.min(MAX_FRAME_BYTES_LIMIT);
     }
 
     pub fn push(&mut self, bytes: &[u8]) {

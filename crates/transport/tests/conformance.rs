@@ -106,7 +106,9 @@ fn serve(b: QuicTransport, seen: Arc<Mutex<Vec<Event>>>) -> tokio::task::JoinHan
     tokio::spawn(async move {
         while let Some(event) = b.next_event().await {
             match event {
-                Event::Request { from, id, payload } => {
+                Event::Request {
+                    from, id, payload, ..
+                } => {
                     let _ = b.respond(from, id, payload);
                 }
                 other => seen.lock().unwrap_or_else(|p| p.into_inner()).push(other),
@@ -227,7 +229,9 @@ impl SimWorld {
         self.net.run_for(Duration::from_micros(100));
         while let Some(event) = self.b.try_next_event() {
             match event {
-                Event::Request { from, id, payload } => {
+                Event::Request {
+                    from, id, payload, ..
+                } => {
                     let _ = self.b.respond(from, id, payload);
                 }
                 other => self
@@ -359,6 +363,7 @@ async fn calls_requests_messages_and_ordered_streams<W: World>() {
         w.next_a(ms(3000)).await,
         Some(Event::Response {
             from: B,
+            incarnation: w.b().incarnation(),
             id,
             payload: Bytes::from_static(b"event")
         })
@@ -410,7 +415,7 @@ async fn a_request_to_a_silent_peer_fails_once_with_a_timeout<W: World>() {
             id,
             error: TransportError::Timeout {
                 peer: B,
-                id: id.0,
+                id: id.id,
                 timeout_ms: 100
             }
         })
@@ -603,6 +608,107 @@ async fn adjacent_versions_talk_at_the_lower_and_others_never_meet<W: World>() {
     assert_eq!(w.a().link_version(B, Path::Main), None);
 }
 
+/// Review finding: request ids restart at 1 in every incarnation and a response is matched by
+/// (peer, id) only, so a late answer to the previous incarnation's request answers the new
+/// incarnation's request that reuses its id.
+async fn a_late_answer_to_the_previous_incarnation_never_answers_a_new_request<W: World>() {
+    let mut w = W::start(Setup::default()).await;
+    let old_id = w
+        .b()
+        .request(A, Bytes::from_static(b"old question"), ms(10_000))
+        .expect("request");
+    let asked = w.next_a(ms(2000)).await;
+    let Some(Event::Request {
+        from: B,
+        id: heard,
+        incarnation: asked_by,
+        ..
+    }) = asked
+    else {
+        panic!("A heard {asked:?}");
+    };
+    assert_eq!(
+        asked_by,
+        w.b().incarnation(),
+        "a data event names its sender's incarnation"
+    );
+    w.crash_b().await;
+    w.restart_b().await;
+    let new_inc = w.b().incarnation();
+    let back = w
+        .run_until(ms(5000), || {
+            while w.a().try_next_event().is_some() {}
+            w.a()
+                .peer_status(B)
+                .is_some_and(|s| s.up && s.incarnation == Some(new_inc))
+                && w.b().peer_status(A).is_some_and(|s| s.up)
+        })
+        .await;
+    assert!(back, "B came back");
+    let new_id = w
+        .b()
+        .request(A, Bytes::from_static(b"new question"), ms(10_000))
+        .expect("request");
+    // A's application was slow: it answers the old question only now.
+    w.a()
+        .respond(B, heard, Bytes::from_static(b"answer to the OLD question"))
+        .expect("respond");
+    w.run_until(ms(1000), || {
+        w.b_seen()
+            .iter()
+            .any(|e| matches!(e, Event::Response { .. }))
+    })
+    .await;
+    let responses: Vec<Event> = w
+        .b_seen()
+        .into_iter()
+        .filter(|e| matches!(e, Event::Response { .. }))
+        .collect();
+    assert!(
+        !responses
+            .iter()
+            .any(|e| matches!(e, Event::Response { id, payload, .. }
+            if *id == new_id && &payload[..] == b"answer to the OLD question")),
+        "old id {old_id:?}, new id {new_id:?}: the new incarnation's request got its predecessor's answer: {responses:?}"
+    );
+}
+
+/// Review finding: where QUIC makes the reader wait for room, the twin drops the frame; for a
+/// response to a `request` that breaks "exactly one Response or RequestFailed per request".
+async fn a_request_is_answered_exactly_once_even_when_the_event_queue_is_full<W: World>() {
+    let limits = Limits {
+        event_queue_events: 1,
+        ..Limits::default()
+    };
+    let w = W::start(Setup {
+        limits,
+        ..Setup::default()
+    })
+    .await;
+    w.b()
+        .send(A, Bytes::from_static(b"fills A's queue"))
+        .expect("send");
+    assert!(w.run_until(ms(2000), || w.a().queued_events() >= 1).await);
+    let id = w
+        .a()
+        .request(B, Bytes::from_static(b"q"), ms(500))
+        .expect("request");
+    // A's application is busy for a while; B answers at once.
+    w.run_until(ms(300), || false).await;
+    let mut answers = Vec::new();
+    w.run_until(ms(1500), || {
+        while let Some(e) = w.a().try_next_event() {
+            if matches!(&e, Event::Response { id: r, .. } | Event::RequestFailed { id: r, .. } if *r == id)
+            {
+                answers.push(e);
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(answers.len(), 1, "request {id:?} got {answers:?}");
+}
+
 macro_rules! conformance {
     ($($clause:ident),* $(,)?) => {
         mod quic {
@@ -623,4 +729,6 @@ conformance!(
     peer_events_come_before_data_queued_earlier,
     payloads_beyond_the_limit_are_refused_alike,
     adjacent_versions_talk_at_the_lower_and_others_never_meet,
+    a_late_answer_to_the_previous_incarnation_never_answers_a_new_request,
+    a_request_is_answered_exactly_once_even_when_the_event_queue_is_full,
 );

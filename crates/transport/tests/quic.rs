@@ -72,7 +72,9 @@ fn serve_echo(b: QuicTransport) -> Arc<Mutex<Vec<PeerEvent>>> {
     tokio::spawn(async move {
         while let Some(event) = b.next_event().await {
             match event {
-                Event::Request { from, id, payload } => {
+                Event::Request {
+                    from, id, payload, ..
+                } => {
                     let _ = b.respond(from, id, payload);
                 }
                 Event::Peer(e) => record.lock().unwrap_or_else(|p| p.into_inner()).push(e),
@@ -314,7 +316,7 @@ async fn a_response_from_a_peer_the_request_did_not_go_to_is_ignored() {
         raw_link(certs.path(), forger, server, A.node).await;
     send.write_all(&encode(&[
         Frame::Response {
-            id: id.0,
+            id: id.id,
             payload: Bytes::from_static(b"forged"),
         },
         Frame::Message {
@@ -358,7 +360,7 @@ async fn a_slow_consumer_causes_no_down_on_either_side() {
     let mut a_peer_events = Vec::new();
     while got < MESSAGES {
         match tokio::time::timeout(Duration::from_secs(10), a.next_event()).await {
-            Ok(Some(Event::Message { from, payload })) => {
+            Ok(Some(Event::Message { from, payload, .. })) => {
                 assert_eq!(from, B);
                 assert_eq!(payload[..], got.to_le_bytes()[..], "in order");
                 got += 1;
@@ -453,6 +455,7 @@ async fn an_unbounded_timeout_does_not_overflow() {
         got,
         Some(Event::Response {
             from: B,
+            incarnation: b.incarnation(),
             id,
             payload: Bytes::from_static(b"forever")
         })
@@ -630,6 +633,7 @@ async fn a_large_frame_arriving_slower_than_the_detection_time_keeps_its_peer_up
         got,
         Some(Event::Message {
             from: slow,
+            incarnation: 1,
             payload
         })
     );

@@ -91,6 +91,7 @@ fn request_response_message_and_stream() {
                 from,
                 id: rid,
                 payload,
+                ..
             } => {
                 assert_eq!((from, &payload[..]), (A, &b"ping"[..]));
                 b.respond(A, rid, Bytes::from_static(b"pong"))
@@ -120,6 +121,7 @@ fn request_response_message_and_stream() {
     let events = drain(&a);
     assert!(events.contains(&Event::Response {
         from: B,
+        incarnation: 1,
         id,
         payload: Bytes::from_static(b"pong")
     }));
@@ -227,6 +229,7 @@ fn main_cut_with_failsafe_alive_is_a_link_failure_and_data_moves_to_failsafe() {
         drain(&b),
         vec![Event::Message {
             from: A,
+            incarnation: 1,
             payload: Bytes::from_static(b"via failsafe")
         }]
     );
@@ -301,6 +304,7 @@ fn request_with_an_unbounded_timeout_does_not_overflow() {
         from,
         id: rid,
         payload,
+        ..
     }) = heard
         .into_iter()
         .find(|e| matches!(e, Event::Request { .. }))
@@ -343,7 +347,10 @@ fn chaotic_run(seed: u64) -> String {
             let _ = n.request(to, Bytes::from_static(b"r"), ms(20));
             let _ = n.stream_send(to, StreamId(1), Bytes::from(vec![i as u8; 3]));
             while let Some(e) = n.try_next_event() {
-                if let Event::Request { from, id, payload } = e {
+                if let Event::Request {
+                    from, id, payload, ..
+                } = e
+                {
                     let _ = n.respond(from, id, payload);
                 }
             }

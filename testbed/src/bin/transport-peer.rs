@@ -144,14 +144,18 @@ async fn run(args: Args) -> Result<()> {
                 None => return Ok(()),
             },
             event = t.next_event() => match event {
-                Some(Event::Request { from, id, payload }) => { let _ = t.respond(from, id, payload); }
-                Some(Event::Message { from, payload }) => {
+                Some(Event::Request { from, id, payload, .. }) => { let _ = t.respond(from, id, payload); }
+                Some(Event::Message { from, payload, .. }) => {
                     let ack = Bytes::copy_from_slice(&payload[..payload.len().min(8)]);
                     let _ = t.send(from, ack);
                 }
                 Some(Event::Stream { from, stream, payload, .. }) => { let _ = t.stream_send(from, stream, payload); }
                 Some(Event::Peer(e)) => {
                     writeln!(out, "{}", serde_json::json!({"event": format!("{e:?}")}))?;
+                    out.flush()?;
+                }
+                Some(Event::LocalStall { stalled_ms }) => {
+                    writeln!(out, "{}", serde_json::json!({"local_stall_ms": stalled_ms}))?;
                     out.flush()?;
                 }
                 Some(_) => {}
