@@ -3,8 +3,8 @@
 //! [`FileStore`] is the real thing: files in a directory, `pwrite` + `fdatasync` for durable
 //! writes (measured faster than map + `msync` on these machines, see `docs/storage-format.md`), and
 //! read-only memory maps for reads. [`SimStore`] keeps files in memory and models a process kill
-//! (unsynced writes stay visible to the next opener) and a power loss (only what was synced
-//! survives, and the last unsynced write of a file may be torn). Later issues crash
+//! (unsynced writes stay visible to the next opener) and a power loss (what was synced survives,
+//! and any sector of what was not may or may not). Later issues crash
 //! storage inside deterministic whole-cluster simulations through it.
 //!
 //! Names are relative to the LSG's root, with `/` separating directories (`audit/…seg`).
@@ -510,9 +510,9 @@ impl StoreFile for RealFile {
 /// Every handle belongs to one incarnation of the simulated process. After
 /// [`SimStore::kill_process`] old handles fail with [`LsgError::Crashed`] and locks are free, but
 /// unsynced writes stay visible (the page cache outlives the process). After
-/// [`SimStore::power_loss`] each file also holds only what syncs made durable, plus possibly a
-/// torn prefix of its last unsynced write. A sync makes every write of the file durable,
-/// whichever incarnation made it.
+/// [`SimStore::power_loss`] each file holds what syncs made durable, plus any subset of the
+/// sectors written since. A sync makes every write of the file durable, whichever incarnation
+/// made it.
 #[derive(Debug, Clone)]
 pub struct SimStore {
     root: PathBuf,
@@ -597,16 +597,16 @@ impl SimStore {
     }
 
     /// Simulates the loss of power (the process dies and the machine's volatile caches with it):
-    /// unsynced writes are lost, except that the last unsynced write of each file may survive
-    /// torn: each of its 512-byte sectors independently survives or not, as a disk may write them
-    /// in any order.
+    /// each 512-byte sector written since the file's last sync independently survives (with its
+    /// newest bytes) or not, seeded: kernel writeback may have written any dirty page before the
+    /// power failed, in any order, and a disk may tear a write at any sector.
     pub fn power_loss(&self) {
         self.kill_process();
         let mut inner = self.inner();
         let SimInner { files, rng, .. } = &mut *inner;
         files.retain(|_, data| data.entry_durable);
         for data in files.values_mut() {
-            if let Some(&(offset, len)) = data.unsynced.last() {
+            for &(offset, len) in &data.unsynced {
                 let end = offset as usize + len;
                 let mut start = offset as usize;
                 while start < end {
