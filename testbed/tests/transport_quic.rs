@@ -256,6 +256,38 @@ async fn sigkilled_peer_is_reported_down_within_detection_time() {
     );
 }
 
+/// A peer SIGKILLed and restarted on its address is met as its new incarnation well before
+/// quinn's idle timeout (`max(4 x detection time, 1 s)`) would close the old connection: the
+/// restarted process resets that connection (its stateless-reset key is derived from the node
+/// key, the same in every incarnation), and this side redials at once.
+#[tokio::test]
+async fn a_peer_sigkilled_and_restarted_on_its_address_is_met_as_its_new_incarnation_at_once() {
+    let (certs, t, peer) = connected_pair(false).await;
+    let old = t.peer_status(PEER).and_then(|s| s.incarnation);
+    let addr = peer.addrs.main.to_string();
+    kill(peer.pid(), Signal::SIGKILL).expect("kill -9");
+    let killed = Instant::now();
+    drop(peer);
+    let _restarted = PeerProcess::spawn(
+        certs.path(),
+        PEER.node,
+        t.local_addrs().expect("addrs"),
+        &["--main-bind", &addr],
+    );
+    let up = wait_event(&t, Duration::from_secs(5), |e| {
+        matches!(e, Event::Peer(PeerEvent::Up { peer: PEER, incarnation }) if Some(*incarnation) != old)
+    })
+    .await;
+    assert!(up.is_some(), "the restarted peer never came up");
+    let took = killed.elapsed();
+    println!("new incarnation up {took:?} after SIGKILL");
+    let idle_timeout = Duration::from_millis((4 * DETECTION_MS).max(1000));
+    assert!(
+        took < idle_timeout,
+        "new incarnation up only after {took:?}: the old connection waited for the idle timeout"
+    );
+}
+
 #[tokio::test]
 async fn a_local_stall_longer_than_the_detection_time_reports_no_peer_down() {
     let (_certs, t, _peer) = connected_pair(false).await;

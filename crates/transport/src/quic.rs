@@ -1640,6 +1640,29 @@ fn quinn_transport(config: &QuicConfig) -> Result<quinn::TransportConfig, QuicEr
     Ok(t)
 }
 
+/// Keys that stay the same in every incarnation of this endpoint, derived from the node's private
+/// key and the endpoint: the stateless-reset key, and the key that makes its connection ids
+/// recognisable. A process restarted on the same address then recognises the connection ids its
+/// predecessor gave out and resets those connections, so their dialers redial at once and meet
+/// the new incarnation instead of waiting for quinn's idle timeout (at least a second). Only
+/// holders of the node key can derive them, so nobody else can reset a connection.
+fn incarnation_stable_keys(
+    credentials: &NodeCredentials,
+    local: EndpointId,
+) -> (ring::hmac::Key, u64) {
+    let node_key =
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, credentials.key.secret_pkcs8_der());
+    let derive =
+        |what: &str| ring::hmac::sign(&node_key, format!("duplex {what} v1 {local}").as_bytes());
+    let reset = ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        derive("stateless reset key").as_ref(),
+    );
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&derive("connection id key").as_ref()[..8]);
+    (reset, u64::from_le_bytes(cid_key))
+}
+
 impl QuicTransport {
     /// Binds the endpoint's sockets and starts accepting, detecting and dialling.
     /// Must run inside a tokio runtime.
@@ -1658,6 +1681,17 @@ impl QuicTransport {
                 INCOMING_BUFFER_BYTES * config.max_incoming_handshakes.max(1) as u64,
             );
         client_config.transport_config(transport);
+        let (reset_key, cid_key) = incarnation_stable_keys(&config.credentials, config.local);
+        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+        endpoint_config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
+        let runtime = quinn::default_runtime().ok_or_else(|| QuicError::Bind {
+            local: config.local,
+            path: Path::Main,
+            addr: config.main_bind,
+            source: std::io::Error::other("no async runtime found"),
+        })?;
         let mut endpoints = BTreeMap::new();
         let binds = [
             (Path::Main, Some(config.main_bind)),
@@ -1665,15 +1699,20 @@ impl QuicTransport {
         ];
         for (path, addr) in binds {
             let Some(addr) = addr else { continue };
-            let endpoint =
-                quinn::Endpoint::server(server_config.clone(), addr).map_err(|source| {
-                    QuicError::Bind {
-                        local: config.local,
-                        path,
-                        addr,
-                        source,
-                    }
-                })?;
+            let bind_error = |source| QuicError::Bind {
+                local: config.local,
+                path,
+                addr,
+                source,
+            };
+            let socket = std::net::UdpSocket::bind(addr).map_err(bind_error)?;
+            let endpoint = quinn::Endpoint::new(
+                endpoint_config.clone(),
+                Some(server_config.clone()),
+                socket,
+                Arc::clone(&runtime),
+            )
+            .map_err(bind_error)?;
             endpoints.insert(path, endpoint);
         }
         let inner = Arc::new(Inner {

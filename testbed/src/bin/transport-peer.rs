@@ -30,6 +30,9 @@ struct Args {
     certs: PathBuf,
     #[arg(long, default_value_t = 300)]
     detection_time_ms: u64,
+    /// The main path's address (a restarted peer passes its predecessor's).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    main_bind: std::net::SocketAddr,
     /// Also listen on a failsafe path.
     #[arg(long)]
     failsafe: bool,
@@ -115,7 +118,7 @@ fn main() -> Result<()> {
 async fn run(args: Args) -> Result<()> {
     let creds = NodeCredentials::load(&args.certs, args.node)?;
     let local = EndpointId::new(args.node, args.cpu);
-    let mut config = QuicConfig::new(local, "127.0.0.1:0".parse()?, creds);
+    let mut config = QuicConfig::new(local, args.main_bind, creds);
     if args.failsafe {
         config.failsafe_bind = Some("127.0.0.1:0".parse()?);
     }
