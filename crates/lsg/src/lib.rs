@@ -15,6 +15,7 @@ mod lsg;
 mod manifest;
 pub mod record;
 mod segment;
+mod sim_store;
 mod slots;
 mod store;
 mod volume;
@@ -23,7 +24,8 @@ pub use audit::{AuditReader, AuditRecord, AuditStats, AuditTrail};
 pub use error::{Corruption, LsgError, Result};
 pub use lsg::{LogStorageGroup, OpenMode};
 pub use record::{RecordFlags, RecordType};
-pub use store::{FileLock, FileStore, RealFile, SimFile, SimLock, SimStore, Store, StoreFile};
+pub use sim_store::{SimFile, SimLock, SimStore};
+pub use store::{FileLock, FileStore, RealFile, Store, StoreFile};
 pub use volume::{Compaction, DataVolume, VolumeRecord, VolumeStats};
 
 /// The on-disk format version this build writes; it reads this one and older ones.

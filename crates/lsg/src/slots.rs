@@ -168,7 +168,7 @@ pub fn body_of(values: &[u64]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::SimStore;
+    use crate::sim_store::SimStore;
 
     #[test]
     fn a_torn_update_keeps_the_previous_value() {
