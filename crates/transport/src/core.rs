@@ -15,7 +15,7 @@ use crate::addr::{EndpointId, Path};
 use crate::detector::PeerEvent;
 use crate::transport::{Event, RequestId, TransportError};
 use crate::wire::{
-    DEFAULT_MAX_FRAME_BYTES, FRAME_HEADER_MAX_BYTES, Hello, LENGTH_PREFIX_BYTES,
+    DEFAULT_MAX_FRAME_BYTES, FRAME_HEADER_MAX_BYTES, Frame, Hello, LENGTH_PREFIX_BYTES,
     MAX_FRAME_BYTES_LIMIT, StreamId, VersionError, negotiate_version,
 };
 
@@ -203,6 +203,53 @@ pub struct StartedRequest {
     pub timeout_ms: u32,
     /// The timeout as waited for (capped at `REQUEST_TIMEOUT_MAX`).
     pub timeout: Duration,
+}
+
+/// What a data frame received from `from` (speaking as `incarnation`) is for the application.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Received {
+    /// Nothing but a sign of life (already heard by the detector).
+    KeepAlive,
+    /// A hello on a link that already had one.
+    Hello,
+    /// An answer: for the request table to match.
+    Response { id: u64, payload: Bytes },
+    /// A message, request or stream frame, as the event to queue.
+    Deliver(Event),
+}
+
+/// Turns a received frame into what both transports do with it, so they cannot drift.
+pub fn received(from: EndpointId, incarnation: u64, frame: Frame) -> Received {
+    match frame {
+        Frame::KeepAlive => Received::KeepAlive,
+        Frame::Hello(_) => Received::Hello,
+        Frame::Response { id, payload } => Received::Response { id, payload },
+        Frame::Message { payload } => Received::Deliver(Event::Message {
+            from,
+            incarnation,
+            payload,
+        }),
+        Frame::Request { id, payload, .. } => Received::Deliver(Event::Request {
+            from,
+            incarnation,
+            id: RequestId {
+                id,
+                requester_incarnation: incarnation,
+            },
+            payload,
+        }),
+        Frame::Stream {
+            stream,
+            seq,
+            payload,
+        } => Received::Deliver(Event::Stream {
+            from,
+            incarnation,
+            stream,
+            seq,
+            payload,
+        }),
+    }
 }
 
 /// What a response turned out to be.

@@ -59,8 +59,8 @@ use crate::certs::{
     verify_node_certificate,
 };
 use crate::core::{
-    CallWaiter, EventQueue, HelloRefusal, Limits, LinkTerms, QueueFull, RequestTable,
-    ResponseOutcome, StreamNumbers, Waiter, accept_hello, choose_path,
+    CallWaiter, EventQueue, HelloRefusal, Limits, LinkTerms, QueueFull, Received, RequestTable,
+    ResponseOutcome, StreamNumbers, Waiter, accept_hello, choose_path, received,
 };
 use crate::detector::{DetectorAction, DetectorConfig, FailureDetector, PeerStatus};
 use crate::transport::{Event, RequestId, Transport, TransportError};
@@ -1264,28 +1264,15 @@ impl Inner {
     async fn on_frame(&self, link: &LinkReader, frame: Frame) -> Result<bool, LinkError> {
         let from = link.peer;
         let incarnation = link.terms.incarnation;
-        let event = match frame {
-            Frame::KeepAlive => None,
-            Frame::Hello(_) => {
+        let event = match received(from, incarnation, frame) {
+            Received::KeepAlive => None,
+            Received::Hello => {
                 return Err(LinkError::Handshake(
                     "second hello on an established link".into(),
                 ));
             }
-            Frame::Message { payload } => Some(Event::Message {
-                from,
-                incarnation,
-                payload,
-            }),
-            Frame::Request { id, payload, .. } => Some(Event::Request {
-                from,
-                incarnation,
-                id: RequestId {
-                    id,
-                    requester_incarnation: incarnation,
-                },
-                payload,
-            }),
-            Frame::Response { id, payload } => {
+            Received::Deliver(event) => Some(event),
+            Received::Response { id, payload } => {
                 match lock(&self.requests).on_response(from, incarnation, id, payload) {
                     ResponseOutcome::Deliver(event) => Some(event),
                     ResponseOutcome::Completed => None,
@@ -1300,17 +1287,6 @@ impl Inner {
                     }
                 }
             }
-            Frame::Stream {
-                stream,
-                seq,
-                payload,
-            } => Some(Event::Stream {
-                from,
-                incarnation,
-                stream,
-                seq,
-                payload,
-            }),
         };
         match event {
             Some(event) => self.push_data_event(link, event).await,

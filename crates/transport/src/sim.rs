@@ -27,8 +27,8 @@ use thiserror::Error;
 
 use crate::addr::{EndpointId, Path};
 use crate::core::{
-    CallWaiter, EventQueue, Limits, QueueFull, RequestTable, ResponseOutcome, StreamNumbers,
-    Waiter, accept_hello, choose_path,
+    CallWaiter, EventQueue, Limits, QueueFull, Received, RequestTable, ResponseOutcome,
+    StreamNumbers, Waiter, accept_hello, choose_path, received,
 };
 use crate::detector::{DetectorAction, DetectorConfig, FailureDetector, PeerStatus};
 use crate::transport::{Event, RequestId, Transport, TransportError};
@@ -526,23 +526,10 @@ impl SimState {
         };
         let incarnation = terms.incarnation;
         node.detector.on_heard(from, path, incarnation, now);
-        let event = match frame {
-            Frame::Hello(_) | Frame::KeepAlive => None,
-            Frame::Message { payload } => Some(Event::Message {
-                from,
-                incarnation,
-                payload,
-            }),
-            Frame::Request { id, payload, .. } => Some(Event::Request {
-                from,
-                incarnation,
-                id: RequestId {
-                    id,
-                    requester_incarnation: incarnation,
-                },
-                payload,
-            }),
-            Frame::Response { id, payload } => {
+        let event = match received(from, incarnation, frame) {
+            Received::Hello | Received::KeepAlive => None,
+            Received::Deliver(event) => Some(event),
+            Received::Response { id, payload } => {
                 match node.requests.on_response(from, incarnation, id, payload) {
                     ResponseOutcome::Deliver(event) => Some(event),
                     ResponseOutcome::Completed => {
@@ -563,17 +550,6 @@ impl SimState {
                     }
                 }
             }
-            Frame::Stream {
-                stream,
-                seq,
-                payload,
-            } => Some(Event::Stream {
-                from,
-                incarnation,
-                stream,
-                seq,
-                payload,
-            }),
         };
         if let Some(event) = event {
             self.trace(format_args!("{from}->{to} {path} {label} deliver"));
