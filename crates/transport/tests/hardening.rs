@@ -8,57 +8,23 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use duplex_transport::certs::{
-    NodeCredentials, QuicTiming, ensure_cluster_certs, node_server_name, quinn_configs,
-};
+use bytes::Bytes;
+use duplex_transport::certs::{NodeCredentials, QuicTiming, node_server_name, quinn_configs};
 use duplex_transport::detector::DetectorAction;
 use duplex_transport::quic::close_code;
 use duplex_transport::wire::{Frame, FrameDecoder, Hello};
 use duplex_transport::{
-    DetectorConfig, EndpointId, Event, FailureDetector, Path, PeerAddrs, PeerEvent, QuicConfig,
-    QuicTransport, Transport,
+    DetectorConfig, EndpointId, Event, FailureDetector, Path, PeerEvent, QuicTransport, Transport,
 };
+
+mod common;
+use common::{DETECTION_MS, certs_dir, encode, endpoint, nowhere, read_frame};
 
 const A: EndpointId = EndpointId::new(1, 0);
 const P: EndpointId = EndpointId::new(3, 0);
-const DETECTION_MS: u64 = 300;
 
 fn ms(v: u64) -> Duration {
     Duration::from_millis(v)
-}
-
-fn certs_dir() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("tempdir");
-    ensure_cluster_certs(dir.path(), &[1, 2, 3]).expect("cluster certs");
-    dir
-}
-
-async fn endpoint(
-    certs: &std::path::Path,
-    id: EndpointId,
-    tweak: impl FnOnce(&mut QuicConfig),
-) -> QuicTransport {
-    let creds = NodeCredentials::load(certs, id.node).expect("credentials");
-    let mut config = QuicConfig::new(id, "127.0.0.1:0".parse().expect("addr"), creds);
-    config.detector = DetectorConfig::with_detection_time_ms(DETECTION_MS);
-    tweak(&mut config);
-    QuicTransport::bind(config).await.expect("bind")
-}
-
-fn nowhere() -> PeerAddrs {
-    PeerAddrs {
-        main: "127.0.0.1:9".parse().expect("addr"),
-        failsafe: None,
-    }
-}
-
-fn encode(frames: &[Frame]) -> Bytes {
-    let mut out = BytesMut::new();
-    for f in frames {
-        f.encode(&mut out);
-    }
-    out.freeze()
 }
 
 fn hello(from: EndpointId, incarnation: u64) -> Frame {
@@ -68,20 +34,6 @@ fn hello(from: EndpointId, incarnation: u64) -> Frame {
         path: Path::Main,
         incarnation,
     })
-}
-
-async fn read_frame(recv: &mut quinn::RecvStream, decoder: &mut FrameDecoder) -> Frame {
-    loop {
-        if let Some(frame) = decoder.next_frame().expect("valid frame") {
-            return frame;
-        }
-        let chunk = tokio::time::timeout(Duration::from_secs(5), recv.read_chunk(4096, true))
-            .await
-            .expect("a frame in time")
-            .expect("read")
-            .expect("not finished");
-        decoder.push(&chunk.bytes);
-    }
 }
 
 type Lane = (quinn::SendStream, quinn::RecvStream);
