@@ -7,8 +7,8 @@
 //! flush can reach): an opener with smaller limits than the files were written with would take
 //! good records for corruption or corruption for a torn tail. Stored limits only ever grow.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use crate::error::{LsgError, Result};
 use crate::slots;
@@ -173,7 +173,7 @@ pub(crate) struct Fence<F> {
     /// The newer epoch a check found in the manifest (0: none yet).
     fenced_by: AtomicU64,
     /// Why a manifest update failed, if one did.
-    failure: Mutex<Option<String>>,
+    failure: OnceLock<String>,
     _lock: Box<dyn std::fmt::Debug + Send + Sync>,
 }
 
@@ -188,7 +188,7 @@ impl<F: StoreFile> Fence<F> {
             epoch,
             updating: Mutex::new(()),
             fenced_by: AtomicU64::new(0),
-            failure: Mutex::new(None),
+            failure: OnceLock::new(),
             _lock: Box::new(lock),
         }
     }
@@ -202,7 +202,7 @@ impl<F: StoreFile> Fence<F> {
     }
 
     fn check_not_failed(&self) -> Result<()> {
-        match &*self.failure.lock().unwrap_or_else(|p| p.into_inner()) {
+        match self.failure.get() {
             Some(why) => Err(LsgError::Failed(format!("manifest update failed: {why}"))),
             None => Ok(()),
         }
@@ -233,7 +233,7 @@ impl<F: StoreFile> Fence<F> {
         let _one_at_a_time = self.updating.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.check()?;
         write(&self.file, &current, change(current)).inspect_err(|e| {
-            *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            let _first_failure_wins = self.failure.set(e.to_string());
         })
     }
 }
