@@ -234,6 +234,7 @@ impl<F: StoreFile> Fence<F> {
         let current = self.check()?;
         write(&self.file, &current, change(current)).inspect_err(|e| {
             let _first_failure_wins = self.failure.set(e.to_string());
+            slots::scrub_failed_write(&self.file, current.sequence);
         })
     }
 }

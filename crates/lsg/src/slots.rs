@@ -140,6 +140,17 @@ pub fn write<F: StoreFile>(file: &F, magic: &[u8; 8], current: u64, body: &[u8])
     Ok(next)
 }
 
+/// After [`write`] failed on top of `current`: overwrites the slot it wrote with zeros, best
+/// effort, so that readers sharing the page cache (a same-host next owner) keep reading the
+/// previous value, the one that is on disk, not a slot that may never get there.
+pub fn scrub_failed_write<F: StoreFile>(file: &F, current: u64) {
+    let slot = (current + 1) % 2;
+    if let Err(e) = file.write_at(slot * SLOT_BYTES as u64, &[0u8; SLOT_BYTES]) {
+        tracing::warn!(path = %file.path().display(), error = %e,
+            "could not scrub a two-slot file's failed update");
+    }
+}
+
 /// Little-endian u64 fields of a body, for the small fixed bodies kept in slots.
 pub fn u64s<const N: usize>(body: &[u8], path: &std::path::Path) -> Result<[u64; N]> {
     if body.len() != N * 8 {

@@ -774,7 +774,10 @@ impl<S: Store> DataVolume<S> {
             inner.checkpoint_sequence,
             &body,
         )
-        .inspect_err(|e| inner.failure = Some(e.to_string()))?;
+        .inspect_err(|e| {
+            inner.failure = Some(e.to_string());
+            slots::scrub_failed_write(&inner.checkpoint_file, inner.checkpoint_sequence);
+        })?;
         inner.checkpoint_sequence = next;
         inner.checkpoint_lsn = lsn;
         inner.checkpoint_position = (inner.tail_segment, inner.tail_offset);

@@ -146,6 +146,12 @@ fn a_failed_manifest_sync_is_final() {
         .wait_durable(lsn)
         .expect_err("no flush after it");
     assert!(matches!(flush, LsgError::Failed(_)), "{flush}");
+    // The failed update was scrubbed: a same-host next owner reads the manifest on disk, which
+    // still keeps every segment.
+    drop(lsg);
+    store.kill_process();
+    let lsg = LogStorageGroup::open_in(store, config(), OpenMode::Write).expect("takeover");
+    assert_eq!(lsg.audit().first_lsn(), Lsn(1));
 }
 
 /// Records whose flush failed are not durable, yet the page cache may still show them; the next
@@ -483,4 +489,25 @@ fn a_found_segment_whose_name_may_not_be_durable_is_synced_before_it_is_relied_o
     for i in 0..40u32 {
         assert!(v.get(format!("n{i:03}").as_bytes()).expect("get").is_some());
     }
+}
+
+/// A volume checkpoint whose sync failed may be readable in the page cache though not on disk; a
+/// same-host next owner must read the previous checkpoint (the one on disk), not trust the
+/// failed one (and, say, truncate the trail below a checkpoint that a power loss takes away).
+#[test]
+fn a_failed_checkpoint_write_leaves_the_previous_checkpoint_for_the_next_owner() {
+    let store = SimStore::new(16);
+    {
+        let mut lsg =
+            LogStorageGroup::create_in(store.clone(), LsgId(1), config()).expect("create");
+        let v = lsg.create_volume("v").expect("volume");
+        let l1 = logged_put(&lsg, &v, b"k1", b"one");
+        v.flush(l1).expect("checkpoint");
+        let l2 = logged_put(&lsg, &v, b"k2", b"two");
+        store.fail_syncs("volumes/v/CHECKPOINT", 1);
+        v.flush(l2).expect_err("the checkpoint sync fails");
+    }
+    store.kill_process();
+    let lsg = LogStorageGroup::open_in(store, config(), OpenMode::Write).expect("takeover");
+    assert_eq!(lsg.volume("v").expect("volume").checkpoint_lsn(), Lsn(1));
 }
