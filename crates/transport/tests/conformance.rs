@@ -52,6 +52,7 @@ trait World: Sized {
     fn b(&self) -> &Self::T;
     /// Everything B heard except requests (which it answered).
     fn b_seen(&self) -> Vec<Event>;
+    fn clear_b_seen(&self);
     /// Lets time pass until `done()` holds, at most `limit`; whether it held.
     async fn run_until(&self, limit: Duration, done: impl FnMut() -> bool) -> bool;
     /// Lets time pass until `future` is ready, at most `limit`.
@@ -62,6 +63,19 @@ trait World: Sized {
     async fn crash_b(&mut self);
     /// B's process starts again (a new incarnation).
     async fn restart_b(&mut self);
+
+    /// Waits until A and B see each other up, then forgets what either heard so far.
+    async fn settle(&self) {
+        let up = self
+            .run_until(Duration::from_secs(10), || {
+                self.a().peer_status(B).is_some_and(|s| s.up)
+                    && self.b().peer_status(A).is_some_and(|s| s.up)
+            })
+            .await;
+        assert!(up, "A and B came up");
+        while self.a().try_next_event().is_some() {}
+        self.clear_b_seen();
+    }
 
     /// The next event at A within `limit`.
     async fn next_a(&self, limit: Duration) -> Option<Event> {
@@ -138,19 +152,7 @@ impl World for QuicWorld {
             b_server,
         };
         if setup.expect_up {
-            let up = world
-                .run_until(Duration::from_secs(10), || {
-                    world.a.peer_status(B).is_some_and(|s| s.up)
-                        && world.b.peer_status(A).is_some_and(|s| s.up)
-                })
-                .await;
-            assert!(up, "A and B came up");
-            while world.a.try_next_event().is_some() {}
-            world
-                .b_seen
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clear();
+            world.settle().await;
         }
         world
     }
@@ -168,6 +170,13 @@ impl World for QuicWorld {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    fn clear_b_seen(&self) {
+        self.b_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     async fn run_until(&self, limit: Duration, mut done: impl FnMut() -> bool) -> bool {
@@ -264,19 +273,7 @@ impl World for SimWorld {
             b_seen: Mutex::new(Vec::new()),
         };
         if setup.expect_up {
-            let up = world
-                .run_until(Duration::from_secs(10), || {
-                    world.a.peer_status(B).is_some_and(|s| s.up)
-                        && world.b.peer_status(A).is_some_and(|s| s.up)
-                })
-                .await;
-            assert!(up, "A and B came up");
-            while world.a.try_next_event().is_some() {}
-            world
-                .b_seen
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clear();
+            world.settle().await;
         }
         world
     }
@@ -294,6 +291,13 @@ impl World for SimWorld {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    fn clear_b_seen(&self) {
+        self.b_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     async fn run_until(&self, limit: Duration, mut done: impl FnMut() -> bool) -> bool {
