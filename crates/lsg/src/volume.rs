@@ -309,7 +309,9 @@ impl<S: Store> DataVolume<S> {
                 }
             }
             let marker = if closed { SEGMENT_END_BYTES as u64 } else { 0 };
-            let written_after = reader.written_end(end + marker)? > end + marker;
+            // Where writing stopped in this segment (the end marker counts as written).
+            let written_end = reader.written_end(end + marker)?.max(end + marker);
+            let written_after = written_end > end + marker;
             if problem.is_none() && written_after {
                 problem = Some(Corruption::Malformed(if closed {
                     "data after the segment's end marker"
@@ -346,14 +348,14 @@ impl<S: Store> DataVolume<S> {
                 Some(what) => {
                     warn!(path = %file.path().display(), offset = end, %what,
                         "data volume: end after its checkpoint cut off; redo restores it");
-                    tail = Some((n, end, false));
+                    tail = Some((n, end, false, written_end));
                 }
                 None if closed && n != last_number => {}
-                None => tail = Some((n, end, closed)),
+                None => tail = Some((n, end, closed, written_end)),
             }
         }
         // Every segment was closed and before the checkpoint's: the checkpoint's segment is gone.
-        let Some((tail_segment, tail_offset, tail_closed)) = tail else {
+        let Some((tail_segment, tail_offset, tail_closed, written_end)) = tail else {
             return Err(LsgError::Missing {
                 path: store.root().join(segment::segment_name(&dir, synced.0)),
                 what: "the data volume segment its checkpoint names",
@@ -362,7 +364,6 @@ impl<S: Store> DataVolume<S> {
         if writable {
             // Nothing after the end may ever be taken for a record: zero it, drop later files.
             let file = &files[&tail_segment];
-            let written_end = store::ScanReader::new(&**file, 0).written_end(tail_offset)?;
             if !tail_closed && written_end > tail_offset {
                 let zeros = vec![0u8; (written_end - tail_offset) as usize];
                 file.write_at(tail_offset, &zeros)?;
