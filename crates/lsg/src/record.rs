@@ -29,6 +29,11 @@ pub enum RecordType {
     Abort = 3,
     Prepare = 4,
     Checkpoint = 5,
+    /// Undoes one update of an aborted transaction: written at a new LSN, redone like an
+    /// update, never undone itself.
+    Compensation = 6,
+    /// A change of the pair's commit state or of which backups count for acknowledgements.
+    StateChange = 7,
     /// A data volume's record: key and value.
     VolumePut = 16,
     /// A data volume's deletion marker for a key.
@@ -47,6 +52,8 @@ impl TryFrom<u8> for RecordType {
             3 => RecordType::Abort,
             4 => RecordType::Prepare,
             5 => RecordType::Checkpoint,
+            6 => RecordType::Compensation,
+            7 => RecordType::StateChange,
             16 => RecordType::VolumePut,
             17 => RecordType::VolumeDelete,
             18 => RecordType::SegmentEnd,
