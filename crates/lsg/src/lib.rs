@@ -20,6 +20,8 @@ mod slots;
 mod store;
 mod volume;
 
+use serde::{Deserialize, Serialize};
+
 pub use audit::{AuditReader, AuditRecord, AuditStats, AuditTrail};
 pub use error::{Corruption, LsgError, Result};
 pub use lsg::{LogStorageGroup, OpenMode};
@@ -33,7 +35,10 @@ pub const FORMAT_VERSION: u32 = 1;
 
 /// Log sequence number: the position of a record in its audit trail. Dense: each record's LSN is
 /// one more than the previous one's; the first record of a trail has LSN 1.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+#[serde(transparent)]
 pub struct Lsn(pub u64);
 
 impl std::fmt::Display for Lsn {
@@ -43,7 +48,10 @@ impl std::fmt::Display for Lsn {
 }
 
 /// Rises at every change of owner; only the holder of the current epoch may write the LSG.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+#[serde(transparent)]
 pub struct OwnerEpoch(pub u64);
 
 impl std::fmt::Display for OwnerEpoch {
@@ -53,7 +61,10 @@ impl std::fmt::Display for OwnerEpoch {
 }
 
 /// Names an LSG in the cluster.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+#[serde(transparent)]
 pub struct LsgId(pub u64);
 
 impl std::fmt::Display for LsgId {

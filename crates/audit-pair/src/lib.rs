@@ -1,0 +1,1 @@
+//! Audit pairs (placeholder until the first module lands).

@@ -1,0 +1,1 @@
+//! Volume pairs (placeholder until the first module lands).
