@@ -60,18 +60,20 @@ impl StreamRecord {
 /// Messages between an LSG's primary and its backups.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PairMessage {
-    /// Primary → backup: records `records[0].lsn ..`, dense and in order. `durable` is how far
-    /// the primary's trail is on disk, so a backup can drop what it no longer needs to hold.
+    /// Primary → backup: records `records[0].lsn ..`, dense and in order. `retain_from` is the
+    /// oldest record recovery may still need (the truncation horizon): the backup drops older
+    /// ones.
     Records {
         tag: PairTag,
         records: Vec<StreamRecord>,
-        durable: Lsn,
+        retain_from: Lsn,
     },
-    /// Backup → primary: "I hold every record up to `held`". `joined` names the backup's
-    /// incarnation so the primary never counts an acknowledgement of a restarted backup's
-    /// previous life.
+    /// Backup → primary: "I hold every record up to `held`". The tag names the backup's
+    /// incarnation, so the primary never counts an acknowledgement of a restarted backup's
+    /// previous life, and the epoch of the stream it holds.
     Ack { tag: PairTag, held: Lsn },
-    /// Backup → primary: "I am here and hold every record up to `held`; send me the rest".
+    /// Backup → primary: "I am here and hold every record up to `held` of the stream of epoch
+    /// `tag.epoch`; send me the rest".
     Join { tag: PairTag, held: Lsn },
     /// Primary → backup: the stream restarts at `from` (a joining backup or one that saw a
     /// gap). The backup drops anything it holds at or after `from` and takes what follows.
@@ -189,7 +191,7 @@ mod tests {
         let m = PairMessage::Records {
             tag: tag(),
             records: vec![record(1, 1), record(3, 1)],
-            durable: Lsn(0),
+            retain_from: Lsn(0),
         };
         let bytes = m.encode().expect("encodes");
         let err = PairMessage::decode(&bytes).unwrap_err();
@@ -204,7 +206,7 @@ mod tests {
         let m = PairMessage::Records {
             tag: tag(),
             records: vec![record(5, 3), record(6, 0)],
-            durable: Lsn(4),
+            retain_from: Lsn(4),
         };
         let bytes = m.encode().expect("encodes");
         assert_eq!(PairMessage::decode(&bytes).expect("decodes"), m);
