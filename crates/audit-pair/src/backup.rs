@@ -42,11 +42,16 @@ pub struct AuditBackup {
     retained_from: Lsn,
     retained_bytes: usize,
     actions: VecDeque<BackupAction>,
+    /// When the primary was last heard; silence for `rejoin_interval` sends a `Join` again.
+    heard_at: Duration,
+    rejoin_interval: Duration,
 }
 
 impl AuditBackup {
     /// A backup with nothing yet, in process incarnation `incarnation`.
-    pub fn new(lsg: LsgId, incarnation: u64) -> Self {
+    /// A backup that asks its primary for the stream again after `rejoin_interval` of silence
+    /// (lost frames, or a primary that stopped streaming to it).
+    pub fn new(lsg: LsgId, incarnation: u64, rejoin_interval: Duration) -> Self {
         AuditBackup {
             lsg,
             incarnation,
@@ -58,6 +63,8 @@ impl AuditBackup {
             retained_from: Lsn(1),
             retained_bytes: 0,
             actions: VecDeque::new(),
+            heard_at: Duration::ZERO,
+            rejoin_interval,
         }
     }
 
@@ -110,6 +117,16 @@ impl AuditBackup {
         self.retained_bytes
     }
 
+    /// Time passed: a silent primary is asked for its stream again.
+    pub fn tick(&mut self, now: Duration) {
+        if let Some(primary) = self.primary
+            && now.saturating_sub(self.heard_at) >= self.rejoin_interval
+        {
+            self.heard_at = now;
+            self.join(primary);
+        }
+    }
+
     /// Asks `primary` for its stream, continuing from what is held.
     pub fn join(&mut self, primary: EndpointId) {
         self.primary = Some(primary);
@@ -130,7 +147,7 @@ impl AuditBackup {
         self.synced = false;
     }
 
-    pub fn on_message(&mut self, _now: Duration, from: EndpointId, message: PairMessage) {
+    pub fn on_message(&mut self, now: Duration, from: EndpointId, message: PairMessage) {
         let tag = message.tag();
         if tag.lsg != self.lsg {
             return;
@@ -149,11 +166,19 @@ impl AuditBackup {
             });
             return;
         }
+        if Some(from) == self.primary {
+            self.heard_at = now;
+        }
         match message {
             PairMessage::Resync { tag, from: start } if Some(from) == self.primary => {
                 self.epoch = self.epoch.max(tag.epoch);
+                if tag.epoch != self.stream_epoch || start.0 > self.held().0 + 1 {
+                    // Another primary's history, or a gap: start over from `start`.
+                    self.resync(start);
+                }
+                // The same primary's stream: what is held is the same records it will resend,
+                // and may already have been counted for an acknowledgement; keep it.
                 self.stream_epoch = tag.epoch;
-                self.resync(start);
                 self.synced = true;
             }
             PairMessage::Records {
@@ -199,7 +224,10 @@ impl AuditBackup {
         }
         let bytes: usize = self.records.iter().map(StreamRecord::size_bytes).sum();
         if bytes != self.retained_bytes {
-            return Err(format!("{bytes} bytes held, {} counted", self.retained_bytes));
+            return Err(format!(
+                "{bytes} bytes held, {} counted",
+                self.retained_bytes
+            ));
         }
         if self.retained_from == Lsn(0) {
             return Err("records start at LSN 0".into());

@@ -65,10 +65,7 @@ pub struct PrimaryConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PrimaryAction {
     /// Append this record to the trail; the trail's next LSN must be `lsn`.
-    Append {
-        lsn: Lsn,
-        record: StreamRecord,
-    },
+    Append { lsn: Lsn, record: StreamRecord },
     /// Make the trail durable through `through`, then call [`AuditPrimary::on_durable`].
     Flush { through: Lsn },
     Send {
@@ -219,10 +216,13 @@ impl AuditPrimary {
 
     /// How far a backup holds the stream, if it is joined.
     pub fn backup_held(&self, role: BackupRole) -> Option<Lsn> {
-        self.links.iter().find(|l| l.role == role).and_then(|l| match l.state {
-            LinkState::Streaming { held, .. } => Some(held),
-            LinkState::Absent => None,
-        })
+        self.links
+            .iter()
+            .find(|l| l.role == role)
+            .and_then(|l| match l.state {
+                LinkState::Streaming { held, .. } => Some(held),
+                LinkState::Absent => None,
+            })
     }
 
     /// Writes `body` as the next record and streams it; returns its LSN.
@@ -243,7 +243,8 @@ impl AuditPrimary {
         self.retained_bytes += record.size_bytes();
         self.retained.push_back(record.clone());
         self.oldest_unflushed_at.get_or_insert(now);
-        self.actions.push_back(PrimaryAction::Append { lsn, record });
+        self.actions
+            .push_back(PrimaryAction::Append { lsn, record });
         for link in &mut self.links {
             if let LinkState::Streaming {
                 sent,
@@ -361,6 +362,9 @@ impl AuditPrimary {
     /// The next thing to do. Records appended since the last poll are streamed first, batched.
     pub fn poll_action(&mut self) -> Option<PrimaryAction> {
         if self.actions.is_empty() {
+            // Any event may have widened what the rule allows; acknowledge before streaming on.
+            self.check_normal();
+            self.acknowledge();
             self.pump();
         }
         self.actions.pop_front()
@@ -375,7 +379,10 @@ impl AuditPrimary {
             }
         }
         if self.durable > last {
-            return Err(format!("durable {} beyond the last record {last}", self.durable));
+            return Err(format!(
+                "durable {} beyond the last record {last}",
+                self.durable
+            ));
         }
         for link in &self.links {
             if let LinkState::Streaming { sent, held, .. } = link.state {
@@ -399,19 +406,16 @@ impl AuditPrimary {
             return Err("normal state without a counting backup node".into());
         }
         if let Some(inc) = self.home_counts
-            && self.home_drop_at.is_none()
-            && !self.links.iter().any(|l| {
-                l.role == BackupRole::Home
-                    && matches!(l.state, LinkState::Streaming { incarnation, .. } if incarnation == inc)
-            })
-        {
+            && self.home_drop_at.is_none() && !self.links.iter().any(|l| {
+            l.role == BackupRole::Home
+                && matches!(l.state, LinkState::Streaming { incarnation, .. } if incarnation == inc)
+        }) {
             return Err("the same-node half counts but is not streaming".into());
         }
-        if self.acknowledged_through > self.ackable_through() && self.fenced.is_none() {
+        if self.acknowledged_through > last {
             return Err(format!(
-                "acknowledged through {} but the rule allows only {}",
-                self.acknowledged_through,
-                self.ackable_through()
+                "acknowledged through {} beyond the last record {last}",
+                self.acknowledged_through
             ));
         }
         if let Some(&first) = self.commits.first()
@@ -435,8 +439,37 @@ impl AuditPrimary {
         } else {
             self.retained_from
         };
-        let was_counting = self.counts(index);
-        if was_counting {
+        let link = &mut self.links[index];
+        if let LinkState::Streaming {
+            incarnation,
+            sent,
+            held: link_held,
+            progress_at,
+            ..
+        } = &mut link.state
+            && *incarnation == tag.incarnation
+            && tag.epoch == self.config.tag.epoch
+            && held >= *link_held
+            && held <= *sent
+        {
+            // The same backup lost frames or heard nothing for a while: resend from what it
+            // holds. It keeps counting; its acknowledgements only ever move forward.
+            *link_held = held;
+            *sent = held;
+            *progress_at = now;
+            self.actions.push_back(PrimaryAction::Send {
+                to: link.endpoint,
+                message: PairMessage::Resync {
+                    tag: self.config.tag,
+                    from: Lsn(held.0 + 1),
+                },
+            });
+            self.on_caught_up(now, index);
+            self.check_normal();
+            self.acknowledge();
+            return;
+        }
+        if self.counts(index) {
             self.drop_backup(now, index);
         }
         let link = &mut self.links[index];
@@ -598,51 +631,39 @@ impl AuditPrimary {
             (BackupRole::Home, LinkState::Streaming { incarnation, .. }) => {
                 self.home_counts == Some(incarnation)
             }
-            (BackupRole::Remote, LinkState::Streaming { .. }) => {
-                self.state == CommitState::Normal
-            }
+            (BackupRole::Remote, LinkState::Streaming { .. }) => self.state == CommitState::Normal,
             (_, LinkState::Absent) => false,
         }
     }
 
     fn remote_counts(&self) -> bool {
-        self.links.iter().any(|l| {
-            l.role == BackupRole::Remote && matches!(l.state, LinkState::Streaming { .. })
-        })
+        self.links
+            .iter()
+            .any(|l| l.role == BackupRole::Remote && matches!(l.state, LinkState::Streaming { .. }))
     }
 
     /// The highest LSN the rule allows acknowledging now.
     fn ackable_through(&self) -> Lsn {
-        let mut through = self.durable;
         if self.config.paranoid || self.state != CommitState::Normal {
-            return through;
+            return self.durable;
         }
-        let mut memory = Lsn(u64::MAX);
-        let mut remote_seen = false;
-        for link in &self.links {
-            if let LinkState::Streaming {
-                incarnation, held, ..
-            } = link.state
-            {
-                match link.role {
-                    BackupRole::Remote => {
-                        remote_seen = true;
-                        memory = memory.min(held);
-                    }
-                    BackupRole::Home if self.home_counts == Some(incarnation) => {
-                        memory = memory.min(held);
-                    }
-                    BackupRole::Home => {}
-                }
-            } else if link.role == BackupRole::Home && self.home_counts.is_some() {
-                // Counting but no longer streaming: only the disk can vouch.
-                memory = Lsn(0);
-            }
-        }
-        if remote_seen {
-            through = through.max(memory);
-        }
-        through
+        let held_by = |role: BackupRole, of: Option<u64>| {
+            self.links.iter().find_map(|l| match l.state {
+                LinkState::Streaming {
+                    incarnation, held, ..
+                } if l.role == role && of.is_none_or(|i| i == incarnation) => Some(held),
+                _ => None,
+            })
+        };
+        let Some(remote) = held_by(BackupRole::Remote, None) else {
+            return self.durable;
+        };
+        // A counting same-node half vouches only in the incarnation that counts.
+        let home = match self.home_counts {
+            Some(incarnation) => held_by(BackupRole::Home, Some(incarnation)).unwrap_or(Lsn(0)),
+            None => Lsn(u64::MAX),
+        };
+        self.durable.max(remote.min(home))
     }
 
     fn acknowledge(&mut self) {

@@ -321,7 +321,7 @@ mod tests {
         let body = &samples()[2];
         let mut bytes = body.encode(1 << 20).expect("encodes");
         bytes.push(0);
-        let err = AuditBody::decode(Lsn(42), body.record_type(), &bytes).unwrap_err();
+        let err = AuditBody::decode(Lsn(42), body.record_type(), &bytes).expect_err("refused");
         assert_eq!(
             err,
             RecordError::TrailingBytes {
@@ -335,7 +335,7 @@ mod tests {
 
     #[test]
     fn volume_record_types_are_not_pair_records() {
-        let err = AuditBody::decode(Lsn(1), RecordType::VolumePut, &[]).unwrap_err();
+        let err = AuditBody::decode(Lsn(1), RecordType::VolumePut, &[]).expect_err("refused");
         assert!(matches!(err, RecordError::NotAPairRecord { .. }));
     }
 

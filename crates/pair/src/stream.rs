@@ -194,7 +194,7 @@ mod tests {
             retain_from: Lsn(0),
         };
         let bytes = m.encode().expect("encodes");
-        let err = PairMessage::decode(&bytes).unwrap_err();
+        let err = PairMessage::decode(&bytes).expect_err("refused");
         assert!(
             err.to_string().contains("record 3 follows record 1"),
             "{err}"
