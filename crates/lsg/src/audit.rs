@@ -365,6 +365,31 @@ impl<S: Store> AuditTrail<S> {
         flags: RecordFlags,
         payload: &[u8],
     ) -> Result<Lsn> {
+        self.append_expecting(None, record_type, flags, payload)
+    }
+
+    /// Appends a record only if it gets LSN `expected`, that is if the trail's next LSN is
+    /// exactly `expected`; otherwise appends nothing and fails with
+    /// [`LsgError::UnexpectedLsn`]. A backup taking over re-appends the tail of the trail only
+    /// it holds with this: a record whose LSN the trail already has is never written twice, and
+    /// one that would leave a gap is refused.
+    pub fn append_at(
+        &self,
+        expected: Lsn,
+        record_type: RecordType,
+        flags: RecordFlags,
+        payload: &[u8],
+    ) -> Result<Lsn> {
+        self.append_expecting(Some(expected), record_type, flags, payload)
+    }
+
+    fn append_expecting(
+        &self,
+        expected: Option<Lsn>,
+        record_type: RecordType,
+        flags: RecordFlags,
+        payload: &[u8],
+    ) -> Result<Lsn> {
         let shared = &*self.shared;
         if shared.fence.is_none() {
             return Err(LsgError::ReadOnly {
@@ -397,6 +422,17 @@ impl<S: Store> AuditTrail<S> {
                 rounds < 1_000_000,
                 "append backpressure loop did not converge"
             );
+        }
+        // Checked last, under the same lock as the LSN is given out: backpressure above may
+        // have let other appenders in.
+        if let Some(expected) = expected
+            && expected != st.next_lsn
+        {
+            return Err(LsgError::UnexpectedLsn {
+                path: shared.store.root().join(AUDIT_DIR),
+                expected,
+                next: st.next_lsn,
+            });
         }
         if st.tail.offset + len as u64 > st.tail_capacity {
             // A segment made earlier (a spare preallocated under another configuration) keeps
