@@ -7,7 +7,9 @@
 //! No thread hop sits on the path of a lone committer (each hop costs tens of microseconds on
 //! these machines), and one sync serves every record written before it.
 //!
-//! Segments are preallocated (zero-filled) by a background thread one ahead of need. A batch that
+//! Segments are preallocated (zero-filled) by a background thread one ahead of need, unless the
+//! LSG was opened without it ([`crate::LsgOptions`]): then the flusher creates a segment inline
+//! when a batch first needs it, and no write depends on thread timing. A batch that
 //! spans two segments syncs the older one before writing the newer, so data found in a later
 //! segment proves the earlier one whole. That, and batches bounded by `max_batch_bytes`, is what
 //! lets recovery tell a torn tail (cut off) from corruption inside durable data (reported): see
@@ -162,7 +164,8 @@ impl<S: Store> AuditTrail<S> {
     /// what was found. With `fence` (opening for writing) torn bytes are zeroed so nothing after
     /// the tail can ever be taken for a record, and the tail segment is synced, so every record
     /// recovery accepted is durable before the new owner acknowledges anything; without it
-    /// nothing is changed.
+    /// nothing is changed. With `preallocate_in_background` (and `fence`) a thread makes the
+    /// next segment ahead of need.
     pub(crate) fn open(
         store: Arc<S>,
         lsg_id: LsgId,
@@ -170,6 +173,7 @@ impl<S: Store> AuditTrail<S> {
         config: LsgConfig,
         recovery_window: u64,
         fence: Option<Arc<Fence<S::File>>>,
+        preallocate_in_background: bool,
     ) -> Result<Self> {
         let writable = fence.is_some();
         let mut numbers = segment::list(&*store, AUDIT_DIR)?;
@@ -331,7 +335,7 @@ impl<S: Store> AuditTrail<S> {
             flushed: [Condvar::new(), Condvar::new()],
             creating: Mutex::new(()),
         });
-        let preallocator = if writable {
+        let preallocator = if writable && preallocate_in_background {
             let (tx, rx) = mpsc::channel::<u64>();
             let weak = Arc::downgrade(&shared);
             let handle = std::thread::Builder::new()
@@ -361,6 +365,31 @@ impl<S: Store> AuditTrail<S> {
     /// [`wait_durable`](Self::wait_durable) for that LSN (or a later one) returns.
     pub fn append(
         &self,
+        record_type: RecordType,
+        flags: RecordFlags,
+        payload: &[u8],
+    ) -> Result<Lsn> {
+        self.append_expecting(None, record_type, flags, payload)
+    }
+
+    /// Appends a record only if it gets LSN `expected`, that is if the trail's next LSN is
+    /// exactly `expected`; otherwise appends nothing and fails with
+    /// [`LsgError::UnexpectedLsn`]. A backup taking over re-appends the tail of the trail only
+    /// it holds with this: a record whose LSN the trail already has is never written twice, and
+    /// one that would leave a gap is refused.
+    pub fn append_at(
+        &self,
+        expected: Lsn,
+        record_type: RecordType,
+        flags: RecordFlags,
+        payload: &[u8],
+    ) -> Result<Lsn> {
+        self.append_expecting(Some(expected), record_type, flags, payload)
+    }
+
+    fn append_expecting(
+        &self,
+        expected: Option<Lsn>,
         record_type: RecordType,
         flags: RecordFlags,
         payload: &[u8],
@@ -397,6 +426,17 @@ impl<S: Store> AuditTrail<S> {
                 rounds < 1_000_000,
                 "append backpressure loop did not converge"
             );
+        }
+        // Checked last, under the same lock as the LSN is given out: backpressure above may
+        // have let other appenders in.
+        if let Some(expected) = expected
+            && expected != st.next_lsn
+        {
+            return Err(LsgError::UnexpectedLsn {
+                path: shared.store.root().join(AUDIT_DIR),
+                expected,
+                next: st.next_lsn,
+            });
         }
         if st.tail.offset + len as u64 > st.tail_capacity {
             // A segment made earlier (a spare preallocated under another configuration) keeps

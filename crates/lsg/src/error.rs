@@ -151,6 +151,15 @@ pub enum LsgError {
     InvalidConfig(String),
     #[error("LSN {lsn} was never appended (next LSN is {next})")]
     LsnNotAppended { lsn: Lsn, next: Lsn },
+    #[error(
+        "audit trail {path}: append expected to give LSN {expected}, but the next LSN is {next} ({})",
+        if next > expected { "that LSN is already in the trail; nothing was written" } else { "appending it would leave a gap; nothing was written" }
+    )]
+    UnexpectedLsn {
+        path: PathBuf,
+        expected: Lsn,
+        next: Lsn,
+    },
     #[error("LSN {lsn} is below the first retained LSN {first}; it was truncated")]
     LsnTruncated { lsn: Lsn, first: Lsn },
     #[error("audit trail stopped after an earlier failure: {0}")]

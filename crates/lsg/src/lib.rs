@@ -26,7 +26,7 @@ pub use audit::{AuditReader, AuditRecord, AuditStats, AuditTrail};
 pub use error::{Corruption, LsgError, Result};
 pub use lsg::{LogStorageGroup, OpenMode};
 pub use record::{RecordFlags, RecordType};
-pub use sim_store::{SimFile, SimLock, SimStore};
+pub use sim_store::{SimFile, SimFileImage, SimLock, SimStore};
 pub use store::{FileLock, FileStore, RealFile, Store, StoreFile};
 pub use volume::{Compaction, DataVolume, VolumeRecord, VolumeStats};
 
@@ -96,6 +96,37 @@ impl Default for LsgConfig {
             max_record_bytes: (2 << 20) + (4 << 10),
             max_key_bytes: 1 << 10,
             max_value_bytes: 1 << 20,
+        }
+    }
+}
+
+/// How this process runs an LSG, apart from what its files hold: choices that change no byte of
+/// the format and may differ between openers. Kept apart from [`LsgConfig`] (sizes and limits)
+/// so a new choice never changes how a configuration is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LsgOptions {
+    /// A background thread zero-fills the next audit segment ahead of need (the default), so a
+    /// flush rolling over to it rarely waits for one. Off, no thread is started: the flush that
+    /// first needs a segment creates it inline (or [`AuditTrail::preallocate_next`] does when
+    /// asked), so every write happens on a caller's thread, in an order the callers decide, and a
+    /// [`SimStore`] simulation replays its crash points exactly for a seed.
+    pub preallocate_in_background: bool,
+}
+
+impl Default for LsgOptions {
+    fn default() -> Self {
+        LsgOptions {
+            preallocate_in_background: true,
+        }
+    }
+}
+
+impl LsgOptions {
+    /// Options with no background thread: for deterministic simulation.
+    pub fn deterministic() -> Self {
+        LsgOptions {
+            preallocate_in_background: false,
         }
     }
 }

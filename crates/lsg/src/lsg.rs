@@ -16,7 +16,7 @@ use crate::error::{Corruption, LsgError, Result};
 use crate::manifest::{self, Fence, Limits, MANIFEST_NAME, Manifest};
 use crate::store::{self, FileStore, Store};
 use crate::volume::{self, DataVolume, VOLUMES_DIR, VolumeOwner};
-use crate::{LsgConfig, LsgId, OwnerEpoch};
+use crate::{LsgConfig, LsgId, LsgOptions, OwnerEpoch};
 
 const LOCK_NAME: &str = "LOCK";
 
@@ -36,6 +36,7 @@ pub enum OpenMode {
 pub struct LogStorageGroup<S: Store = FileStore> {
     store: Arc<S>,
     config: LsgConfig,
+    options: LsgOptions,
     manifest: Manifest,
     mode: OpenMode,
     audit: AuditTrail<S>,
@@ -68,6 +69,16 @@ impl<S: Store> LogStorageGroup<S> {
     /// rename: it is the commit point. A creation stopped before it (crash, full disk) leaves no
     /// LSG, and its leftovers are removed by the next creation.
     pub fn create_in(store: S, lsg_id: LsgId, config: LsgConfig) -> Result<Self> {
+        Self::create_in_with(store, lsg_id, config, LsgOptions::default())
+    }
+
+    /// [`create_in`](Self::create_in) with `options` for how this process runs it.
+    pub fn create_in_with(
+        store: S,
+        lsg_id: LsgId,
+        config: LsgConfig,
+        options: LsgOptions,
+    ) -> Result<Self> {
         config.validate()?;
         let store = Arc::new(store);
         if store.exists(MANIFEST_NAME)? {
@@ -99,11 +110,13 @@ impl<S: Store> LogStorageGroup<S> {
             config,
             config.torn_window_bytes(),
             Some(Arc::clone(&fence)),
+            options.preallocate_in_background,
         )?;
         info!(lsg = %lsg_id, path = %store.root().display(), "LSG created");
         Ok(LogStorageGroup {
             store,
             config,
+            options,
             manifest,
             mode: OpenMode::Write,
             audit,
@@ -112,7 +125,19 @@ impl<S: Store> LogStorageGroup<S> {
         })
     }
 
+    /// Opens the LSG in `store`: for writing, it takes the ownership lock, raises the owner epoch
+    /// and the boot sequence, and recovers the audit trail and every volume (see the crate docs).
     pub fn open_in(store: S, config: LsgConfig, mode: OpenMode) -> Result<Self> {
+        Self::open_in_with(store, config, mode, LsgOptions::default())
+    }
+
+    /// [`open_in`](Self::open_in) with `options` for how this process runs it.
+    pub fn open_in_with(
+        store: S,
+        config: LsgConfig,
+        mode: OpenMode,
+        options: LsgOptions,
+    ) -> Result<Self> {
         config.validate()?;
         let store = Arc::new(store);
         if !store.exists(MANIFEST_NAME)? {
@@ -177,6 +202,7 @@ impl<S: Store> LogStorageGroup<S> {
             config,
             recovery_window,
             fence.clone(),
+            options.preallocate_in_background,
         )?;
         let mut volumes = BTreeMap::new();
         for name in store.list(VOLUMES_DIR)? {
@@ -218,6 +244,7 @@ impl<S: Store> LogStorageGroup<S> {
         Ok(LogStorageGroup {
             store,
             config,
+            options,
             manifest,
             mode,
             audit,
@@ -245,6 +272,10 @@ impl<S: Store> LogStorageGroup<S> {
 
     pub fn config(&self) -> &LsgConfig {
         &self.config
+    }
+
+    pub fn options(&self) -> &LsgOptions {
+        &self.options
     }
 
     pub fn audit(&self) -> &AuditTrail<S> {

@@ -3,6 +3,12 @@
 //! name that may vanish, media errors, a full disk, flipped bits, a death in the middle of I/O).
 //! It implements the same [`Store`] trait as [`crate::FileStore`] and passes the same conformance
 //! suite (`tests/store_conformance.rs`).
+//!
+//! One store is one host: its files and page cache are shared by simulated processes. A handle
+//! belongs to one process ([`SimStore::another_process`] makes a handle of a new one, as a warm
+//! backup on the same host is), so one process can be killed while another reads on. The whole
+//! state is plain data, seeded, with no clock and no threads: [`SimStore::fork`] copies a world
+//! to run two futures of it side by side, and [`SimStore::image`] shows every byte of it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -19,37 +25,52 @@ const SECTOR_BYTES: usize = 512;
 
 /// An in-memory store whose files survive a simulated power loss only as far as they were synced.
 ///
-/// Every handle belongs to one incarnation of the simulated process. After
-/// [`SimStore::kill_process`] old handles fail with [`LsgError::Crashed`] and locks are free, but
-/// unsynced writes stay visible (the page cache outlives the process). After
-/// [`SimStore::power_loss`] each file holds what syncs made durable, plus any subset of the
-/// sectors written since. A sync makes every write of the file durable, whichever incarnation
-/// made it.
+/// Every handle belongs to one incarnation of one simulated process (clones share it). After
+/// [`SimStore::kill_process`] that process's old handles fail with [`LsgError::Crashed`] and
+/// its locks are free, but unsynced writes stay visible (the page cache outlives the process).
+/// After [`SimStore::power_loss`] every process is dead and each file holds what syncs made
+/// durable, plus any subset of the sectors written since. A sync makes every write of the file
+/// durable, whichever process made it.
 #[derive(Debug, Clone)]
 pub struct SimStore {
     root: PathBuf,
     inner: Arc<Mutex<SimInner>>,
+    /// The simulated process this handle belongs to: an index into `SimInner::incarnations`.
+    process: usize,
 }
 
-#[derive(Debug)]
+/// One file of a [`SimStore`] as it stands: what readers see, what a power loss would keep of
+/// it for sure, and whether its name survives a power loss.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimFileImage {
+    pub current: Vec<u8>,
+    pub durable: Vec<u8>,
+    pub entry_durable: bool,
+}
+
+#[derive(Debug, Clone)]
 struct SimInner {
     files: BTreeMap<String, SimFileData>,
     dirs: BTreeSet<String>,
-    locks: BTreeSet<String>,
-    incarnation: u64,
+    /// Lock name → the process holding it.
+    locks: BTreeMap<String, usize>,
+    /// The current incarnation of each process; a kill gives the process a new one.
+    incarnations: Vec<u64>,
+    next_incarnation: u64,
     capacity_bytes: Option<u64>,
-    /// Writes left before the simulated process dies right after one (see `crash_after_writes`).
-    writes_until_death: Option<u64>,
+    /// The process that dies right after its n-th write from now (see `crash_after_writes`).
+    writes_until_death: Option<(usize, u64)>,
     /// Injected faults, by file name: syncs left to fail, and byte ranges that cannot be read.
     failing_syncs: BTreeMap<String, u64>,
     unreadable: BTreeMap<String, (u64, u64)>,
     /// Files whose `create` names them but fails to make the name durable.
     failing_entry_syncs: BTreeSet<String>,
-    dead: bool,
+    /// Processes that died in the middle of I/O and were not yet killed (see `crash_after_writes`).
+    dead: BTreeSet<usize>,
     rng: ChaCha8Rng,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct SimFileData {
     /// Whether the file's directory entry is durable; a power loss removes it otherwise.
     entry_durable: bool,
@@ -67,17 +88,64 @@ impl SimStore {
             inner: Arc::new(Mutex::new(SimInner {
                 files: BTreeMap::new(),
                 dirs: BTreeSet::new(),
-                locks: BTreeSet::new(),
-                incarnation: 0,
+                locks: BTreeMap::new(),
+                incarnations: vec![0],
+                next_incarnation: 1,
                 capacity_bytes: None,
                 writes_until_death: None,
                 failing_syncs: BTreeMap::new(),
                 unreadable: BTreeMap::new(),
                 failing_entry_syncs: BTreeSet::new(),
-                dead: false,
+                dead: BTreeSet::new(),
                 rng: ChaCha8Rng::seed_from_u64(seed),
             })),
+            process: 0,
         }
+    }
+
+    /// A handle of a new simulated process on the same host: it shares the files and the page
+    /// cache, and lives on when the process of `self` is killed (a warm backup next to its
+    /// primary).
+    pub fn another_process(&self) -> SimStore {
+        let mut inner = self.inner();
+        let incarnation = inner.next_incarnation;
+        inner.next_incarnation += 1;
+        inner.incarnations.push(incarnation);
+        SimStore {
+            root: self.root.clone(),
+            inner: Arc::clone(&self.inner),
+            process: inner.incarnations.len() - 1,
+        }
+    }
+
+    /// An independent copy of the whole simulated host as it is now (files, page cache, faults
+    /// armed, the seeded generator), with this handle's process: to run two futures of one
+    /// world and compare them. Handles of the original do not reach the copy.
+    pub fn fork(&self) -> SimStore {
+        let copy = self.inner().clone();
+        SimStore {
+            root: self.root.clone(),
+            inner: Arc::new(Mutex::new(copy)),
+            process: self.process,
+        }
+    }
+
+    /// Every file as it stands, by name.
+    pub fn image(&self) -> BTreeMap<String, SimFileImage> {
+        self.inner()
+            .files
+            .iter()
+            .map(|(name, data)| {
+                (
+                    name.clone(),
+                    SimFileImage {
+                        current: data.current.clone(),
+                        durable: data.durable.clone(),
+                        entry_durable: data.entry_durable,
+                    },
+                )
+            })
+            .collect()
     }
 
     fn inner(&self) -> MutexGuard<'_, SimInner> {
@@ -90,22 +158,22 @@ impl SimStore {
         self.inner().capacity_bytes = capacity;
     }
 
-    /// Arms a crash in the middle of I/O: the `n`-th write from now lands (unsynced) and then the
-    /// simulated process is dead, every later operation failing with [`LsgError::Crashed`] until
-    /// [`kill_process`](Self::kill_process) or [`power_loss`](Self::power_loss) is called.
+    /// Arms a crash in the middle of I/O: the `n`-th write from now by this handle's process
+    /// lands (unsynced) and then that process is dead, every later file operation of it failing
+    /// with [`LsgError::Crashed`] until [`kill_process`](Self::kill_process) or
+    /// [`power_loss`](Self::power_loss) is called.
     pub fn crash_after_writes(&self, n: u64) {
-        self.inner().writes_until_death = Some(n.max(1));
+        self.inner().writes_until_death = Some((self.process, n.max(1)));
     }
 
-    /// Simulates `kill -9` of the process: its handles and locks die with it, but every write it
-    /// made stays in the (shared) page cache, visible to the next opener and still not durable:
-    /// a later [`power_loss`](Self::power_loss) can lose it, unless someone syncs the file first.
+    /// Simulates `kill -9` of this handle's process: its handles and locks die with it (a new
+    /// incarnation of it starts with this handle and its clones), but every write it made stays
+    /// in the (shared) page cache, visible to the next opener and still not durable: a later
+    /// [`power_loss`](Self::power_loss) can lose it, unless someone syncs the file first. Other
+    /// processes live on.
     pub fn kill_process(&self) {
         let mut inner = self.inner();
-        inner.incarnation += 1;
-        inner.locks.clear();
-        inner.dead = false;
-        inner.writes_until_death = None;
+        inner.kill(self.process);
     }
 
     /// Simulates the loss of power (the process dies and the machine's volatile caches with it):
@@ -113,8 +181,10 @@ impl SimStore {
     /// newest bytes) or not, seeded: kernel writeback may have written any dirty page before the
     /// power failed, in any order, and a disk may tear a write at any sector.
     pub fn power_loss(&self) {
-        self.kill_process();
         let mut inner = self.inner();
+        for process in 0..inner.incarnations.len() {
+            inner.kill(process);
+        }
         let SimInner { files, rng, .. } = &mut *inner;
         files.retain(|_, data| data.entry_durable);
         for data in files.values_mut() {
@@ -194,6 +264,28 @@ impl SimStore {
     }
 }
 
+impl SimInner {
+    fn kill(&mut self, process: usize) {
+        let incarnation = self.next_incarnation;
+        self.next_incarnation += 1;
+        if let Some(current) = self.incarnations.get_mut(process) {
+            *current = incarnation;
+        }
+        self.locks.retain(|_, holder| *holder != process);
+        self.dead.remove(&process);
+        if self
+            .writes_until_death
+            .is_some_and(|(dying, _)| dying == process)
+        {
+            self.writes_until_death = None;
+        }
+    }
+
+    fn incarnation(&self, process: usize) -> Option<u64> {
+        self.incarnations.get(process).copied()
+    }
+}
+
 impl Store for SimStore {
     type File = SimFile;
     type Lock = SimLock;
@@ -243,7 +335,8 @@ impl Store for SimStore {
             name: name.to_string(),
             path,
             len: size_bytes.max(initial.len() as u64),
-            incarnation: inner.incarnation,
+            process: self.process,
+            incarnation: inner.incarnation(self.process).unwrap_or(u64::MAX),
         })
     }
 
@@ -259,7 +352,8 @@ impl Store for SimStore {
             name: name.to_string(),
             path,
             len: data.current.len() as u64,
-            incarnation: inner.incarnation,
+            process: self.process,
+            incarnation: inner.incarnation(self.process).unwrap_or(u64::MAX),
         })
     }
 
@@ -332,13 +426,14 @@ impl Store for SimStore {
 
     fn lock(&self, name: &str, _wait: bool) -> Result<Option<SimLock>> {
         let mut inner = self.inner();
-        if !inner.locks.insert(name.to_string()) {
+        if inner.locks.contains_key(name) {
             return Ok(None);
         }
+        inner.locks.insert(name.to_string(), self.process);
         Ok(Some(SimLock {
             store: self.clone(),
             name: name.to_string(),
-            incarnation: inner.incarnation,
+            incarnation: inner.incarnation(self.process).unwrap_or(u64::MAX),
         }))
     }
 }
@@ -354,7 +449,10 @@ pub struct SimLock {
 impl Drop for SimLock {
     fn drop(&mut self) {
         let mut inner = self.store.inner();
-        if inner.incarnation == self.incarnation {
+        let process = self.store.process;
+        if inner.incarnation(process) == Some(self.incarnation)
+            && inner.locks.get(&self.name) == Some(&process)
+        {
             inner.locks.remove(&self.name);
         }
     }
@@ -367,12 +465,15 @@ pub struct SimFile {
     name: String,
     path: PathBuf,
     len: u64,
+    process: usize,
     incarnation: u64,
 }
 
 impl SimFile {
     fn data<'a>(&self, inner: &'a mut SimInner) -> Result<&'a mut SimFileData> {
-        if inner.incarnation != self.incarnation || inner.dead {
+        if inner.incarnation(self.process) != Some(self.incarnation)
+            || inner.dead.contains(&self.process)
+        {
             return Err(LsgError::Crashed);
         }
         inner.files.get_mut(&self.name).ok_or(LsgError::Missing {
@@ -399,16 +500,16 @@ impl StoreFile for SimFile {
         file.current[start..start + data.len()].copy_from_slice(data);
         file.unsynced.push((offset, data.len()));
         match inner.writes_until_death {
-            Some(1) => {
+            Some((process, 1)) if process == self.process => {
                 inner.writes_until_death = None;
-                inner.dead = true;
+                inner.dead.insert(process);
                 Err(LsgError::Crashed)
             }
-            Some(n) => {
-                inner.writes_until_death = Some(n - 1);
+            Some((process, n)) if process == self.process => {
+                inner.writes_until_death = Some((process, n - 1));
                 Ok(())
             }
-            None => Ok(()),
+            _ => Ok(()),
         }
     }
 

@@ -464,11 +464,7 @@ impl<S: Store> DataVolume<S> {
         Ok(())
     }
 
-    /// Writes `key` = `value` as the change with LSN `lsn`. Returns `false` and changes nothing
-    /// if the volume already holds a change to `key` at `lsn` or later (redo is idempotent).
-    pub fn put(&self, key: &[u8], value: &[u8], lsn: Lsn) -> Result<bool> {
-        self.check_logged(lsn)?;
-        self.check_key(key)?;
+    fn check_value(&self, value: &[u8]) -> Result<()> {
         let limit = self.config.max_value_bytes;
         if value.len() > limit {
             return Err(LsgError::ValueTooLarge {
@@ -476,6 +472,15 @@ impl<S: Store> DataVolume<S> {
                 limit,
             });
         }
+        Ok(())
+    }
+
+    /// Writes `key` = `value` as the change with LSN `lsn`. Returns `false` and changes nothing
+    /// if the volume already holds a change to `key` at `lsn` or later (redo is idempotent).
+    pub fn put(&self, key: &[u8], value: &[u8], lsn: Lsn) -> Result<bool> {
+        self.check_logged(lsn)?;
+        self.check_key(key)?;
+        self.check_value(value)?;
         self.write_record(key, Some(value), lsn)
     }
 
@@ -486,13 +491,60 @@ impl<S: Store> DataVolume<S> {
         self.write_record(key, None, lsn)
     }
 
+    /// Applies a batch of changes, each `(key, Some(value))` a put and `(key, None)` a delete at
+    /// its LSN, under one write lock: redo of many changes without a lock round trip each.
+    /// Idempotent like [`put`](Self::put): a change at or below its key's generation (including
+    /// one earlier in the same batch) is skipped. Returns how many were applied.
+    ///
+    /// Every change is checked first (key and value limits, the LSN given out by the trail,
+    /// the fence), so a batch with one bad change writes nothing; a write failing part way
+    /// leaves the changes before it applied, and the batch can simply be redone.
+    pub fn apply_redo<K, V>(
+        &self,
+        changes: impl IntoIterator<Item = (K, Option<V>, Lsn)>,
+    ) -> Result<usize>
+    where
+        K: AsRef<[u8]>,
+        V: AsRef<[u8]>,
+    {
+        let changes: Vec<(K, Option<V>, Lsn)> = changes.into_iter().collect();
+        for (key, value, lsn) in &changes {
+            self.check_logged(*lsn)?;
+            self.check_key(key.as_ref())?;
+            if let Some(value) = value {
+                self.check_value(value.as_ref())?;
+            }
+        }
+        let mut inner = self.write();
+        let mut applied = 0;
+        for (key, value, lsn) in &changes {
+            let value = value.as_ref().map(AsRef::as_ref);
+            if self.apply_locked(&mut inner, key.as_ref(), value, *lsn)? {
+                applied += 1;
+            }
+        }
+        Ok(applied)
+    }
+
     fn write_record(&self, key: &[u8], value: Option<&[u8]>, lsn: Lsn) -> Result<bool> {
         let mut inner = self.write();
-        check_not_failed(&inner)?;
+        self.apply_locked(&mut inner, key, value, lsn)
+    }
+
+    /// Writes one change under the volume's write lock, unless the key's generation is at or
+    /// above `lsn`; returns whether it was written.
+    fn apply_locked(
+        &self,
+        inner: &mut Inner<S::File>,
+        key: &[u8],
+        value: Option<&[u8]>,
+        lsn: Lsn,
+    ) -> Result<bool> {
+        check_not_failed(inner)?;
         if inner.index.get(key).is_some_and(|e| e.lsn >= lsn) {
             return Ok(false);
         }
-        let entry = self.append_record(&mut inner, key, value, lsn)?;
+        let entry = self.append_record(inner, key, value, lsn)?;
         let value_is_live = entry.value.is_some();
         inner.live_bytes += entry.record_bytes as u64;
         let replaced = inner.index.insert(key.to_vec(), entry);

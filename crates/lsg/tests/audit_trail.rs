@@ -615,3 +615,105 @@ fn truncation_takes_skipped_empty_segments_along() {
     let lsg = LogStorageGroup::open_in(store, big, OpenMode::Write).expect("reopen");
     assert_eq!(lsg.audit().first_lsn(), first);
 }
+
+/// A backup taking over holds a tail of the trail (from its checkpoints) that may overlap what
+/// the trail already has: `append_at` writes exactly the records the trail lacks, each once.
+#[test]
+fn append_at_writes_only_the_records_the_trail_lacks() {
+    let store = SimStore::new(21);
+    let lsg = LogStorageGroup::create_in(store.clone(), LsgId(1), small_config()).expect("create");
+    append_range(&lsg, 1..=10, 200);
+    lsg.audit().flush().expect("flush");
+    // The backup's copy of LSNs 8..=15: 8..=10 are already there, 11..=15 only it holds.
+    let backup: Vec<(Lsn, Vec<u8>)> = (8..=15).map(|l| (Lsn(l), payload_for(l, 200))).collect();
+    let mut written = Vec::new();
+    for (lsn, payload) in &backup {
+        match lsg
+            .audit()
+            .append_at(*lsn, RecordType::Update, RecordFlags::NONE, payload)
+        {
+            Ok(got) => {
+                assert_eq!(got, *lsn);
+                written.push(got.0);
+            }
+            Err(LsgError::UnexpectedLsn {
+                path,
+                expected,
+                next,
+            }) => {
+                assert_eq!(expected, *lsn);
+                assert_eq!(next, Lsn(11), "the trail's next LSN while 11 is missing");
+                assert!(
+                    path.ends_with("audit"),
+                    "the error names the trail: {path:?}"
+                );
+            }
+            Err(e) => panic!("append_at({lsn}): {e}"),
+        }
+    }
+    assert_eq!(written, vec![11, 12, 13, 14, 15]);
+    // A gap is refused too, and nothing is written by a refused call.
+    let gap = lsg
+        .audit()
+        .append_at(Lsn(17), RecordType::Update, RecordFlags::NONE, b"x")
+        .expect_err("a gap");
+    let message = gap.to_string();
+    assert!(
+        message.contains("expected to give LSN 17")
+            && message.contains("next LSN is 16")
+            && message.contains("gap"),
+        "{message}"
+    );
+    let again = lsg
+        .audit()
+        .append_at(Lsn(9), RecordType::Update, RecordFlags::NONE, b"x")
+        .expect_err("present");
+    assert!(
+        again.to_string().contains("already in the trail"),
+        "{again}"
+    );
+    assert_eq!(lsg.audit().next_lsn(), Lsn(16));
+    lsg.audit().flush().expect("flush");
+    drop(lsg);
+    store.power_loss();
+    let lsg = LogStorageGroup::open_in(store, small_config(), OpenMode::Write).expect("reopen");
+    let read = read_all(&lsg);
+    assert_eq!(
+        read,
+        (1..=15)
+            .map(|l| (l, payload_for(l, 200)))
+            .collect::<Vec<_>>(),
+        "every LSN once, with the payload first written for it"
+    );
+}
+
+/// Two takers racing to append the same LSN: exactly one of them writes it.
+#[test]
+fn append_at_gives_an_lsn_to_exactly_one_of_racing_appenders() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lsg =
+        Arc::new(LogStorageGroup::create(dir.path(), LsgId(1), small_config()).expect("create"));
+    for round in 0..50u64 {
+        let lsn = Lsn(round + 1);
+        let winners: Vec<bool> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4u8)
+                .map(|t| {
+                    let lsg = Arc::clone(&lsg);
+                    s.spawn(move || {
+                        lsg.audit()
+                            .append_at(lsn, RecordType::Update, RecordFlags::NONE, &[t; 16])
+                            .is_ok()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("appender"))
+                .collect()
+        });
+        assert_eq!(winners.iter().filter(|w| **w).count(), 1, "round {round}");
+    }
+    assert_eq!(lsg.audit().next_lsn(), Lsn(51));
+    lsg.audit().flush().expect("flush");
+    assert_eq!(read_all(&lsg).len(), 50);
+}

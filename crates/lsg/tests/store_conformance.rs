@@ -116,3 +116,49 @@ fn a_killed_process_leaves_its_unsynced_writes_visible_until_power_is_lost() {
     let torn = g.with_bytes(0, 6, <[u8]>::to_vec).expect("read");
     assert!(torn == b"cached" || torn == [0u8; 6], "{torn:?}");
 }
+
+/// Two processes on one simulated host: killing one (or crashing it mid-write) leaves the other's
+/// handles, locks and view of the page cache alone; a power loss ends both.
+#[test]
+fn a_simulated_process_outlives_the_kill_of_another() {
+    let primary = SimStore::new(9);
+    let backup = primary.another_process();
+    let f = primary.create("f", b"", 4096, true).expect("create");
+    let seen = backup.open("f").expect("open");
+    let _backup_lock = backup.lock("B", false).expect("lock").expect("free");
+    let _primary_lock = primary.lock("P", false).expect("lock").expect("free");
+    assert!(
+        backup.lock("P", false).expect("lock").is_none(),
+        "held by the primary"
+    );
+
+    // The primary dies right after a write; the backup reads the write and lives on.
+    primary.crash_after_writes(1);
+    assert!(matches!(f.write_at(0, b"last"), Err(LsgError::Crashed)));
+    assert!(matches!(f.write_at(0, b"more"), Err(LsgError::Crashed)));
+    let mut got = [0u8; 4];
+    seen.read_at(0, &mut got).expect("the backup reads on");
+    assert_eq!(&got, b"last");
+    primary.kill_process();
+    assert!(
+        backup.lock("P", false).expect("lock").is_some(),
+        "the dead primary's lock is free"
+    );
+    assert!(
+        primary.lock("B", false).expect("lock").is_none(),
+        "the live backup's lock is kept"
+    );
+    seen.read_at(0, &mut got).expect("still alive");
+
+    // A fork is a separate world: what one does the other does not see.
+    let other_world = backup.fork();
+    let copy = other_world.open("f").expect("open in the fork");
+    copy.write_at(0, b"fork").expect("write in the fork");
+    seen.read_at(0, &mut got).expect("read");
+    assert_eq!(&got, b"last");
+    assert_eq!(other_world.image()["f"].current[..4], *b"fork");
+    assert_eq!(backup.image()["f"].current[..4], *b"last");
+
+    primary.power_loss();
+    assert!(matches!(seen.read_at(0, &mut got), Err(LsgError::Crashed)));
+}
