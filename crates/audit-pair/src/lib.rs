@@ -1,1 +1,5 @@
-//! Audit pairs (placeholder until the first module lands).
+//! Audit pairs: the primary and backup halves that write a log storage group's audit trail.
+//!
+//! - `recovery`: what a new owner redoes, undoes and keeps locked, read from the trail.
+
+pub mod recovery;
