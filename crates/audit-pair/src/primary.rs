@@ -743,7 +743,9 @@ impl AuditPrimary {
                     message: PairMessage::Records {
                         tag: self.config.tag,
                         records: batch.to_vec(),
-                        retain_from: self.horizon,
+                        // Never past the durable end: a backup's copy always overlaps the
+                        // trail, so a takeover can check it continues the trail.
+                        retain_from: self.horizon.min(self.durable),
                     },
                 });
             }

@@ -1,0 +1,294 @@
+//! Taking an LSG over: the step that turns a backup (or fresh pairs) into its owner (SPEC §3,
+//! seeds 000 and 004).
+//!
+//! The caller has opened the LSG for writing, which raised the owner epoch: from then on the
+//! old owner's flushes fail and the backups refuse its stream. It has also asked the other
+//! backups for their copies of the stream (`Fence`). Then, here:
+//!
+//! 1. Each copy (a [`Chain`]) is checked against the trail: it continues the trail only if it
+//!    holds the trail's last record, byte for byte, or starts right after it. A copy of a
+//!    history the trail has moved past (a backup cut off during an earlier takeover) fails the
+//!    check and is not used.
+//! 2. The longest valid copy's records beyond the trail's end (acknowledged from memory, never
+//!    flushed) are appended at their LSNs and flushed.
+//! 3. Warm start when this backup's own copy is valid, reaches the trail's end, and the trail
+//!    says it was in communication (its last record does not carry the communications flag):
+//!    recovery reads the copy in memory. Otherwise cold start: recovery reads the retained
+//!    trail. Either way the same [`plan_recovery`] decides: redo after each volume's checkpoint
+//!    (idempotent by generation), undo of every transaction that was neither committed, aborted
+//!    nor prepared (compensation records at new LSNs), and in-doubt transactions relocked.
+//! 4. The new owner starts backup-only (flush before acknowledging) until a backup catches up.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use duplex_audit_pair::AuditBackup;
+use duplex_audit_pair::recovery::{RecoveryError, TrailRecord, plan_recovery};
+use duplex_lsg::{LogStorageGroup, LsgError, Lsn, OwnerEpoch, RecordFlags, RecordType, Store};
+use duplex_pair::CommitState;
+use duplex_pair::records::{AuditBody, RecordError};
+use duplex_pair::stream::StreamRecord;
+use thiserror::Error;
+use tracing::info;
+
+use crate::owner::{LsgOwner, OwnerConfig, OwnerStart};
+use crate::protocol::OpError;
+
+/// One change to redo: key, value (`None`: delete), LSN.
+type RedoChange<'a> = (&'a [u8], Option<&'a [u8]>, Lsn);
+
+/// A backup's copy of the checkpoint stream: dense records of one primary's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chain {
+    /// The epoch of the primary whose stream it is.
+    pub epoch: OwnerEpoch,
+    pub records: Vec<StreamRecord>,
+}
+
+impl Chain {
+    pub fn of_backup(backup: &AuditBackup) -> Self {
+        Chain {
+            epoch: backup.stream_epoch(),
+            records: backup
+                .records_from(backup.retained_from())
+                .cloned()
+                .collect(),
+        }
+    }
+
+    fn first(&self) -> Option<Lsn> {
+        self.records.first().map(|r| r.lsn)
+    }
+
+    fn last(&self) -> Option<Lsn> {
+        self.records.last().map(|r| r.lsn)
+    }
+
+    fn get(&self, lsn: Lsn) -> Option<&StreamRecord> {
+        let first = self.first()?;
+        let index = usize::try_from(lsn.0.checked_sub(first.0)?).ok()?;
+        self.records.get(index)
+    }
+}
+
+/// How the new owner started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartKind {
+    /// From the backup's copy of the stream: no trail read.
+    Warm,
+    /// From the retained trail.
+    Cold,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TakeoverReport {
+    pub epoch: OwnerEpoch,
+    pub start: StartKind,
+    /// The trail's last record when it was opened.
+    pub trail_end: Lsn,
+    /// Records appended from a backup's copy beyond it.
+    pub reappended: u64,
+    pub records_read: u64,
+    pub redone: usize,
+    pub undone: usize,
+    pub in_doubt: usize,
+}
+
+#[derive(Debug, Error)]
+pub enum TakeoverError {
+    #[error("takeover: storage: {0}")]
+    Storage(#[from] LsgError),
+    #[error("takeover: {0}")]
+    Record(#[from] RecordError),
+    #[error("takeover: recovery: {0}")]
+    Recovery(#[from] RecoveryError),
+    #[error("takeover: record {lsn} of a backup's copy has an unknown type {record_type}")]
+    UnknownType { lsn: Lsn, record_type: u8 },
+    #[error("takeover: finishing recovery: {0}")]
+    Finish(#[from] OpError),
+}
+
+/// Takes over `lsg` (just opened for writing) with this backup's copy of the stream (`own`,
+/// `None` for fresh pairs) and the copies gathered from the other backups. See the module docs.
+pub fn take_over<S: Store, C: Clone + std::fmt::Debug>(
+    lsg: LogStorageGroup<S>,
+    own: Option<Chain>,
+    gathered: Vec<Chain>,
+    config: OwnerConfig,
+    now: Duration,
+) -> Result<(LsgOwner<S, C>, TakeoverReport), TakeoverError> {
+    let epoch = lsg.owner_epoch();
+    let trail_end = Lsn(lsg.audit().next_lsn().0 - 1);
+    let last_record = match trail_end {
+        Lsn(0) => None,
+        end => lsg.audit().reader(end)?.next().transpose()?,
+    };
+    let continues_trail = |chain: &Chain| -> bool {
+        let (Some(first), Some(last)) = (chain.first(), chain.last()) else {
+            return false;
+        };
+        if first.0 == trail_end.0 + 1 {
+            return true;
+        }
+        let at = last.min(trail_end);
+        match (&last_record, chain.get(at)) {
+            (Some(trail), Some(copy)) if at == trail_end => {
+                trail.payload == copy.payload
+                    && trail.record_type as u8 == copy.record_type
+                    && trail.flags.bits() == copy.flags
+            }
+            // The copy ends before the trail does: it cannot vouch for the end; it may still
+            // be the warm state if it matches where it ends (checked by reading that record).
+            (_, Some(copy)) => lsg
+                .audit()
+                .reader(at)
+                .ok()
+                .and_then(|mut r| r.next())
+                .and_then(|r| r.ok())
+                .is_some_and(|trail| {
+                    trail.payload == copy.payload && trail.record_type as u8 == copy.record_type
+                }),
+            _ => false,
+        }
+    };
+    let own = own.filter(|c| !c.records.is_empty());
+    let own_valid = own.as_ref().is_some_and(continues_trail);
+    let tail = own
+        .iter()
+        .filter(|_| own_valid)
+        .chain(gathered.iter().filter(|c| continues_trail(c)))
+        .filter(|c| c.last().is_some_and(|l| l > trail_end))
+        .max_by_key(|c| (c.last(), c.epoch));
+    let mut reappended = 0;
+    if let Some(tail) = tail {
+        for r in tail.records.iter().filter(|r| r.lsn > trail_end) {
+            let record_type =
+                RecordType::try_from(r.record_type).map_err(|_| TakeoverError::UnknownType {
+                    lsn: r.lsn,
+                    record_type: r.record_type,
+                })?;
+            let flags = if r.flags == 0 {
+                RecordFlags::NONE
+            } else {
+                RecordFlags::OUT_OF_COMMUNICATION
+            };
+            lsg.audit()
+                .append_at(r.lsn, record_type, flags, &r.payload)?;
+            reappended += 1;
+        }
+        lsg.audit().flush()?;
+    }
+    let in_communication = last_record
+        .as_ref()
+        .is_none_or(|r| !r.flags.contains(RecordFlags::OUT_OF_COMMUNICATION));
+    let warm = own_valid
+        && in_communication
+        && own
+            .as_ref()
+            .and_then(Chain::last)
+            .is_some_and(|l| l >= trail_end);
+    let records: Vec<StreamRecord> = match (&own, warm) {
+        (Some(own), true) => {
+            let mut records: Vec<StreamRecord> = own
+                .records
+                .iter()
+                .filter(|r| r.lsn <= trail_end)
+                .cloned()
+                .collect();
+            if let Some(tail) = tail {
+                records.extend(tail.records.iter().filter(|r| r.lsn > trail_end).cloned());
+            }
+            records
+        }
+        _ => {
+            let first = lsg.audit().first_lsn();
+            let mut records = Vec::new();
+            for r in lsg.audit().reader(first)? {
+                let r = r?;
+                records.push(StreamRecord {
+                    lsn: r.lsn,
+                    record_type: r.record_type as u8,
+                    flags: r.flags.bits(),
+                    payload: r.payload,
+                });
+            }
+            records
+        }
+    };
+    let mut decoded = Vec::with_capacity(records.len());
+    for r in &records {
+        let record_type =
+            RecordType::try_from(r.record_type).map_err(|_| TakeoverError::UnknownType {
+                lsn: r.lsn,
+                record_type: r.record_type,
+            })?;
+        decoded.push(TrailRecord {
+            lsn: r.lsn,
+            flags: if r.flags == 0 {
+                RecordFlags::NONE
+            } else {
+                RecordFlags::OUT_OF_COMMUNICATION
+            },
+            body: AuditBody::decode(r.lsn, record_type, &r.payload)?,
+        });
+    }
+    let volumes: BTreeMap<String, Lsn> = lsg
+        .volume_names()
+        .into_iter()
+        .filter_map(|name| {
+            let lsn = lsg.volume(&name).ok()?.checkpoint_lsn();
+            Some((name, lsn))
+        })
+        .collect();
+    let plan = plan_recovery(decoded, &volumes, config.messages)?;
+    let mut by_volume: BTreeMap<&str, Vec<RedoChange<'_>>> = BTreeMap::new();
+    for redo in &plan.redo {
+        by_volume.entry(&redo.volume).or_default().push((
+            &redo.key,
+            redo.value.as_deref(),
+            redo.lsn,
+        ));
+    }
+    let mut redone = 0;
+    for (name, changes) in by_volume {
+        redone += lsg.volume(name)?.apply_redo(changes)?;
+    }
+    let durable = Lsn(lsg.audit().next_lsn().0 - 1);
+    let report = TakeoverReport {
+        epoch,
+        start: if warm {
+            StartKind::Warm
+        } else {
+            StartKind::Cold
+        },
+        trail_end,
+        reappended,
+        records_read: plan.records_read,
+        redone,
+        undone: plan.undo.len(),
+        in_doubt: plan.in_doubt.len(),
+    };
+    let undo = plan.undo_records(epoch);
+    let start = OwnerStart {
+        state: CommitState::BackupOnly,
+        retained: records,
+        durable,
+        table: plan.message_table,
+        in_doubt: plan.in_doubt,
+        last_checkpoint: plan.last_checkpoint.unwrap_or_default(),
+        penultimate_checkpoint: plan.penultimate_checkpoint.unwrap_or_default(),
+    };
+    let mut owner = LsgOwner::new(config, lsg, start, now);
+    owner.finish_recovery(now, undo)?;
+    info!(
+        epoch = %report.epoch,
+        start = ?report.start,
+        trail_end = %report.trail_end,
+        reappended = report.reappended,
+        redone = report.redone,
+        undone = report.undone,
+        in_doubt = report.in_doubt,
+        "took the LSG over"
+    );
+    Ok((owner, report))
+}
