@@ -313,9 +313,9 @@ impl VolumePair {
 
     /// The update record the owner logs before it applies a write whose lock `tx` holds: the
     /// before image read from `vol`, the after image given (`None`: delete).
-    pub fn update_record(
+    pub fn update_record<V: VolumeAccess + ?Sized>(
         &self,
-        vol: &impl VolumeAccess,
+        vol: &V,
         tx: TxId,
         key: &[u8],
         after: Option<Vec<u8>>,
