@@ -30,6 +30,11 @@ use LockMode::{
 impl LockMode {
     pub const ALL: [LockMode; 5] = [IS, IX, S, SIX, X];
 
+    /// The mode's place in [`LockMode::ALL`].
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+
     /// Whether two different transactions may hold `self` and `other` on one resource at once.
     pub fn compatible(self, other: LockMode) -> bool {
         matches!(

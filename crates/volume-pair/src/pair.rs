@@ -196,15 +196,33 @@ struct Waiter {
 #[derive(Debug, Default)]
 struct LockState {
     granted: BTreeMap<TxId, LockMode>,
+    /// Holders per mode (indexed by [`LockMode::index`]), so that a request on the volume,
+    /// which every transaction holds, is checked in constant time.
+    holders_per_mode: [usize; LockMode::ALL.len()],
     /// Conversions first, then new requests, each in arrival order.
     queue: VecDeque<Waiter>,
 }
 
 impl LockState {
+    fn set_granted(&mut self, tx: TxId, mode: LockMode) {
+        if let Some(old) = self.granted.insert(tx, mode) {
+            self.holders_per_mode[old.index()] -= 1;
+        }
+        self.holders_per_mode[mode.index()] += 1;
+    }
+
+    fn remove_granted(&mut self, tx: TxId) {
+        if let Some(old) = self.granted.remove(&tx) {
+            self.holders_per_mode[old.index()] -= 1;
+        }
+    }
+
     fn compatible_with_others(&self, tx: TxId, mode: LockMode) -> bool {
-        self.granted
-            .iter()
-            .all(|(t, m)| *t == tx || m.compatible(mode))
+        let own = self.granted.get(&tx).copied();
+        LockMode::ALL.into_iter().all(|m| {
+            let others = self.holders_per_mode[m.index()] - usize::from(own == Some(m));
+            others == 0 || m.compatible(mode)
+        })
     }
 
     /// Whether the waiter at `position` may be granted now: a conversion when the other
@@ -295,9 +313,9 @@ impl VolumePair {
 
     /// The update record the owner logs before it applies a write whose lock `tx` holds: the
     /// before image read from `vol`, the after image given (`None`: delete).
-    pub fn update_record(
+    pub fn update_record<V: VolumeAccess + ?Sized>(
         &self,
-        vol: &impl VolumeAccess,
+        vol: &V,
         tx: TxId,
         key: &[u8],
         after: Option<Vec<u8>>,
@@ -330,7 +348,7 @@ impl VolumePair {
         if let Some(entry) = self.txs.remove(&tx) {
             for res in entry.held {
                 if let Some(state) = self.locks.get_mut(&res) {
-                    state.granted.remove(&tx);
+                    state.remove_granted(tx);
                 }
                 dirty.insert(res);
             }
@@ -445,6 +463,16 @@ impl VolumePair {
         for (res, state) in &self.locks {
             if state.granted.is_empty() && state.queue.is_empty() {
                 return Err(format!("{v}: {res:?} is kept without holders or waiters"));
+            }
+            let mut counted = [0; LockMode::ALL.len()];
+            for mode in state.granted.values() {
+                counted[mode.index()] += 1;
+            }
+            if counted != state.holders_per_mode {
+                return Err(format!(
+                    "{v}: {res:?} counts holders per mode {:?}, but they are {counted:?}",
+                    state.holders_per_mode
+                ));
             }
             for (a, ma) in &state.granted {
                 for (b, mb) in state.granted.range((Bound::Excluded(a), Bound::Unbounded)) {
@@ -665,8 +693,7 @@ impl VolumePair {
         self.locks
             .entry(res.clone())
             .or_default()
-            .granted
-            .insert(tx, mode);
+            .set_granted(tx, mode);
         self.txs.entry(tx).or_default().held.insert(res);
     }
 
@@ -760,9 +787,10 @@ impl VolumePair {
         let mut position = 0;
         while let Some(w) = state.queue.get(position) {
             if state.grantable(position, w) {
-                state.granted.insert(w.tx, w.mode);
-                granted.push(w.tx);
+                let (tx, mode) = (w.tx, w.mode);
                 state.queue.remove(position);
+                state.set_granted(tx, mode);
+                granted.push(tx);
             } else if w.conversion {
                 position += 1;
             } else {
