@@ -391,13 +391,17 @@ impl<'a> Scan<'a> {
     }
 
     fn record(&mut self, r: TrailRecord) -> Result<(), RecoveryError> {
-        let expected = self.last_lsn.map_or(Lsn(1), |l| Lsn(l.0 + 1));
+        // No LSN follows u64::MAX.
+        let expected = match self.last_lsn {
+            Some(last) => last.0.checked_add(1).map(Lsn),
+            None => Some(Lsn(1)),
+        };
         let start = match self.start {
-            Some(start) if r.lsn == expected => start,
+            Some(start) if Some(r.lsn) == expected => start,
             None if r.lsn.0 >= 1 => self.begin_at(r.lsn)?,
             _ => {
                 return Err(RecoveryError::LsnOutOfSequence {
-                    expected,
+                    expected: expected.unwrap_or(Lsn(u64::MAX)),
                     found: r.lsn,
                 });
             }
@@ -429,7 +433,7 @@ impl<'a> Scan<'a> {
     /// The first record read: checks the start against every volume's checkpoint.
     fn begin_at(&mut self, start: Lsn) -> Result<Lsn, RecoveryError> {
         for (volume, &checkpoint) in self.volumes {
-            if start.0 > checkpoint.0 + 1 {
+            if start.0 > checkpoint.0.saturating_add(1) {
                 return Err(RecoveryError::StartsAfterVolumeCheckpoint {
                     volume: volume.clone(),
                     checkpoint,

@@ -661,3 +661,34 @@ fn errors_name_the_lsn() {
         "audit record 3: transaction 1.1 already ended at LSN 2"
     );
 }
+
+#[test]
+fn lsns_and_checkpoints_at_the_top_of_the_range_are_errors_not_overflows() {
+    let mut t = Trail::default();
+    t.update(1, "a", None, Some("1"));
+    t.update(1, "b", None, Some("1"));
+    let mut records = t.from(1);
+    records[0].lsn = Lsn(u64::MAX - 1);
+    records[1].lsn = Lsn(u64::MAX);
+    assert!(matches!(
+        plan(records.clone(), u64::MAX),
+        Err(RecoveryError::NoCheckpoint { .. })
+    ));
+    // Nothing can follow LSN u64::MAX, not even a second record claiming it.
+    let mut third = records[1].clone();
+    records.push(third.clone());
+    assert!(matches!(
+        plan(records.clone(), u64::MAX),
+        Err(RecoveryError::LsnOutOfSequence {
+            found: Lsn(u64::MAX),
+            ..
+        })
+    ));
+    third.lsn = Lsn(0);
+    records.pop();
+    records.push(third);
+    assert!(matches!(
+        plan(records, u64::MAX),
+        Err(RecoveryError::LsnOutOfSequence { found: Lsn(0), .. })
+    ));
+}
