@@ -9,6 +9,7 @@
 
 pub mod owner;
 pub mod protocol;
+pub mod sim;
 pub mod takeover;
 
 pub use owner::{LsgOwner, OwnerAction, OwnerConfig, OwnerStart};

@@ -150,7 +150,6 @@ enum Role {
 
 #[derive(Debug)]
 struct Cpu {
-    id: EndpointId,
     transport: SimTransport,
     store: SimStore,
     role: Role,
@@ -168,7 +167,6 @@ struct Transfer {
 #[derive(Debug)]
 struct Client {
     id: ClientId,
-    endpoint: EndpointId,
     transport: SimTransport,
     next_seq: u64,
     seen_below: u64,
@@ -211,6 +209,8 @@ struct World {
     node_takeover_at: Option<Duration>,
     /// A node to kill at a set time (after a partition began).
     pending_node_kill: Option<(Duration, u16)>,
+    /// The CPU that owned the LSG last: its node is the home node for the takeover order.
+    last_owner: Option<EndpointId>,
 }
 
 const CPUS: [EndpointId; 4] = [
@@ -250,7 +250,6 @@ impl World {
             cpus.insert(
                 id,
                 Cpu {
-                    id,
                     transport,
                     store: base_store.another_process(),
                     role: Role::Down,
@@ -264,7 +263,6 @@ impl World {
             let transport = net.add_endpoint(endpoint, &[Path::Main]);
             clients.push(Client {
                 id: ClientId(1000 + i as u64),
-                endpoint,
                 transport,
                 next_seq: 1,
                 seen_below: 1,
@@ -298,6 +296,7 @@ impl World {
             partitioned_until: None,
             node_takeover_at: None,
             pending_node_kill: None,
+            last_owner: None,
         })
     }
 
@@ -416,7 +415,12 @@ impl World {
                 payload,
             })
             .collect();
-        let config = self.owner_config(id, lsg.owner_epoch(), cpu.transport.incarnation());
+        let incarnation = cpu.transport.incarnation();
+        let epoch = lsg.owner_epoch();
+        let config = self.owner_config(id, epoch, incarnation);
+        let Some(cpu) = self.cpus.get_mut(&id) else {
+            return Err("no CPU 1.0".into());
+        };
         let owner = LsgOwner::new(
             config,
             lsg,
@@ -436,6 +440,7 @@ impl World {
             jobs: VecDeque::new(),
         };
         self.primary = Some(id);
+        self.last_owner = Some(id);
         for other in CPUS.into_iter().skip(1) {
             self.start_backup(other);
         }
@@ -840,6 +845,7 @@ impl World {
                     jobs: VecDeque::new(),
                 };
                 self.primary = Some(id);
+                self.last_owner = Some(id);
                 self.node_takeover_at = None;
                 self.note(format!("{id} is the owner: {report:?}"));
                 // The other backups follow the new primary.
@@ -934,4 +940,388 @@ impl World {
     fn last_home_node(&self) -> u16 {
         self.last_owner.map_or(1, |o| o.node)
     }
+}
+
+// ---- the clients ------------------------------------------------------------------------
+
+fn balance_of(reply: &ClientReply) -> Option<i64> {
+    match reply {
+        ClientReply::Value(Some(v)) => Some(i64::from_le_bytes(v.as_slice().try_into().ok()?)),
+        _ => None,
+    }
+}
+
+fn marker_value(t: &Transfer) -> Vec<u8> {
+    let mut v = Vec::with_capacity(24);
+    v.extend_from_slice(&(t.from as u64).to_le_bytes());
+    v.extend_from_slice(&(t.to as u64).to_le_bytes());
+    v.extend_from_slice(&t.amount.to_le_bytes());
+    v
+}
+
+impl World {
+    fn step_client(&mut self, index: usize) -> Result<(), SimFailure> {
+        let now = self.now();
+        let primary = self.primary;
+        let accounts = self.options.accounts;
+        let quota = self.options.transfers_per_client;
+        let mut replies = Vec::new();
+        {
+            let client = &mut self.clients[index];
+            while let Some(e) = client.transport.try_next_event() {
+                match e {
+                    Event::Response { id, payload, .. } => {
+                        if client.pending.as_ref().is_some_and(|(p, _)| *p == Some(id)) {
+                            match ClientReply::decode(&payload) {
+                                Ok(r) => replies.push(r),
+                                Err(e) => replies.push(ClientReply::Error(e)),
+                            }
+                        }
+                    }
+                    Event::RequestFailed { id, .. } => {
+                        if let Some((p, _)) = client.pending.as_mut()
+                            && *p == Some(id)
+                        {
+                            *p = None;
+                            client.retry_at = Some(now + Duration::from_millis(20));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for reply in replies {
+            self.on_client_reply(index, reply)?;
+        }
+        let client = &mut self.clients[index];
+        if client.pending.is_none() && client.transfer.is_none() && client.done < quota {
+            let from = self.rng.random_range(0..accounts);
+            let mut to = self.rng.random_range(0..accounts - 1);
+            if to >= from {
+                to += 1;
+            }
+            client.transfer = Some(Transfer {
+                id: client.next_transfer,
+                from,
+                to,
+                amount: self.rng.random_range(1..50),
+            });
+            client.next_transfer += 1;
+            client.step = 0;
+            client.tx = None;
+            Self::issue(client, Op::Begin);
+        }
+        if let Some((None, request)) = &client.pending
+            && client.retry_at.is_none_or(|t| now >= t)
+            && let Some(p) = primary
+        {
+            let request = request.clone();
+            let sent = request.encode().ok().and_then(|bytes| {
+                client
+                    .transport
+                    .request(p, Bytes::from(bytes), Duration::from_millis(200))
+                    .ok()
+            });
+            match sent {
+                Some(id) => {
+                    client.pending = Some((Some(id), request));
+                    client.retry_at = None;
+                }
+                None => client.retry_at = Some(now + Duration::from_millis(20)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues the next request of the client's transfer (sent by `step_client`).
+    fn issue(client: &mut Client, op: Op) {
+        let seq = client.next_seq;
+        client.next_seq += 1;
+        client.seen_below = seq;
+        client.pending = Some((
+            None,
+            ClientRequest {
+                client: client.id,
+                seq: RequestSeq(seq),
+                seen_below: RequestSeq(client.seen_below),
+                tx: client.tx,
+                op,
+            },
+        ));
+        client.retry_at = None;
+    }
+
+    fn restart_transfer(client: &mut Client, now: Duration, backoff: Duration) {
+        client.step = 0;
+        client.tx = None;
+        Self::issue(client, Op::Begin);
+        client.retry_at = Some(now + backoff);
+    }
+
+    fn on_client_reply(&mut self, index: usize, reply: ClientReply) -> Result<(), SimFailure> {
+        let now = self.now();
+        let client = &mut self.clients[index];
+        let Some(transfer) = client.transfer.clone() else {
+            return Ok(());
+        };
+        let resend = |client: &mut Client| {
+            if let Some((p, _)) = client.pending.as_mut() {
+                *p = None;
+            }
+            client.retry_at = Some(now + Duration::from_millis(20));
+        };
+        match (&reply, client.step) {
+            (ClientReply::Error(OpError::NotPrimary { .. }), _) => resend(client),
+            (ClientReply::Error(OpError::Aborted { reason, .. }), _) => {
+                if matches!(reason, duplex_pair::AbortReason::Deadlock | duplex_pair::AbortReason::LockTimeout) {
+                    self.report.aborted_by_deadlock_or_timeout += 1;
+                }
+                let backoff = Duration::from_millis(1 + transfer.id % 7);
+                Self::restart_transfer(client, now, backoff);
+            }
+            (
+                ClientReply::Error(
+                    OpError::UnknownTransaction { .. }
+                    | OpError::LockRefused { .. }
+                    | OpError::TooManyTransactions { .. }
+                    | OpError::Storage { .. },
+                ),
+                _,
+            ) => Self::restart_transfer(client, now, Duration::from_millis(5)),
+            (ClientReply::Began(tx), 0) => {
+                client.tx = Some(*tx);
+                client.step = 1;
+                Self::issue(
+                    client,
+                    Op::Get {
+                        volume: ACCOUNTS.into(),
+                        key: account_key(transfer.from),
+                    },
+                );
+            }
+            (r @ ClientReply::Value(_), 1) => {
+                let Some(b) = balance_of(r) else {
+                    return Err(self.fail(format!("account {} has no balance: {r:?}", transfer.from)));
+                };
+                let client = &mut self.clients[index];
+                client.balances.0 = b;
+                client.step = 2;
+                Self::issue(
+                    client,
+                    Op::Get {
+                        volume: ACCOUNTS.into(),
+                        key: account_key(transfer.to),
+                    },
+                );
+            }
+            (r @ ClientReply::Value(_), 2) => {
+                let Some(b) = balance_of(r) else {
+                    return Err(self.fail(format!("account {} has no balance: {r:?}", transfer.to)));
+                };
+                let client = &mut self.clients[index];
+                client.balances.1 = b;
+                client.step = 3;
+                let value = (client.balances.0 - transfer.amount).to_le_bytes().to_vec();
+                Self::issue(
+                    client,
+                    Op::Put {
+                        volume: ACCOUNTS.into(),
+                        key: account_key(transfer.from),
+                        value,
+                    },
+                );
+            }
+            (ClientReply::Written, 3) => {
+                client.step = 4;
+                let value = (client.balances.1 + transfer.amount).to_le_bytes().to_vec();
+                Self::issue(
+                    client,
+                    Op::Put {
+                        volume: ACCOUNTS.into(),
+                        key: account_key(transfer.to),
+                        value,
+                    },
+                );
+            }
+            (ClientReply::Written, 4) => {
+                client.step = 5;
+                Self::issue(
+                    client,
+                    Op::Put {
+                        volume: MARKERS.into(),
+                        key: transfer.id.to_be_bytes().to_vec(),
+                        value: marker_value(&transfer),
+                    },
+                );
+            }
+            (ClientReply::Written, 5) => {
+                client.step = 6;
+                Self::issue(client, Op::Commit);
+            }
+            (ClientReply::Outcome(Reply::Committed(receipt)), 6) => {
+                client.done += 1;
+                client.transfer = None;
+                client.pending = None;
+                self.committed.push(Committed {
+                    transfer: transfer.id,
+                    lsn: receipt.commit_lsn,
+                    state: receipt.state,
+                });
+                self.report.transfers_committed += 1;
+            }
+            (ClientReply::Outcome(Reply::Aborted(_)), 6) => {
+                Self::restart_transfer(client, now, Duration::from_millis(2));
+            }
+            (other, step) => {
+                return Err(self.fail(format!(
+                    "client {} transfer {} step {step}: unexpected reply {other:?}",
+                    index, transfer.id
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn clients_done(&self) -> bool {
+        self.clients
+            .iter()
+            .all(|c| c.done >= self.options.transfers_per_client && c.pending.is_none())
+    }
+
+    // ---- the oracle -------------------------------------------------------------------
+
+    /// The bank after the run: totals, balances against markers, acknowledged transfers.
+    fn check_bank(&mut self) -> Result<(), SimFailure> {
+        let owner = self.cpus.values().find_map(|c| match &c.role {
+            Role::Owner { owner, .. } => Some(owner),
+            _ => None,
+        });
+        let Some(owner) = owner else {
+            return Err(self.fail("no owner at the end".into()));
+        };
+        if owner.active_transactions() != 0 {
+            return Err(self.fail(format!(
+                "{} transactions still active at the end",
+                owner.active_transactions()
+            )));
+        }
+        let lsg = std::sync::Arc::clone(owner.lsg());
+        let read_all = |name: &str| -> Result<Vec<(Vec<u8>, Vec<u8>)>, String> {
+            let v = lsg.volume(name).map_err(|e| e.to_string())?;
+            duplex_volume_pair::VolumeAccess::scan(
+                v.as_ref(),
+                std::ops::Bound::Unbounded,
+                std::ops::Bound::Unbounded,
+                usize::MAX,
+            )
+            .map_err(|e| e.to_string())
+        };
+        let accounts = read_all(ACCOUNTS).map_err(|e| self.fail(e))?;
+        let markers = read_all(MARKERS).map_err(|e| self.fail(e))?;
+        let mut expected = vec![START_BALANCE; self.options.accounts];
+        let mut present = BTreeSet::new();
+        for (key, value) in &markers {
+            let (Ok(id), Ok(from), Ok(to), Ok(amount)) = (
+                <[u8; 8]>::try_from(key.as_slice()),
+                value.get(0..8).map_or(Err(()), |b| <[u8; 8]>::try_from(b).map_err(|_| ())),
+                value.get(8..16).map_or(Err(()), |b| <[u8; 8]>::try_from(b).map_err(|_| ())),
+                value.get(16..24).map_or(Err(()), |b| <[u8; 8]>::try_from(b).map_err(|_| ())),
+            ) else {
+                return Err(self.fail(format!("malformed marker {key:?}")));
+            };
+            present.insert(u64::from_be_bytes(id));
+            let (from, to, amount) = (
+                u64::from_le_bytes(from) as usize,
+                u64::from_le_bytes(to) as usize,
+                i64::from_le_bytes(amount),
+            );
+            if from >= expected.len() || to >= expected.len() {
+                return Err(self.fail(format!("marker names unknown accounts {from} {to}")));
+            }
+            expected[from] -= amount;
+            expected[to] += amount;
+        }
+        let mut found = vec![None; self.options.accounts];
+        for (key, value) in &accounts {
+            let Some(a) = std::str::from_utf8(key)
+                .ok()
+                .and_then(|k| k.strip_prefix("acct"))
+                .and_then(|n| n.parse::<usize>().ok())
+            else {
+                return Err(self.fail(format!("unknown account key {key:?}")));
+            };
+            let Ok(b) = <[u8; 8]>::try_from(value.as_slice()) else {
+                return Err(self.fail(format!("malformed balance of account {a}")));
+            };
+            if a < found.len() {
+                found[a] = Some(i64::from_le_bytes(b));
+            }
+        }
+        let total: i64 = found.iter().flatten().sum();
+        let start_total = START_BALANCE * self.options.accounts as i64;
+        if total != start_total {
+            return Err(self.fail(format!("total {total}, expected {start_total}: money was made or lost")));
+        }
+        for (a, (f, e)) in found.iter().zip(&expected).enumerate() {
+            if *f != Some(*e) {
+                return Err(self.fail(format!(
+                    "account {a} holds {f:?} but the committed transfers (markers) make it {e}: a transfer applied partly or twice"
+                )));
+            }
+        }
+        let mut lost = 0;
+        for c in &self.committed {
+            if !present.contains(&c.transfer) {
+                if self.excused.contains(&c.transfer) {
+                    lost += 1;
+                } else {
+                    return Err(self.fail(format!(
+                        "transfer {} was acknowledged ({:?} at {}) but is not in the volumes",
+                        c.transfer, c.state, c.lsn
+                    )));
+                }
+            }
+        }
+        self.report.transfers_lost_to_power_loss = lost;
+        Ok(())
+    }
+}
+
+/// Runs one seeded history and checks it. See the module docs.
+pub fn run(options: SimOptions) -> Result<SimReport, SimFailure> {
+    let mut w = World::new(options).map_err(|e| SimFailure {
+        seed: options.seed,
+        at: Duration::ZERO,
+        reason: e,
+        log: String::new(),
+    })?;
+    w.create().map_err(|e| w.fail(format!("creating the LSG: {e}")))?;
+    let rounds = (options.time_limit.as_micros() / QUANTUM.as_micros()) as u64;
+    let mut finished = false;
+    for _ in 0..rounds {
+        let next = w.now() + QUANTUM;
+        w.net.run_until(next);
+        w.inject_faults();
+        w.node_services();
+        for id in CPUS {
+            w.step_cpu(id)?;
+        }
+        for i in 0..w.clients.len() {
+            w.step_client(i)?;
+        }
+        if w.now() >= options.fault_time && w.partitioned_until.is_none() && w.clients_done() {
+            finished = true;
+            break;
+        }
+    }
+    if !finished {
+        let progress: Vec<usize> = w.clients.iter().map(|c| c.done).collect();
+        return Err(w.fail(format!(
+            "clients did not finish within {:?} of virtual time (transfers done per client: {progress:?}, primary {:?})",
+            options.time_limit, w.primary
+        )));
+    }
+    w.check_bank()?;
+    w.report.virtual_time = w.now();
+    Ok(w.report)
 }
