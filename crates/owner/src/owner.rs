@@ -27,8 +27,8 @@ use duplex_lsg::{DataVolume, LogStorageGroup, Lsn, OwnerEpoch, RecordFlags, Reco
 use duplex_pair::records::{ActiveTx, AuditBody, Checkpoint, Compensation, Prepare, TxEnd, Update};
 use duplex_pair::stream::{PairMessage, StreamRecord};
 use duplex_pair::{
-    AbortReason, CommitState, Lookup, MessageTable, MessageTableLimits, Receipt, Reply, RequestKey,
-    TxId,
+    AbortReason, CommitState, Lookup, MessageEntry, MessageTable, MessageTableLimits, Receipt,
+    Reply, RequestKey, TxId,
 };
 use duplex_transport::EndpointId;
 use duplex_volume_pair::{Granted, LockConfig, LockOutcome, VolumeAccess, VolumePair};
@@ -44,6 +44,9 @@ pub struct OwnerConfig {
     /// Time between fuzzy checkpoints: recovery reads at most about two intervals of trail.
     pub checkpoint_interval: Duration,
     pub max_active_transactions: usize,
+    /// A transaction whose client sends nothing for this long is aborted (a client that went
+    /// away must not hold locks for ever).
+    pub tx_idle_timeout: Duration,
     /// The most rows one scan returns.
     pub max_scan_rows: usize,
 }
@@ -103,6 +106,9 @@ struct Tx<C> {
     updates: Vec<(Lsn, Update)>,
     /// An operation waiting for a lock.
     waiting: Option<(C, ClientRequest)>,
+    /// The request that began it (a resent begin gets the same transaction).
+    begun_by: RequestKey,
+    last_request_at: Duration,
 }
 
 #[derive(Debug)]
@@ -137,6 +143,8 @@ pub struct LsgOwner<S: Store, C> {
     primary: AuditPrimary,
     volumes: BTreeMap<String, OwnedVolume<S>>,
     txs: BTreeMap<TxId, Tx<C>>,
+    /// The begin request of every live transaction.
+    begun: BTreeMap<RequestKey, TxId>,
     next_tx: u64,
     table: MessageTable,
     ends: BTreeMap<Lsn, WaitingEnd<C>>,
@@ -197,6 +205,7 @@ impl<S: Store, C: Clone + std::fmt::Debug> LsgOwner<S, C> {
             primary,
             volumes,
             txs: BTreeMap::new(),
+            begun: BTreeMap::new(),
             next_tx: 1,
             table: start.table,
             ends: BTreeMap::new(),
@@ -290,8 +299,11 @@ impl<S: Store, C: Clone + std::fmt::Debug> LsgOwner<S, C> {
         self.table
             .acknowledge_below(request.client, request.seen_below);
         if request.op == Op::Begin {
-            self.begin(from);
+            self.begin(now, from, request.key());
             return;
+        }
+        if let Some(t) = request.tx.and_then(|tx| self.txs.get_mut(&tx)) {
+            t.last_request_at = now;
         }
         let Some(tx) = request.tx else {
             self.reply(from, ClientReply::Error(OpError::NoTransaction));
@@ -311,7 +323,12 @@ impl<S: Store, C: Clone + std::fmt::Debug> LsgOwner<S, C> {
         self.drain_primary();
     }
 
-    fn begin(&mut self, from: C) {
+    fn begin(&mut self, now: Duration, from: C, request: RequestKey) {
+        if let Some(tx) = self.begun.get(&request) {
+            let tx = *tx;
+            self.reply(from, ClientReply::Began(tx));
+            return;
+        }
         if self.txs.len() >= self.config.max_active_transactions {
             let active = self.txs.len();
             self.reply(
@@ -332,8 +349,11 @@ impl<S: Store, C: Clone + std::fmt::Debug> LsgOwner<S, C> {
                 first_lsn: None,
                 updates: Vec::new(),
                 waiting: None,
+                begun_by: request,
+                last_request_at: now,
             },
         );
+        self.begun.insert(request, tx);
         self.reply(from, ClientReply::Began(tx));
     }
 
@@ -585,7 +605,9 @@ impl<S: Store, C: Clone + std::fmt::Debug> LsgOwner<S, C> {
         }
         let reply = Reply::Committed(receipt);
         self.table.finish(end.request, reply);
-        self.txs.remove(&end.tx);
+        if let Some(t) = self.txs.remove(&end.tx) {
+            self.begun.remove(&t.begun_by);
+        }
         for to in end.replies_to {
             self.reply(to, ClientReply::Outcome(reply));
         }
@@ -738,6 +760,7 @@ impl<S: Store, C: Clone + std::fmt::Debug> LsgOwner<S, C> {
         let Some(t) = self.txs.remove(&tx) else {
             return;
         };
+        self.begun.remove(&t.begun_by);
         debug!(%tx, %reason, "abort");
         for (lsn, update) in t.updates.iter().rev() {
             let comp = Compensation {
@@ -814,6 +837,16 @@ impl<S: Store, C: Clone + std::fmt::Debug> LsgOwner<S, C> {
         for v in self.volumes.values_mut() {
             victims.extend(v.pair.expire(now));
         }
+        victims.extend(
+            self.txs
+                .iter()
+                .filter(|(_, t)| {
+                    t.state == TxState::Active
+                        && t.waiting.is_none()
+                        && now.saturating_sub(t.last_request_at) >= self.config.tx_idle_timeout
+                })
+                .map(|(tx, _)| (*tx, AbortReason::Idle)),
+        );
         for (tx, reason) in victims {
             self.abort_tx(now, tx, reason, None);
         }
@@ -835,9 +868,12 @@ impl<S: Store, C: Clone + std::fmt::Debug> LsgOwner<S, C> {
         }
         self.checkpoints.flushing = None;
         self.checkpoints.next_at = now + self.config.checkpoint_interval;
+        // A transaction whose commit record is written has ended as far as the trail goes,
+        // even while its acknowledgement waits.
         let active: Vec<ActiveTx> = self
             .txs
             .iter()
+            .filter(|(_, t)| t.state != TxState::Committing)
             .filter_map(|(tx, t)| {
                 t.first_lsn.map(|first_lsn| ActiveTx {
                     tx: *tx,
@@ -852,7 +888,21 @@ impl<S: Store, C: Clone + std::fmt::Debug> LsgOwner<S, C> {
             }))
             .collect();
         let oldest_active = active.iter().map(|a| a.first_lsn).min();
-        let (messages, message_lows) = self.table.entries();
+        let (mut messages, message_lows) = self.table.entries();
+        // Commits written but not yet acknowledged are answered by their records, which this
+        // checkpoint follows: recovery from it must find their replies too.
+        for (lsn, end) in &self.ends {
+            if !end.prepare {
+                messages.push(MessageEntry {
+                    request: end.request,
+                    reply: Reply::Committed(Receipt {
+                        commit_lsn: *lsn,
+                        epoch: self.epoch,
+                        state: self.primary.state(),
+                    }),
+                });
+            }
+        }
         let body = AuditBody::Checkpoint(Checkpoint {
             epoch: self.epoch,
             active,
@@ -865,8 +915,10 @@ impl<S: Store, C: Clone + std::fmt::Debug> LsgOwner<S, C> {
         };
         self.checkpoints.penultimate = self.checkpoints.last;
         self.checkpoints.last = lsn;
+        // Recovery reads from the penultimate checkpoint (every volume was flushed up to it
+        // before this one was written); before the second checkpoint, from the start.
         let mut horizon = if self.checkpoints.penultimate == Lsn(0) {
-            lsn
+            Lsn(1)
         } else {
             self.checkpoints.penultimate
         };
@@ -975,6 +1027,18 @@ impl<S: Store, C: Clone + std::fmt::Debug> LsgOwner<S, C> {
     pub fn validate(&self) -> Result<(), String> {
         self.primary.validate()?;
         self.table.validate()?;
+        if self.begun.len() != self.txs.len()
+            || self
+                .begun
+                .iter()
+                .any(|(request, tx)| self.txs.get(tx).is_none_or(|t| t.begun_by != *request))
+        {
+            return Err(format!(
+                "{} begin requests kept for {} live transactions",
+                self.begun.len(),
+                self.txs.len()
+            ));
+        }
         for v in self.volumes.values() {
             v.pair.validate()?;
         }

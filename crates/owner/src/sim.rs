@@ -38,7 +38,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::owner::{LsgOwner, OwnerAction, OwnerConfig, OwnerStart};
 use crate::protocol::{ClientReply, ClientRequest, Op, OpError};
-use crate::takeover::{Chain, StartKind, take_over};
+use crate::takeover::{Chain, StartKind, TakeoverError, Taker, take_over};
 
 const LSG: LsgId = LsgId(1);
 const ACCOUNTS: &str = "accounts";
@@ -130,8 +130,12 @@ enum StorageJob {
 #[derive(Debug)]
 struct Gathering {
     lsg: LogStorageGroup<SimStore>,
-    chains: Vec<Chain>,
+    chains: Vec<(EndpointId, Chain)>,
     waiting_for: BTreeSet<EndpointId>,
+    /// The fence message, sent again until answered (a peer just restarted is not reachable
+    /// until the detector hears it).
+    fence: Bytes,
+    resend_at: Duration,
     deadline: Duration,
 }
 
@@ -186,6 +190,7 @@ struct Client {
 struct Committed {
     transfer: u64,
     lsn: Lsn,
+    epoch: OwnerEpoch,
     state: CommitState,
 }
 
@@ -201,8 +206,9 @@ struct World {
     log: VecDeque<String>,
     report: SimReport,
     committed: Vec<Committed>,
-    /// Transfers acknowledged from memory and not durable when the whole host lost power.
-    excused: BTreeSet<u64>,
+    /// (owner epoch, durable LSN) at each power loss of the whole host: commits of that epoch
+    /// acknowledged from memory beyond it may be gone.
+    power_losses: Vec<(OwnerEpoch, Lsn)>,
     faults_left: usize,
     partitioned_until: Option<Duration>,
     /// When the backup node may take over a home node found wholly dead.
@@ -211,6 +217,12 @@ struct World {
     pending_node_kill: Option<(Duration, u16)>,
     /// The CPU that owned the LSG last: its node is the home node for the takeover order.
     last_owner: Option<EndpointId>,
+    /// A takeover that found no complete copy is tried again from then on.
+    takeover_retry_at: Option<Duration>,
+    /// No new fault before this.
+    quiet_until: Duration,
+    /// Every CPU lost its memory (power loss) since the last owner ran.
+    memory_lost_everywhere: bool,
 }
 
 const CPUS: [EndpointId; 4] = [
@@ -292,11 +304,14 @@ impl World {
                 ..SimReport::default()
             },
             committed: Vec::new(),
-            excused: BTreeSet::new(),
+            power_losses: Vec::new(),
             partitioned_until: None,
             node_takeover_at: None,
             pending_node_kill: None,
             last_owner: None,
+            takeover_retry_at: None,
+            quiet_until: Duration::ZERO,
+            memory_lost_everywhere: false,
         })
     }
 
@@ -305,7 +320,7 @@ impl World {
     }
 
     fn note(&mut self, what: String) {
-        if self.log.len() >= 200 {
+        if self.log.len() >= 400 {
             self.log.pop_front();
         }
         let line = format!("{:>10.3?} {what}", self.now());
@@ -350,6 +365,7 @@ impl World {
             messages: MessageTableLimits::default(),
             checkpoint_interval: Duration::from_millis(150),
             max_active_transactions: 64,
+            tx_idle_timeout: Duration::from_secs(1),
             max_scan_rows: 1_000,
         }
     }
@@ -386,7 +402,9 @@ impl World {
                 before: None,
                 after: Some(value.clone()),
             });
-            let payload = body.encode(self.lsg_config.max_record_bytes).map_err(|e| e.to_string())?;
+            let payload = body
+                .encode(self.lsg_config.max_record_bytes)
+                .map_err(|e| e.to_string())?;
             let lsn = lsg
                 .audit()
                 .append(body.record_type(), duplex_lsg::RecordFlags::NONE, &payload)
@@ -399,10 +417,16 @@ impl World {
             epoch: lsg.owner_epoch(),
             request: None,
         });
-        let payload = commit.encode(self.lsg_config.max_record_bytes).map_err(|e| e.to_string())?;
+        let payload = commit
+            .encode(self.lsg_config.max_record_bytes)
+            .map_err(|e| e.to_string())?;
         let lsn = lsg
             .audit()
-            .append(commit.record_type(), duplex_lsg::RecordFlags::NONE, &payload)
+            .append(
+                commit.record_type(),
+                duplex_lsg::RecordFlags::NONE,
+                &payload,
+            )
             .map_err(|e| e.to_string())?;
         records.push((lsn, commit.record_type(), payload));
         lsg.audit().flush().map_err(|e| e.to_string())?;
@@ -452,7 +476,8 @@ impl World {
         let Some(cpu) = self.cpus.get_mut(&id) else {
             return;
         };
-        let mut backup = AuditBackup::new(LSG, cpu.transport.incarnation(), Duration::from_millis(60));
+        let mut backup =
+            AuditBackup::new(LSG, cpu.transport.incarnation(), Duration::from_millis(60));
         if let Some(p) = primary {
             backup.join(p);
         }
@@ -474,7 +499,7 @@ impl World {
         self.net.crash(id);
         cpu.store.kill_process();
         cpu.role = Role::Down;
-        cpu.restart_at = Some(now + Duration::from_millis(150));
+        cpu.restart_at = Some(now + Duration::from_millis(self.rng.random_range(150..600)));
         if self.primary == Some(id) {
             self.primary = None;
         }
@@ -504,10 +529,12 @@ impl World {
         if now >= self.options.fault_time || self.faults_left == 0 {
             return;
         }
-        // On average one fault every 400 ms of virtual time.
-        if !self.rng.random_ratio(1, 800) {
+        // On average one fault every 400 ms of virtual time, at least a second apart: two
+        // failures within the detection time of each other are a double failure.
+        if now < self.quiet_until || !self.rng.random_ratio(1, 800) {
             return;
         }
+        self.quiet_until = now + Duration::from_secs(1);
         self.faults_left -= 1;
         let fault = self.rng.random_range(0..100);
         let what = match fault {
@@ -582,19 +609,22 @@ impl World {
 
     fn power_loss(&mut self) {
         // Whatever the owner acknowledged from memory and had not flushed may go.
-        let durable = self.cpus.values().find_map(|c| match &c.role {
-            Role::Owner { owner, .. } => Some(owner.lsg().audit().durable_lsn()),
+        // Replies already on the wire still arrive, so this is judged by receipt, at the end.
+        let owner = self.cpus.values().find_map(|c| match &c.role {
+            Role::Owner { owner, .. } => Some((owner.epoch(), owner.lsg().audit().durable_lsn())),
             _ => None,
         });
-        for c in &self.committed {
-            if c.state == CommitState::Normal && durable.is_none_or(|d| c.lsn > d) {
-                self.excused.insert(c.transfer);
-            }
+        if let Some((epoch, durable)) = owner {
+            self.power_losses.push((epoch, durable));
         }
+        self.note(format!(
+            "power loss with the owner's trail durable through {owner:?}"
+        ));
         for id in CPUS {
             self.kill(id, "power loss");
         }
         self.base_store.power_loss();
+        self.memory_lost_everywhere = true;
     }
 }
 
@@ -622,7 +652,10 @@ impl World {
                 for e in events {
                     match e {
                         Event::Request {
-                            from, id: rid, payload, ..
+                            from,
+                            id: rid,
+                            payload,
+                            ..
                         } => match ClientRequest::decode(&payload) {
                             Ok(req) => owner.on_request(now, (from, rid), req),
                             Err(e) => {
@@ -642,13 +675,17 @@ impl World {
                     }
                 }
                 while jobs.front().is_some_and(|(at, _)| *at <= now) {
-                    let Some((_, job)) = jobs.pop_front() else { break };
+                    let Some((_, job)) = jobs.pop_front() else {
+                        break;
+                    };
                     let lsg = std::sync::Arc::clone(owner.lsg());
                     match job {
-                        StorageJob::FlushTrail(through) => match lsg.audit().wait_durable(through) {
-                            Ok(()) => owner.on_trail_durable(now, lsg.audit().durable_lsn()),
-                            Err(e) => owner.on_storage_failed(e.to_string()),
-                        },
+                        StorageJob::FlushTrail(through) => {
+                            match lsg.audit().wait_durable(through) {
+                                Ok(()) => owner.on_trail_durable(now, lsg.audit().durable_lsn()),
+                                Err(e) => owner.on_storage_failed(e.to_string()),
+                            }
+                        }
                         StorageJob::FlushVolumes(lsn) => {
                             let mut failed = None;
                             for name in lsg.volume_names() {
@@ -679,7 +716,9 @@ impl World {
                         }
                         OwnerAction::Send { to, message } => {
                             if let Ok(bytes) = message.encode() {
-                                let _ = cpu.transport.stream_send(to, PAIR_STREAM, Bytes::from(bytes));
+                                let _ =
+                                    cpu.transport
+                                        .stream_send(to, PAIR_STREAM, Bytes::from(bytes));
                             }
                         }
                         OwnerAction::FlushTrail { through } => {
@@ -693,7 +732,10 @@ impl World {
                             ));
                         }
                         OwnerAction::TruncateTrail { below } => {
-                            jobs.push_back((now + Duration::from_millis(1), StorageJob::Truncate(below)));
+                            jobs.push_back((
+                                now + Duration::from_millis(1),
+                                StorageJob::Truncate(below),
+                            ));
                         }
                         OwnerAction::StateChanged { state, home_counts } => {
                             notes.push(format!("{id} state {state:?} home_counts {home_counts}"));
@@ -719,13 +761,20 @@ impl World {
                 for e in events {
                     match e {
                         Event::Stream { from, payload, .. } => {
-                            let Ok(m) = PairMessage::decode(&payload) else { continue };
-                            if let (Some(g), PairMessage::FenceAck { tag, records }) = (gathering.as_mut(), &m) {
+                            let Ok(m) = PairMessage::decode(&payload) else {
+                                continue;
+                            };
+                            if let (Some(g), PairMessage::FenceAck { tag, records }) =
+                                (gathering.as_mut(), &m)
+                            {
                                 if g.waiting_for.remove(&from) {
-                                    g.chains.push(Chain {
-                                        epoch: tag.epoch,
-                                        records: records.clone(),
-                                    });
+                                    g.chains.push((
+                                        from,
+                                        Chain {
+                                            epoch: tag.epoch,
+                                            records: records.clone(),
+                                        },
+                                    ));
                                 }
                                 continue;
                             }
@@ -735,9 +784,11 @@ impl World {
                             let reply = ClientReply::Error(OpError::NotPrimary {
                                 reason: "a backup".into(),
                             });
-                            let _ = cpu
-                                .transport
-                                .respond(from, rid, Bytes::from(reply.encode().unwrap_or_default()));
+                            let _ = cpu.transport.respond(
+                                from,
+                                rid,
+                                Bytes::from(reply.encode().unwrap_or_default()),
+                            );
                         }
                         _ => {}
                     }
@@ -745,7 +796,9 @@ impl World {
                 backup.tick(now);
                 while let Some(BackupAction::Send { to, message }) = backup.poll_action() {
                     if let Ok(bytes) = message.encode() {
-                        let _ = cpu.transport.stream_send(to, PAIR_STREAM, Bytes::from(bytes));
+                        let _ = cpu
+                            .transport
+                            .stream_send(to, PAIR_STREAM, Bytes::from(bytes));
                     }
                 }
                 if let Err(e) = backup.validate() {
@@ -767,10 +820,18 @@ impl World {
         let others: BTreeSet<EndpointId> = CPUS
             .into_iter()
             .filter(|c| *c != id)
-            .filter(|c| self.cpus.get(c).is_some_and(|cpu| matches!(cpu.role, Role::Backup { .. })))
+            .filter(|c| {
+                self.cpus
+                    .get(c)
+                    .is_some_and(|cpu| matches!(cpu.role, Role::Backup { .. }))
+            })
             .collect();
-        let Some(cpu) = self.cpus.get_mut(&id) else { return };
-        let Role::Backup { backup, gathering } = &mut cpu.role else { return };
+        let Some(cpu) = self.cpus.get_mut(&id) else {
+            return;
+        };
+        let Role::Backup { backup, gathering } = &mut cpu.role else {
+            return;
+        };
         if gathering.is_some() {
             return;
         }
@@ -795,35 +856,52 @@ impl World {
             epoch,
             incarnation: cpu.transport.incarnation(),
         };
-        let mut waiting_for = BTreeSet::new();
-        for other in others {
-            let message = PairMessage::Fence { tag, from };
-            if let Ok(bytes) = message.encode()
-                && cpu.transport.stream_send(other, PAIR_STREAM, Bytes::from(bytes)).is_ok()
-            {
-                waiting_for.insert(other);
-            }
-        }
+        let fence = match (PairMessage::Fence { tag, from }).encode() {
+            Ok(bytes) => Bytes::from(bytes),
+            Err(_) => return,
+        };
         *gathering = Some(Box::new(Gathering {
             lsg,
             chains: Vec::new(),
-            waiting_for,
+            waiting_for: others,
+            fence,
+            resend_at: now,
             deadline: now + Duration::from_millis(40),
         }));
-        self.note(format!("{id} takes over at epoch {epoch}: fenced, gathering copies"));
+        if self.takeover_retry_at.is_none() {
+            self.note(format!(
+                "{id} takes over at epoch {epoch}: fenced, gathering copies"
+            ));
+        }
     }
 
     fn finish_gathering(&mut self, id: EndpointId) -> Result<(), SimFailure> {
         let now = self.now();
-        let Some(cpu) = self.cpus.get_mut(&id) else { return Ok(()) };
-        let Role::Backup { backup, gathering } = &mut cpu.role else { return Ok(()) };
+        let Some(cpu) = self.cpus.get_mut(&id) else {
+            return Ok(());
+        };
+        let Role::Backup { backup, gathering } = &mut cpu.role else {
+            return Ok(());
+        };
+        if let Some(g) = gathering.as_mut()
+            && now >= g.resend_at
+        {
+            g.resend_at = now + Duration::from_millis(5);
+            for other in &g.waiting_for {
+                let _ = cpu
+                    .transport
+                    .stream_send(*other, PAIR_STREAM, g.fence.clone());
+            }
+        }
         let done = gathering
             .as_ref()
             .is_some_and(|g| g.waiting_for.is_empty() || now >= g.deadline);
         if !done {
             return Ok(());
         }
-        let Some(g) = gathering.take() else { return Ok(()) };
+        let Some(g) = gathering.take() else {
+            return Ok(());
+        };
         let g = *g;
         let own = Chain::of_backup(backup);
         let own = (!own.records.is_empty()).then_some(own);
@@ -833,8 +911,19 @@ impl World {
             (epoch, inc)
         };
         let owner_config = self.owner_config(id, config.0, config.1);
-        let Some(cpu) = self.cpus.get_mut(&id) else { return Ok(()) };
-        match take_over::<SimStore, ReplyTo>(g.lsg, own, g.chains, owner_config, now) {
+        let Some(cpu) = self.cpus.get_mut(&id) else {
+            return Ok(());
+        };
+        let backup_node = self
+            .last_owner
+            .map(|o| EndpointId::new(other_node(o), 0))
+            .filter(|b| *b != id);
+        let taker = Taker {
+            incarnation: config.1,
+            backup_node,
+            memory_lost_everywhere: self.memory_lost_everywhere,
+        };
+        match take_over::<SimStore, ReplyTo>(g.lsg, taker, own, g.chains, owner_config, now) {
             Ok((owner, report)) => {
                 match report.start {
                     StartKind::Warm => self.report.takeovers_warm += 1,
@@ -847,6 +936,8 @@ impl World {
                 self.primary = Some(id);
                 self.last_owner = Some(id);
                 self.node_takeover_at = None;
+                self.takeover_retry_at = None;
+                self.memory_lost_everywhere = false;
                 self.note(format!("{id} is the owner: {report:?}"));
                 // The other backups follow the new primary.
                 for other in CPUS {
@@ -860,6 +951,15 @@ impl World {
                         backup.join(id);
                     }
                 }
+            }
+            Err(TakeoverError::CopyMissing { .. }) => {
+                // Let the LSG go and try again later (or let the backup node's pairs do it).
+                if self.takeover_retry_at.is_none() {
+                    self.note(format!(
+                        "{id} gives up the takeover for now: no complete copy at hand (retrying quietly)"
+                    ));
+                }
+                self.takeover_retry_at = Some(now + Duration::from_millis(50));
             }
             Err(e) => {
                 let msg = format!("takeover by {id} failed: {e}");
@@ -881,10 +981,9 @@ impl World {
             }
         }
         for id in CPUS {
-            let restart = self
-                .cpus
-                .get(&id)
-                .is_some_and(|c| matches!(c.role, Role::Down) && c.restart_at.is_some_and(|t| now >= t));
+            let restart = self.cpus.get(&id).is_some_and(|c| {
+                matches!(c.role, Role::Down) && c.restart_at.is_some_and(|t| now >= t)
+            });
             if restart {
                 self.restart(id);
             }
@@ -893,15 +992,25 @@ impl World {
             return;
         }
         let gathering = self.cpus.values().any(|c| {
-            matches!(&c.role, Role::Backup { gathering: Some(_), .. })
+            matches!(
+                &c.role,
+                Role::Backup {
+                    gathering: Some(_),
+                    ..
+                }
+            )
         });
-        if gathering {
+        if gathering || self.takeover_retry_at.is_some_and(|t| now < t) {
             return;
         }
         // The home node is the one the last owner ran on; its live backup half goes first.
         let live_backups: Vec<EndpointId> = CPUS
             .into_iter()
-            .filter(|c| self.cpus.get(c).is_some_and(|cpu| matches!(cpu.role, Role::Backup { .. })))
+            .filter(|c| {
+                self.cpus
+                    .get(c)
+                    .is_some_and(|cpu| matches!(cpu.role, Role::Backup { .. }))
+            })
             .collect();
         if live_backups.is_empty() {
             return;
@@ -928,7 +1037,10 @@ impl World {
                     self.node_takeover_at = Some(now + Duration::from_millis(300));
                     None
                 }
-                Some(at) if now >= at => live_backups.iter().copied().max_by_key(|c| (holds(c), std::cmp::Reverse(*c))),
+                Some(at) if now >= at => live_backups
+                    .iter()
+                    .copied()
+                    .max_by_key(|c| (holds(c), std::cmp::Reverse(*c))),
                 Some(_) => None,
             }
         };
@@ -1073,7 +1185,10 @@ impl World {
         match (&reply, client.step) {
             (ClientReply::Error(OpError::NotPrimary { .. }), _) => resend(client),
             (ClientReply::Error(OpError::Aborted { reason, .. }), _) => {
-                if matches!(reason, duplex_pair::AbortReason::Deadlock | duplex_pair::AbortReason::LockTimeout) {
+                if matches!(
+                    reason,
+                    duplex_pair::AbortReason::Deadlock | duplex_pair::AbortReason::LockTimeout
+                ) {
                     self.report.aborted_by_deadlock_or_timeout += 1;
                 }
                 let backoff = Duration::from_millis(1 + transfer.id % 7);
@@ -1101,7 +1216,9 @@ impl World {
             }
             (r @ ClientReply::Value(_), 1) => {
                 let Some(b) = balance_of(r) else {
-                    return Err(self.fail(format!("account {} has no balance: {r:?}", transfer.from)));
+                    return Err(
+                        self.fail(format!("account {} has no balance: {r:?}", transfer.from))
+                    );
                 };
                 let client = &mut self.clients[index];
                 client.balances.0 = b;
@@ -1165,9 +1282,14 @@ impl World {
                 self.committed.push(Committed {
                     transfer: transfer.id,
                     lsn: receipt.commit_lsn,
+                    epoch: receipt.epoch,
                     state: receipt.state,
                 });
                 self.report.transfers_committed += 1;
+                self.note(format!(
+                    "client {index} transfer {} committed at {} ({:?}, epoch {})",
+                    transfer.id, receipt.commit_lsn, receipt.state, receipt.epoch
+                ));
             }
             (ClientReply::Outcome(Reply::Aborted(_)), 6) => {
                 Self::restart_transfer(client, now, Duration::from_millis(2));
@@ -1223,9 +1345,15 @@ impl World {
         for (key, value) in &markers {
             let (Ok(id), Ok(from), Ok(to), Ok(amount)) = (
                 <[u8; 8]>::try_from(key.as_slice()),
-                value.get(0..8).map_or(Err(()), |b| <[u8; 8]>::try_from(b).map_err(|_| ())),
-                value.get(8..16).map_or(Err(()), |b| <[u8; 8]>::try_from(b).map_err(|_| ())),
-                value.get(16..24).map_or(Err(()), |b| <[u8; 8]>::try_from(b).map_err(|_| ())),
+                value
+                    .get(0..8)
+                    .map_or(Err(()), |b| <[u8; 8]>::try_from(b).map_err(|_| ())),
+                value
+                    .get(8..16)
+                    .map_or(Err(()), |b| <[u8; 8]>::try_from(b).map_err(|_| ())),
+                value
+                    .get(16..24)
+                    .map_or(Err(()), |b| <[u8; 8]>::try_from(b).map_err(|_| ())),
             ) else {
                 return Err(self.fail(format!("malformed marker {key:?}")));
             };
@@ -1260,7 +1388,9 @@ impl World {
         let total: i64 = found.iter().flatten().sum();
         let start_total = START_BALANCE * self.options.accounts as i64;
         if total != start_total {
-            return Err(self.fail(format!("total {total}, expected {start_total}: money was made or lost")));
+            return Err(self.fail(format!(
+                "total {total}, expected {start_total}: money was made or lost"
+            )));
         }
         for (a, (f, e)) in found.iter().zip(&expected).enumerate() {
             if *f != Some(*e) {
@@ -1272,7 +1402,12 @@ impl World {
         let mut lost = 0;
         for c in &self.committed {
             if !present.contains(&c.transfer) {
-                if self.excused.contains(&c.transfer) {
+                let excused = c.state == CommitState::Normal
+                    && self
+                        .power_losses
+                        .iter()
+                        .any(|(epoch, durable)| c.epoch == *epoch && c.lsn > *durable);
+                if excused {
                     lost += 1;
                 } else {
                     return Err(self.fail(format!(
@@ -1295,7 +1430,8 @@ pub fn run(options: SimOptions) -> Result<SimReport, SimFailure> {
         reason: e,
         log: String::new(),
     })?;
-    w.create().map_err(|e| w.fail(format!("creating the LSG: {e}")))?;
+    w.create()
+        .map_err(|e| w.fail(format!("creating the LSG: {e}")))?;
     let rounds = (options.time_limit.as_micros() / QUANTUM.as_micros()) as u64;
     let mut finished = false;
     for _ in 0..rounds {
@@ -1309,7 +1445,12 @@ pub fn run(options: SimOptions) -> Result<SimReport, SimFailure> {
         for i in 0..w.clients.len() {
             w.step_client(i)?;
         }
-        if w.now() >= options.fault_time && w.partitioned_until.is_none() && w.clients_done() {
+        if w.now() >= options.fault_time
+            && w.partitioned_until.is_none()
+            && w.pending_node_kill.is_none()
+            && w.primary.is_some()
+            && w.clients_done()
+        {
             finished = true;
             break;
         }

@@ -24,10 +24,13 @@ use std::time::Duration;
 
 use duplex_audit_pair::AuditBackup;
 use duplex_audit_pair::recovery::{RecoveryError, TrailRecord, plan_recovery};
-use duplex_lsg::{LogStorageGroup, LsgError, Lsn, OwnerEpoch, RecordFlags, RecordType, Store};
+use duplex_lsg::{
+    AuditRecord, LogStorageGroup, LsgError, Lsn, OwnerEpoch, RecordFlags, RecordType, Store,
+};
 use duplex_pair::CommitState;
-use duplex_pair::records::{AuditBody, RecordError};
+use duplex_pair::records::{AuditBody, RecordError, StateChange};
 use duplex_pair::stream::StreamRecord;
+use duplex_transport::EndpointId;
 use thiserror::Error;
 use tracing::info;
 
@@ -106,14 +109,87 @@ pub enum TakeoverError {
     UnknownType { lsn: Lsn, record_type: u8 },
     #[error("takeover: finishing recovery: {0}")]
     Finish(#[from] OpError),
+    #[error(
+        "takeover: the trail ends in normal state, so commits may have been acknowledged from memory, and no complete copy of the stream is at hand (the backup node's pairs {from:?} did not answer, and this half did not count): wait for them"
+    )]
+    CopyMissing { from: Option<EndpointId> },
+}
+
+fn is_state_change_to_normal(r: &AuditRecord) -> bool {
+    r.record_type == RecordType::StateChange
+        && matches!(
+            AuditBody::decode(r.lsn, r.record_type, &r.payload),
+            Ok(AuditBody::StateChange(StateChange {
+                state: CommitState::Normal,
+                ..
+            }))
+        )
+}
+
+/// Whether a same-node half with this copy counted for every acknowledgement up to the trail's
+/// end: its copy's last state change names its incarnation, and no later one in the trail
+/// dropped it (a drop is durable before it takes effect).
+fn counted_through<S: Store>(
+    lsg: &LogStorageGroup<S>,
+    own: &Chain,
+    incarnation: u64,
+    trail_end: Lsn,
+) -> bool {
+    let names_me = |record_type: u8, lsn: Lsn, payload: &[u8]| -> Option<bool> {
+        if record_type != RecordType::StateChange as u8 {
+            return None;
+        }
+        match AuditBody::decode(lsn, RecordType::StateChange, payload) {
+            Ok(AuditBody::StateChange(s)) => Some(s.home_backup == Some(incarnation)),
+            _ => Some(false),
+        }
+    };
+    let in_copy = own
+        .records
+        .iter()
+        .rev()
+        .find_map(|r| names_me(r.record_type, r.lsn, &r.payload));
+    if in_copy != Some(true) {
+        return false;
+    }
+    let Some(last) = own.last() else { return false };
+    if last >= trail_end {
+        return true;
+    }
+    let Ok(reader) = lsg.audit().reader(Lsn(last.0 + 1)) else {
+        return false;
+    };
+    for r in reader {
+        let Ok(r) = r else { return false };
+        if names_me(r.record_type as u8, r.lsn, &r.payload) == Some(false) {
+            return false;
+        }
+    }
+    true
+}
+
+/// Who is taking over, and whose copy of the stream is complete when the trail ends in normal
+/// state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Taker {
+    /// The taking process's incarnation: the one the same-node half is counted under.
+    pub incarnation: u64,
+    /// The backup node's pairs of the previous owner: in normal state they held every record
+    /// acknowledged from memory. `None` when the taker is them.
+    pub backup_node: Option<EndpointId>,
+    /// Every process that could hold a copy has restarted since the last owner ran (a power
+    /// loss of the whole cluster): no copy can be waited for; commits acknowledged from memory
+    /// and not flushed are gone, as their receipts (normal state) allowed.
+    pub memory_lost_everywhere: bool,
 }
 
 /// Takes over `lsg` (just opened for writing) with this backup's copy of the stream (`own`,
 /// `None` for fresh pairs) and the copies gathered from the other backups. See the module docs.
 pub fn take_over<S: Store, C: Clone + std::fmt::Debug>(
     lsg: LogStorageGroup<S>,
+    taker: Taker,
     own: Option<Chain>,
-    gathered: Vec<Chain>,
+    gathered: Vec<(EndpointId, Chain)>,
     config: OwnerConfig,
     now: Duration,
 ) -> Result<(LsgOwner<S, C>, TakeoverReport), TakeoverError> {
@@ -123,6 +199,9 @@ pub fn take_over<S: Store, C: Clone + std::fmt::Debug>(
         Lsn(0) => None,
         end => lsg.audit().reader(end)?.next().transpose()?,
     };
+    let normal_at_end = last_record.as_ref().is_some_and(|r| {
+        !r.flags.contains(RecordFlags::OUT_OF_COMMUNICATION) || is_state_change_to_normal(r)
+    });
     let continues_trail = |chain: &Chain| -> bool {
         let (Some(first), Some(last)) = (chain.first(), chain.last()) else {
             return false;
@@ -153,10 +232,37 @@ pub fn take_over<S: Store, C: Clone + std::fmt::Debug>(
     };
     let own = own.filter(|c| !c.records.is_empty());
     let own_valid = own.as_ref().is_some_and(continues_trail);
+    if normal_at_end {
+        // Commits may have been acknowledged from memory beyond the trail's end: a complete
+        // copy must be at hand, the backup node's or this same-node half's while it counted.
+        let complete = match taker.backup_node {
+            _ if taker.memory_lost_everywhere => true,
+            None => true,
+            Some(node) => {
+                gathered
+                    .iter()
+                    .any(|(from, c)| *from == node && continues_trail(c))
+                    || (own_valid
+                        && own.as_ref().is_some_and(|c| {
+                            counted_through(&lsg, c, taker.incarnation, trail_end)
+                        }))
+            }
+        };
+        if !complete {
+            return Err(TakeoverError::CopyMissing {
+                from: taker.backup_node,
+            });
+        }
+    }
     let tail = own
         .iter()
         .filter(|_| own_valid)
-        .chain(gathered.iter().filter(|c| continues_trail(c)))
+        .chain(
+            gathered
+                .iter()
+                .map(|(_, c)| c)
+                .filter(|c| continues_trail(c)),
+        )
         .filter(|c| c.last().is_some_and(|l| l > trail_end))
         .max_by_key(|c| (c.last(), c.epoch));
     let mut reappended = 0;

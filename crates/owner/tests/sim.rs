@@ -8,7 +8,10 @@
 use duplex_owner::sim::{SimOptions, run};
 
 fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 #[test]
@@ -19,7 +22,10 @@ fn a_quiet_run_commits_every_transfer() {
     match run(options) {
         Ok(report) => {
             println!("{report:?}");
-            assert_eq!(report.transfers_committed, options.clients * options.transfers_per_client);
+            assert_eq!(
+                report.transfers_committed,
+                options.clients * options.transfers_per_client
+            );
         }
         Err(f) => panic!("{f}"),
     }
@@ -42,6 +48,21 @@ fn every_seed_keeps_every_acknowledged_transfer_exactly_once() {
             Err(f) => panic!("{f}\nreplay: DUPLEX_SIM_FIRST_SEED={seed} DUPLEX_SIM_SEEDS=1"),
         }
     }
-    println!("{seeds} seeds from {first}: {committed} transfers, {warm} warm and {cold} cold takeovers");
-    assert!(warm > 0 && cold > 0, "the faults never forced both kinds of takeover");
+    println!(
+        "{seeds} seeds from {first}: {committed} transfers, {warm} warm and {cold} cold takeovers"
+    );
+    assert!(
+        warm > 0 && cold > 0,
+        "the faults never forced both kinds of takeover"
+    );
+}
+
+#[test]
+#[ignore]
+fn replay_one_seed_with_its_log() {
+    let seed = env("DUPLEX_SIM_FIRST_SEED", 1);
+    match run(SimOptions::new(seed)) {
+        Ok(report) => println!("{report:?}"),
+        Err(f) => panic!("{f}"),
+    }
 }

@@ -85,6 +85,8 @@ pub enum AbortReason {
     Takeover,
     /// Undone by recovery from the audit trail.
     Recovery,
+    /// Its client sent nothing for longer than the transaction idle timeout.
+    Idle,
 }
 
 impl fmt::Display for AbortReason {
@@ -97,6 +99,9 @@ impl fmt::Display for AbortReason {
                 "aborted: its primary failed before the transaction was prepared"
             }
             AbortReason::Recovery => "aborted by recovery from the audit trail",
+            AbortReason::Idle => {
+                "aborted: its client sent nothing for longer than the idle timeout"
+            }
         })
     }
 }
