@@ -407,7 +407,11 @@ impl World {
                 .map_err(|e| e.to_string())?;
             let lsn = lsg
                 .audit()
-                .append(body.record_type(), duplex_lsg::RecordFlags::NONE, &payload)
+                .append(
+                    body.record_type(),
+                    duplex_lsg::RecordFlags::OUT_OF_COMMUNICATION,
+                    &payload,
+                )
                 .map_err(|e| e.to_string())?;
             accounts.put(&key, &value, lsn).map_err(|e| e.to_string())?;
             records.push((lsn, body.record_type(), payload));
@@ -424,7 +428,7 @@ impl World {
             .audit()
             .append(
                 commit.record_type(),
-                duplex_lsg::RecordFlags::NONE,
+                duplex_lsg::RecordFlags::OUT_OF_COMMUNICATION,
                 &payload,
             )
             .map_err(|e| e.to_string())?;
@@ -435,7 +439,8 @@ impl World {
             .map(|(lsn, t, payload)| duplex_pair::StreamRecord {
                 lsn,
                 record_type: t as u8,
-                flags: 0,
+                // Written before any backup joined: not in communication.
+                flags: duplex_lsg::RecordFlags::OUT_OF_COMMUNICATION.bits(),
                 payload,
             })
             .collect();
