@@ -14,8 +14,12 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use duplex_lsg::{LsgId, Lsn, OwnerEpoch};
-use duplex_pair::stream::{PairMessage, PairTag, StreamRecord};
+use duplex_pair::stream::{PairMessage, PairTag, StreamRecord, batches};
 use duplex_transport::EndpointId;
+
+/// The largest `FenceAck` message: a copy larger than this goes as several, well under the
+/// transport's bulk frame limit (16 MiB by default).
+pub const FENCE_ACK_BYTES: usize = 4 << 20;
 
 /// What the backup wants done.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,14 +196,29 @@ impl AuditBackup {
                 self.epoch = self.epoch.max(tag.epoch);
                 self.primary = Some(from);
                 self.synced = false;
-                let records = self.records_from(start).cloned().collect();
-                self.actions.push_back(BackupAction::Send {
-                    to: from,
-                    message: PairMessage::FenceAck {
-                        tag: self.tag(),
-                        records,
-                    },
-                });
+                let records: Vec<StreamRecord> = self.records_from(start).cloned().collect();
+                let parts = batches(&records, FENCE_ACK_BYTES);
+                let last = parts.len().saturating_sub(1);
+                if parts.is_empty() {
+                    self.actions.push_back(BackupAction::Send {
+                        to: from,
+                        message: PairMessage::FenceAck {
+                            tag: self.tag(),
+                            records: Vec::new(),
+                            complete: true,
+                        },
+                    });
+                }
+                for (i, part) in parts.into_iter().enumerate() {
+                    self.actions.push_back(BackupAction::Send {
+                        to: from,
+                        message: PairMessage::FenceAck {
+                            tag: self.tag(),
+                            records: part.to_vec(),
+                            complete: i == last,
+                        },
+                    });
+                }
             }
             _ => {}
         }

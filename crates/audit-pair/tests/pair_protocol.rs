@@ -383,3 +383,74 @@ fn a_backup_refuses_a_fenced_primary_and_tells_it_who_owns_the_lsg() {
         Some(PrimaryAction::Fenced { by: OwnerEpoch(3) })
     );
 }
+
+#[test]
+fn a_copy_larger_than_one_frame_is_answered_in_parts_the_last_marked_complete() {
+    use duplex_audit_pair::backup::FENCE_ACK_BYTES;
+    let mut backup = AuditBackup::new(LSG, 5, REJOIN);
+    backup.join(PRIMARY);
+    while backup.poll_action().is_some() {}
+    let now = Duration::ZERO;
+    backup.on_message(
+        now,
+        PRIMARY,
+        PairMessage::Resync {
+            tag: tag(1, 100),
+            from: Lsn(1),
+        },
+    );
+    let record_bytes = 256 << 10;
+    let count = (3 * FENCE_ACK_BYTES / record_bytes) as u64;
+    for lsn in 1..=count {
+        let records = vec![StreamRecord {
+            lsn: Lsn(lsn),
+            record_type: RecordType::Update as u8,
+            flags: 0,
+            payload: vec![lsn as u8; record_bytes],
+        }];
+        backup.on_message(
+            now,
+            PRIMARY,
+            PairMessage::Records {
+                tag: tag(1, 100),
+                records,
+                retain_from: Lsn(1),
+            },
+        );
+    }
+    while backup.poll_action().is_some() {}
+    assert_eq!(backup.held(), Lsn(count));
+    backup.on_message(
+        now,
+        HOME,
+        PairMessage::Fence {
+            tag: tag(2, 7),
+            from: Lsn(1),
+        },
+    );
+    let mut parts = Vec::new();
+    while let Some(BackupAction::Send { to, message }) = backup.poll_action() {
+        assert_eq!(to, HOME);
+        let PairMessage::FenceAck {
+            records, complete, ..
+        } = message
+        else {
+            panic!("a fence is answered with FenceAck");
+        };
+        let bytes: usize = records.iter().map(|r| r.size_bytes()).sum();
+        assert!(bytes <= FENCE_ACK_BYTES, "a part of {bytes} bytes");
+        parts.push((records, complete));
+    }
+    assert!(parts.len() >= 3, "{} parts", parts.len());
+    assert!(parts[..parts.len() - 1].iter().all(|(_, c)| !c));
+    assert!(parts.last().is_some_and(|(_, c)| *c));
+    let lsns: Vec<u64> = parts
+        .iter()
+        .flat_map(|(r, _)| r.iter().map(|r| r.lsn.0))
+        .collect();
+    assert_eq!(
+        lsns,
+        (1..=count).collect::<Vec<_>>(),
+        "every record once, in order"
+    );
+}

@@ -769,17 +769,31 @@ impl World {
                             let Ok(m) = PairMessage::decode(&payload) else {
                                 continue;
                             };
-                            if let (Some(g), PairMessage::FenceAck { tag, records }) =
-                                (gathering.as_mut(), &m)
+                            if let (
+                                Some(g),
+                                PairMessage::FenceAck {
+                                    tag,
+                                    records,
+                                    complete,
+                                },
+                            ) = (gathering.as_mut(), &m)
                             {
-                                if g.waiting_for.remove(&from) {
-                                    g.chains.push((
-                                        from,
-                                        Chain {
-                                            epoch: tag.epoch,
-                                            records: records.clone(),
-                                        },
-                                    ));
+                                if g.waiting_for.contains(&from) {
+                                    match g.chains.iter_mut().find(|(f, _)| *f == from) {
+                                        Some((_, chain)) => {
+                                            chain.records.extend(records.iter().cloned())
+                                        }
+                                        None => g.chains.push((
+                                            from,
+                                            Chain {
+                                                epoch: tag.epoch,
+                                                records: records.clone(),
+                                            },
+                                        )),
+                                    }
+                                    if *complete {
+                                        g.waiting_for.remove(&from);
+                                    }
                                 }
                                 continue;
                             }
@@ -907,7 +921,10 @@ impl World {
         let Some(g) = gathering.take() else {
             return Ok(());
         };
-        let g = *g;
+        let mut g = *g;
+        // A copy still arriving when the time ran out is incomplete: it cannot vouch.
+        let waiting_for = std::mem::take(&mut g.waiting_for);
+        g.chains.retain(|(from, _)| !waiting_for.contains(from));
         let own = Chain::of_backup(backup);
         let own = (!own.records.is_empty()).then_some(own);
         let config = {

@@ -81,10 +81,12 @@ pub enum PairMessage {
     /// New primary → other backups after a takeover: "the epoch is now `tag.epoch`; refuse
     /// older ones and send me every record you hold from `from` on".
     Fence { tag: PairTag, from: Lsn },
-    /// Answer to `Fence`: the records held from the requested LSN on.
+    /// Answer to `Fence`: the records held from the requested LSN on, in order, in as many
+    /// messages as the frame size needs; the last says `complete`.
     FenceAck {
         tag: PairTag,
         records: Vec<StreamRecord>,
+        complete: bool,
     },
 }
 
