@@ -228,7 +228,10 @@ impl AuditPrimary {
     /// Writes `body` as the next record and streams it; returns its LSN.
     pub fn append(&mut self, now: Duration, body: &AuditBody) -> Result<Lsn, RecordError> {
         let payload = body.encode(self.config.max_record_bytes)?;
-        let flags = if self.state.out_of_communication() {
+        // In communication from the state change to normal on: the backup node holds
+        // everything by then, and a takeover reading the trail's last record must see that
+        // commits may be acknowledged from memory as soon as that change takes effect.
+        let flags = if self.state.out_of_communication() && self.normal_at.is_none() {
             RecordFlags::OUT_OF_COMMUNICATION
         } else {
             RecordFlags::NONE

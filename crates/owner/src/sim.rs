@@ -75,7 +75,7 @@ impl SimOptions {
             transfers_per_client: 12,
             fault_time: Duration::from_secs(3),
             time_limit: Duration::from_secs(60),
-            paranoid: seed % 5 == 0,
+            paranoid: seed.is_multiple_of(5),
             loss_probability: 0.002,
             max_faults: 4,
         }
