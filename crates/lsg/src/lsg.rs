@@ -4,6 +4,11 @@
 //! Opening for writing takes the exclusive lock (released by the kernel when the process dies),
 //! then raises the owner epoch and the boot sequence in the manifest. The audit trail checks the
 //! manifest before every flush and refuses to write once it sees a higher epoch than its own.
+//!
+//! A read-only LSG can follow a live owner (`catch_up`) and become the owner itself
+//! (`adopt_for_write_in`) with the same claim and the same recovery as opening, reusing what
+//! it has read: a warm backup's takeover then costs what was written since the volumes' last
+//! checkpoints, not the volumes' size.
 
 use std::collections::BTreeMap;
 use std::path::Path;

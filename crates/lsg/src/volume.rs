@@ -17,6 +17,13 @@
 //! which the files are durable and the LSN below which every change is in them. Records before
 //! that position must be valid at open (else corruption is reported); after it, the first
 //! invalid record ends the volume, and redo from the audit trail restores the rest.
+//!
+//! A read-only volume is a view that can catch up with a live owner ([`DataVolume`]'s
+//! `catch_up`, driven by `LogStorageGroup::catch_up`): records before the checkpoint never
+//! change, so the view keeps the index entries each later record replaced and can rewind to
+//! the checkpoint and read on. At takeover the view is adopted: rewound to its checkpoint and
+//! read from there with the writer's rules (the write-ahead cut against the recovered trail),
+//! which gives the index a fresh open would build, reading only what follows the checkpoint.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::{Bound, RangeBounds};
