@@ -175,7 +175,7 @@ struct Rules {
 }
 
 /// Where a scan found the end of a volume's records.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Tail {
     segment: u64,
     offset: u64,
@@ -184,6 +184,9 @@ struct Tail {
     /// Just past the last non-zero byte of the segment (only looked for where needed, else
     /// `offset`).
     written_end: u64,
+    /// The segments before the tail's that the scan read at or past the checkpoint position,
+    /// each with the offset just past its end marker.
+    closed_after_checkpoint: Vec<(u64, u64)>,
 }
 
 /// A catch-up reads a few records at a time: no need for the whole-scan window of megabytes.
@@ -346,7 +349,7 @@ impl<F> Inner<F> {
     }
 
     /// Takes the end a scan found, under the checkpoint it was judged by.
-    fn take_tail(&mut self, tail: Tail, checkpoint: &Checkpoint, writer: bool) {
+    fn take_tail(&mut self, tail: &Tail, checkpoint: &Checkpoint, writer: bool) {
         self.tail_segment = tail.segment;
         self.tail_offset = tail.offset;
         self.tail_closed = tail.closed;
@@ -501,9 +504,9 @@ impl<S: Store> DataVolume<S> {
         {
             let mut inner = volume.write();
             let tail = volume.rebuild(&mut inner, &*store, &checkpoint, &rules)?;
-            inner.take_tail(tail, &checkpoint, writer);
+            inner.take_tail(&tail, &checkpoint, writer);
             if writer {
-                volume.vouch_for(&mut inner, &*store, tail, checkpoint.position)?;
+                volume.vouch_for(&mut inner, &*store, &tail, checkpoint.position)?;
             }
         }
         Ok(volume)
@@ -604,6 +607,7 @@ impl<S: Store> DataVolume<S> {
         let max_record = record::encoded_len(rules.max_payload);
         let numbers: Vec<u64> = inner.files.range(from.0..).map(|(&n, _)| n).collect();
         let last_number = numbers.last().copied();
+        let mut closed_after_checkpoint = Vec::new();
         for n in numbers {
             let Some(file) = inner.files.get(&n).cloned() else {
                 continue;
@@ -705,15 +709,19 @@ impl<S: Store> DataVolume<S> {
                         offset: end,
                         closed: false,
                         written_end,
+                        closed_after_checkpoint,
                     });
                 }
-                None if closed && Some(n) != last_number => {}
+                None if closed && Some(n) != last_number => {
+                    closed_after_checkpoint.push((n, end + marker));
+                }
                 None => {
                     return Ok(Tail {
                         segment: n,
                         offset: end,
                         closed,
                         written_end,
+                        closed_after_checkpoint,
                     });
                 }
             }
@@ -730,26 +738,27 @@ impl<S: Store> DataVolume<S> {
 
     /// What opening for writing does once the end is found: the new owner vouches for what it
     /// found from now on. Nothing after the end may ever be taken for a record, so it is zeroed
-    /// and later segments are removed; the segments from the checkpoint's on are synced, as
-    /// their records may be only in the page cache of an earlier owner (killed, or closed
-    /// without a flush) and the next checkpoint vouches for them.
+    /// and later segments are removed. The records after the checkpoint position may be only in
+    /// the page cache of an earlier owner (killed, or closed without a flush), and the next
+    /// checkpoint vouches for them, so they are written again and synced: a page whose
+    /// writeback failed under an owner killed before it could scrub it is clean though not on
+    /// disk, and a sync alone would not write it (as the trail rewrites its last torn window).
     fn vouch_for(
         &self,
         inner: &mut Inner<S::File>,
         store: &S,
-        tail: Tail,
+        tail: &Tail,
         synced: (u64, u64),
     ) -> Result<()> {
+        let missing = |n: u64| LsgError::Missing {
+            path: store.root().join(segment::segment_name(&self.dir, n)),
+            what: "volume segment after the checkpoint",
+        };
         let file = inner
             .files
             .get(&tail.segment)
             .cloned()
-            .ok_or_else(|| LsgError::Missing {
-                path: store
-                    .root()
-                    .join(segment::segment_name(&self.dir, tail.segment)),
-                what: "volume tail segment",
-            })?;
+            .ok_or_else(|| missing(tail.segment))?;
         if !tail.closed && tail.written_end > tail.offset {
             let zeros = vec![0u8; (tail.written_end - tail.offset) as usize];
             file.write_at(tail.offset, &zeros)?;
@@ -764,15 +773,26 @@ impl<S: Store> DataVolume<S> {
             store.remove(&segment::segment_name(&self.dir, n))?;
             inner.files.remove(&n);
         }
-        for file in inner.files.range(synced.0..).map(|(_, f)| f) {
-            if let Err(e) = file.sync() {
-                let end = tail.offset
-                    + if tail.closed {
-                        SEGMENT_END_BYTES as u64
-                    } else {
-                        0
-                    };
-                scrub_after(&inner.files, synced, tail.segment, end);
+        let marker = if tail.closed {
+            SEGMENT_END_BYTES as u64
+        } else {
+            0
+        };
+        let ends = tail
+            .closed_after_checkpoint
+            .iter()
+            .copied()
+            .chain(std::iter::once((tail.segment, tail.offset + marker)))
+            .filter(|&(n, _)| n >= synced.0);
+        for (n, end) in ends {
+            let file = inner.files.get(&n).cloned().ok_or_else(|| missing(n))?;
+            let start = if n == synced.0 {
+                synced.1
+            } else {
+                SEGMENT_HEADER_BYTES
+            };
+            if let Err(e) = rewrite(&*file, start, end).and_then(|()| file.sync()) {
+                scrub_after(&inner.files, synced, tail.segment, tail.offset + marker);
                 return Err(e);
             }
         }
@@ -853,7 +873,7 @@ impl<S: Store> DataVolume<S> {
             };
             self.scan_records(inner, from, &rules)?
         };
-        inner.take_tail(tail, &checkpoint, false);
+        inner.take_tail(&tail, &checkpoint, false);
         Ok(())
     }
 
@@ -901,8 +921,8 @@ impl<S: Store> DataVolume<S> {
             self.refresh_files(inner, store, from.0, true)?;
             self.scan_records(inner, from, &rules)?
         };
-        inner.take_tail(tail, &checkpoint, true);
-        self.vouch_for(inner, store, tail, checkpoint.position)?;
+        inner.take_tail(&tail, &checkpoint, true);
+        self.vouch_for(inner, store, &tail, checkpoint.position)?;
         Ok(Adopting {
             checkpoint_file,
             checkpoint,
@@ -932,8 +952,9 @@ impl<S: Store> DataVolume<S> {
             offset: inner.tail_offset,
             closed: inner.tail_closed,
             written_end: inner.tail_offset,
+            closed_after_checkpoint: Vec::new(),
         };
-        taken.take_tail(tail, &checkpoint, true);
+        taken.take_tail(&tail, &checkpoint, true);
         inner.view = None;
         inner.failure = Some(HANDED_OVER.to_string());
         DataVolume {
@@ -1453,6 +1474,20 @@ fn scrub_after<F: StoreFile>(
             }
         }
     }
+}
+
+/// Writes the bytes `from..to` of `file` again, as they are, a window at a time: so that pages a
+/// failed writeback left clean but not on disk are dirty again and the next sync writes them.
+fn rewrite<F: StoreFile>(file: &F, from: u64, to: u64) -> Result<()> {
+    const WINDOW_BYTES: u64 = 1 << 20;
+    let mut at = from;
+    while at < to {
+        let len = (to - at).min(WINDOW_BYTES);
+        let bytes = store::read_checked(file, at, len as usize)?;
+        file.write_at(at, &bytes)?;
+        at += len;
+    }
+    Ok(())
 }
 
 /// Whether the files still hold a record with `header` at `at` (a read that fails says no: the

@@ -277,15 +277,20 @@ fn simulate(seed: u64, steps: usize) {
             }
             78..80 => {
                 if !volumes.iter().any(|n| n == "w") {
-                    writer.create_volume("w").expect("create volume");
+                    // A dead owner (killed at a failed sync) cannot.
+                    let _ = writer.create_volume("w");
                 }
             }
             80..82 => {
-                // The volume's next flush fails to sync (the volume stops for good and scrubs
-                // what follows its checkpoint).
+                // The volume's next flush fails to sync: the volume stops for good and scrubs
+                // what follows its checkpoint, or its owner is killed before it can scrub.
                 let names = volume_files(&writer_store, &volume);
+                let killed_before_scrub = rng.random_bool(0.3);
                 for name in &names {
-                    writer_store.fail_syncs(name, 1);
+                    match killed_before_scrub {
+                        true => writer_store.fail_syncs_and_crash(name, 1),
+                        false => writer_store.fail_syncs(name, 1),
+                    }
                 }
                 let v = writer.volume(&volume).expect("volume");
                 let _ = v.flush(Lsn(writer.audit().next_lsn().0 - 1));
