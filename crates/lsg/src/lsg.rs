@@ -379,6 +379,17 @@ impl<S: Store> LogStorageGroup<S> {
         let lock = lock_for_write(&*store, mode)?;
         let manifest_file = store.open(MANIFEST_NAME)?;
         let manifest = manifest::read(&manifest_file)?;
+        if manifest.lsg_id != self.manifest.lsg_id {
+            return Err(LsgError::Corrupt {
+                path: store.root().join(MANIFEST_NAME),
+                offset: 0,
+                what: Corruption::WrongOwner {
+                    what: "LSG id of the store given to adopt_for_write_in",
+                    expected: self.manifest.lsg_id.0,
+                    found: manifest.lsg_id.0,
+                },
+            });
+        }
         let stored = manifest.limits;
         let config = stored.applied_to(self.config)?;
         let recovery_window = stored.torn_window_bytes();

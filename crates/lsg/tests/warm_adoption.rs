@@ -864,3 +864,27 @@ fn bench_takeover_time_against_volume_size() {
         );
     }
 }
+
+/// Adopting through a store of another LSG is refused, naming both ids, and changes nothing
+/// there (its epoch stays) nor here (the view stays read-only).
+#[test]
+fn adopting_through_another_lsgs_store_is_refused() {
+    let ours = SimStore::new(12);
+    let theirs = SimStore::new(13);
+    for (store, id) in [(&ours, 1), (&theirs, 2)] {
+        let mut lsg =
+            LogStorageGroup::create_in(store.clone(), LsgId(id), config()).expect("create");
+        lsg.create_volume("v").expect("volume");
+    }
+    let mut view = open(&ours, OpenMode::ReadOnly).expect("read-only open");
+    let e = view
+        .adopt_for_write_in(theirs.clone(), OpenMode::Write)
+        .expect_err("another LSG");
+    assert!(e.to_string().contains("expected 1, found 2"), "{e}");
+    assert_eq!(view.mode(), OpenMode::ReadOnly);
+    let other = open(&theirs, OpenMode::Write).expect("its lock was let go");
+    assert_eq!(other.owner_epoch().0, 2, "only this open raised its epoch");
+    drop(other);
+    view.adopt_for_write_in(ours.clone(), OpenMode::Write)
+        .expect("adopt through our own store");
+}
