@@ -35,6 +35,9 @@ pub(crate) const AUDIT_DIR: &str = "audit";
 /// The page size the rewrite of the tail at open is aligned to.
 const PAGE_BYTES: u64 = 4096;
 
+/// A catch-up reads a few records at a time: no need for the whole-scan window of megabytes.
+const CATCH_UP_WINDOW_BYTES: usize = 256 << 10;
+
 /// Flushed chunk buffers kept for reuse (each at most one torn window).
 const MAX_SPARE_BUFFERS: usize = 4;
 
@@ -644,6 +647,93 @@ impl<S: Store> AuditTrail<S> {
             };
         }
         Ok(last)
+    }
+
+    /// Reads the records appended since the last look into a read-only trail, so that its
+    /// readers see them and its next LSN follows the owner's: from where the records it knows
+    /// end, record after record, on into a later segment once that segment's first record is
+    /// the next LSN (an empty segment before it is a spare the owner skipped). Stops at the
+    /// first zero, invalid or out-of-sequence record: the owner may be writing it. Forgets the
+    /// segments below `first_segment` (truncated by the owner).
+    ///
+    /// A new owner may cut and rewrite what follows the durable records; the caller reopens the
+    /// trail instead when the boot sequence moved.
+    pub(crate) fn catch_up(&self, first_segment: u64) -> Result<()> {
+        let shared = &*self.shared;
+        debug_assert!(shared.fence.is_none(), "only a read-only trail catches up");
+        let max_payload = shared.config.max_record_bytes;
+        let max_record = record::encoded_len(max_payload);
+        let (mut pos, mut next, mut files) = {
+            let st = lock(&shared.state);
+            (st.durable_end, st.next_lsn, st.files.clone())
+        };
+        let mut first_lsns = BTreeMap::new();
+        let numbers = segment::list(&*shared.store, AUDIT_DIR)?;
+        while let Some(file) = files.get(&pos.segment).cloned() {
+            let mut reader =
+                store::ScanReader::with_window(&*file, max_record, CATCH_UP_WINDOW_BYTES);
+            while pos.offset < file.len_bytes() {
+                match record::decode(reader.record_at(pos.offset, max_payload)?, max_payload) {
+                    Decoded::Record(v) if v.lsn == next => {
+                        if pos.offset == SEGMENT_HEADER_BYTES {
+                            first_lsns.insert(pos.segment, v.lsn);
+                        }
+                        pos.offset += v.encoded_len() as u64;
+                        next = Lsn(next.0.saturating_add(1));
+                    }
+                    _ => break,
+                }
+            }
+            // The owner goes on in a later segment once a record does not fit in this one.
+            let mut later = None;
+            for &n in numbers.iter().filter(|&&n| n > pos.segment) {
+                let file = match files.get(&n) {
+                    Some(f) => Arc::clone(f),
+                    None => {
+                        let f = Arc::new(segment::open(
+                            &*shared.store,
+                            AUDIT_DIR,
+                            SegmentKind::AuditTrail,
+                            shared.lsg_id,
+                            n,
+                        )?);
+                        files.insert(n, Arc::clone(&f));
+                        f
+                    }
+                };
+                match read_record(&*file, SEGMENT_HEADER_BYTES, file.len_bytes(), max_payload)? {
+                    Slot::Record(r) if r.lsn == next => {
+                        later = Some(n);
+                        break;
+                    }
+                    Slot::Zero => continue,
+                    Slot::Record(_) | Slot::Invalid(_) => break,
+                }
+            }
+            match later {
+                Some(n) => {
+                    pos = Position {
+                        segment: n,
+                        offset: SEGMENT_HEADER_BYTES,
+                    }
+                }
+                None => break,
+            }
+        }
+        let mut st = lock(&shared.state);
+        files.retain(|&n, _| n >= first_segment);
+        st.first_lsns.retain(|&n, _| n >= first_segment);
+        st.first_lsns.extend(first_lsns);
+        st.tail_capacity = files
+            .get(&pos.segment)
+            .map_or(st.tail_capacity, |f| f.len_bytes());
+        st.files = files;
+        st.next_lsn = next;
+        st.tail = pos;
+        st.durable_lsn = Lsn(next.0.saturating_sub(1));
+        st.flushing_upto = st.durable_lsn;
+        st.durable_end = pos;
+        Ok(())
     }
 
     /// Deletes the segments that hold only records below `lsn`: archived, or older than the

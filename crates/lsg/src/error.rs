@@ -160,6 +160,8 @@ pub enum LsgError {
         expected: Lsn,
         next: Lsn,
     },
+    #[error("LSG at {path}: {what}")]
+    WrongMode { path: PathBuf, what: &'static str },
     #[error("LSN {lsn} is below the first retained LSN {first}; it was truncated")]
     LsnTruncated { lsn: Lsn, first: Lsn },
     #[error("audit trail stopped after an earlier failure: {0}")]

@@ -8,6 +8,10 @@
 //!
 //! Storage goes through the [`Store`] trait: [`FileStore`] for real files, [`SimStore`] for
 //! deterministic simulations that crash storage. See `docs/storage-format.md` for the bytes.
+//!
+//! A warm backup on the same storage opens the LSG read-only early, keeps it current with
+//! [`LogStorageGroup::catch_up`] and takes over with [`LogStorageGroup::adopt_for_write_in`],
+//! which gives what a fresh open for writing gives without reading whole volumes again.
 
 mod audit;
 mod error;
@@ -28,7 +32,7 @@ pub use lsg::{LogStorageGroup, OpenMode};
 pub use record::{RecordFlags, RecordType};
 pub use sim_store::{SimFile, SimFileImage, SimLock, SimStore};
 pub use store::{FileLock, FileStore, RealFile, Store, StoreFile};
-pub use volume::{Compaction, DataVolume, VolumeRecord, VolumeStats};
+pub use volume::{Compaction, DataVolume, VolumeRecord, VolumeScanStats, VolumeStats};
 
 /// The on-disk format version this build writes; it reads this one and older ones.
 pub const FORMAT_VERSION: u32 = 1;

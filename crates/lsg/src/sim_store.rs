@@ -62,6 +62,8 @@ struct SimInner {
     writes_until_death: Option<(usize, u64)>,
     /// Injected faults, by file name: syncs left to fail, and byte ranges that cannot be read.
     failing_syncs: BTreeMap<String, u64>,
+    /// Files whose failing syncs also kill the process that syncs (`fail_syncs_and_crash`).
+    crashing_syncs: BTreeSet<String>,
     unreadable: BTreeMap<String, (u64, u64)>,
     /// Files whose `create` names them but fails to make the name durable.
     failing_entry_syncs: BTreeSet<String>,
@@ -94,6 +96,7 @@ impl SimStore {
                 capacity_bytes: None,
                 writes_until_death: None,
                 failing_syncs: BTreeMap::new(),
+                crashing_syncs: BTreeSet::new(),
                 unreadable: BTreeMap::new(),
                 failing_entry_syncs: BTreeSet::new(),
                 dead: BTreeSet::new(),
@@ -224,7 +227,19 @@ impl SimStore {
     /// sync's data stays readable but is no longer pending: a later successful sync does not make
     /// it durable, and a power loss loses it.
     pub fn fail_syncs(&self, name: &str, n: u64) {
-        self.inner().failing_syncs.insert(name.to_string(), n);
+        let mut inner = self.inner();
+        inner.failing_syncs.insert(name.to_string(), n);
+        inner.crashing_syncs.remove(name);
+    }
+
+    /// Like [`fail_syncs`](Self::fail_syncs), and the process whose sync fails dies at once, as
+    /// one killed before it could act on the error: whatever it would do about the failure
+    /// (scrub the unwritten data, record it) never happens, and the failed data stays readable
+    /// in the page cache though it will not reach the disk.
+    pub fn fail_syncs_and_crash(&self, name: &str, n: u64) {
+        let mut inner = self.inner();
+        inner.failing_syncs.insert(name.to_string(), n);
+        inner.crashing_syncs.insert(name.to_string());
     }
 
     /// Makes `len` bytes at `offset` of file `name` unreadable, as a media error does: `read_at`
@@ -520,6 +535,9 @@ impl StoreFile for SimFile {
         {
             *left -= 1;
             self.data(&mut inner)?.unsynced.clear();
+            if inner.crashing_syncs.contains(&self.name) {
+                inner.dead.insert(self.process);
+            }
             return Err(LsgError::Io {
                 op: "fdatasync",
                 path: self.path.clone(),

@@ -114,9 +114,19 @@ pub(crate) struct ScanReader<'f, F> {
 impl<'f, F: StoreFile> ScanReader<'f, F> {
     /// A reader for records of at most `max_record_bytes`: its window holds a few of the largest.
     pub(crate) fn new(file: &'f F, max_record_bytes: usize) -> Self {
+        Self::with_window(
+            file,
+            max_record_bytes,
+            max_record_bytes.saturating_mul(4).max(SCAN_WINDOW_BYTES),
+        )
+    }
+
+    /// A reader that reads `window_bytes` at a time (at least two of the largest records): a
+    /// small window for a catch-up that expects a few new records, not megabytes of zeros.
+    pub(crate) fn with_window(file: &'f F, max_record_bytes: usize, window_bytes: usize) -> Self {
         let window = max_record_bytes
-            .saturating_mul(4)
-            .max(SCAN_WINDOW_BYTES)
+            .saturating_mul(2)
+            .max(window_bytes)
             .min(usize::try_from(file.len_bytes()).unwrap_or(usize::MAX));
         ScanReader {
             file,
@@ -176,7 +186,8 @@ impl<'f, F: StoreFile> ScanReader<'f, F> {
     }
 }
 
-const SCAN_WINDOW_BYTES: usize = 4 << 20;
+/// The window of a whole-segment scan: few system calls per segment.
+pub(crate) const SCAN_WINDOW_BYTES: usize = 4 << 20;
 /// Zeros are checked in pieces that stay in the CPU cache: copying into a cold 4 MiB window ran
 /// at half the speed here.
 const ZERO_SCAN_CHUNK_BYTES: usize = 128 << 10;

@@ -17,6 +17,13 @@
 //! which the files are durable and the LSN below which every change is in them. Records before
 //! that position must be valid at open (else corruption is reported); after it, the first
 //! invalid record ends the volume, and redo from the audit trail restores the rest.
+//!
+//! A read-only volume is a view that can catch up with a live owner ([`DataVolume`]'s
+//! `catch_up`, driven by `LogStorageGroup::catch_up`): records before the checkpoint never
+//! change, so the view keeps the index entries each later record replaced and can rewind to
+//! the checkpoint and read on. At takeover the view is adopted: rewound to its checkpoint and
+//! read from there with the writer's rules (the write-ahead cut against the recovered trail),
+//! which gives the index a fresh open would build, reading only what follows the checkpoint.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::{Bound, RangeBounds};
@@ -85,6 +92,116 @@ pub struct Compaction {
     pub deletion_markers_dropped: usize,
 }
 
+/// How many records were read from a volume's files into its index since this handle was
+/// opened (by the open, catch-ups and adoption): the cost a takeover pays for the volume.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VolumeScanStats {
+    /// Records read from the files and applied to the index.
+    pub records_scanned: u64,
+    /// The bytes of those records.
+    pub bytes_scanned: u64,
+    /// Times the volume was read whole, from its first segment: at open, and when a catch-up or
+    /// an adoption found that a compaction had replaced the segments it had read.
+    pub full_scans: u64,
+}
+
+/// A volume checkpoint as stored in `CHECKPOINT`.
+#[derive(Debug, Clone, Copy)]
+struct Checkpoint {
+    sequence: u64,
+    lsn: Lsn,
+    /// (segment, offset) up to which the files are durable.
+    position: (u64, u64),
+    first_segment: u64,
+}
+
+fn read_checkpoint<F: StoreFile>(file: &F) -> Result<Checkpoint> {
+    let (sequence, body) = slots::read(file, &CHECKPOINT_MAGIC)?;
+    let [lsn, segment, offset, first_segment] = slots::u64s::<4>(&body, file.path())?;
+    Ok(Checkpoint {
+        sequence,
+        lsn: Lsn(lsn),
+        position: (segment, offset),
+        first_segment,
+    })
+}
+
+/// What a read-only volume knows of how far its index can be trusted, so that
+/// [`DataVolume::catch_up`] reads only what is new and adoption reuses the index.
+///
+/// Records before the checkpoint position are durable and never change (a compaction replaces
+/// whole segments and names a new first one, which is noticed). Records after it can: a new
+/// owner cuts those whose audit record it did not recover and writes others in their place, and
+/// a failed sync scrubs them. So each record read past the checkpoint is kept with the index
+/// entry it replaced, and the index can be rewound to `tentative_from` and read again from
+/// there when the checkpoint moves, the owner changes, or a writer takes over.
+#[derive(Debug)]
+struct View {
+    /// Records from here on were read while no checkpoint covered them.
+    tentative_from: (u64, u64),
+    /// One entry per record read at or after `tentative_from`, oldest first.
+    undo: Vec<Undo>,
+    /// The manifest's boot sequence when the view was last brought up to date: a new one means
+    /// a new owner, who may have cut and rewritten what follows the checkpoint.
+    boot_sequence: u64,
+    /// What the view read after `tentative_from` may no longer be in the files (a catch-up or an
+    /// adoption failed part way): read it again next time.
+    stale: bool,
+    /// Where the first tentative record is and its header (its checksum covers the record): if
+    /// it changed, the records after the checkpoint were scrubbed after a failed sync (the
+    /// owner stays the same, and a failed volume takes no checkpoint), so they are read again.
+    first_tentative: Option<((u64, u64), [u8; record::RECORD_HEADER_BYTES])>,
+}
+
+/// What indexing one record replaced: `key`'s previous entry, if it had one.
+#[derive(Debug)]
+struct Undo {
+    key: Vec<u8>,
+    replaced: Option<Entry>,
+}
+
+/// How a scan of a volume's records judges what it finds: the rules of `DataVolume::open`.
+#[derive(Debug, Clone, Copy)]
+struct Rules {
+    checkpoint: (u64, u64),
+    /// The recovered trail's next LSN: a record at or above it ends the volume (write-ahead).
+    audit_next_lsn: Lsn,
+    max_payload: usize,
+    /// Opening for writing: find where writing stopped after the end, to zero it, and say so
+    /// when an end after the checkpoint is cut.
+    writer: bool,
+    /// The read window of the scan: large for whole scans, small for a catch-up of a few records.
+    window_bytes: usize,
+}
+
+/// Where a scan found the end of a volume's records.
+#[derive(Debug, Clone)]
+struct Tail {
+    segment: u64,
+    offset: u64,
+    /// The segment ends in its end marker at `offset`.
+    closed: bool,
+    /// Just past the last non-zero byte of the segment (only looked for where needed, else
+    /// `offset`).
+    written_end: u64,
+    /// The segments before the tail's that the scan read at or past the checkpoint position,
+    /// each with the offset just past its end marker.
+    closed_after_checkpoint: Vec<(u64, u64)>,
+}
+
+/// A catch-up reads a few records at a time: no need for the whole-scan window of megabytes.
+const CATCH_UP_WINDOW_BYTES: usize = 256 << 10;
+
+/// What a read-only volume answers once adoption handed its index to the owner's volume.
+const HANDED_OVER: &str = "this read-only volume handle was handed over to the owner by adopt_for_write; use the adopted LSG's volume";
+
+/// The first step of adopting a read-only volume, done: what the second step hands over.
+#[derive(Debug)]
+pub(crate) struct Adopting<F> {
+    checkpoint_file: F,
+    checkpoint: Checkpoint,
+}
+
 #[derive(Debug)]
 struct Inner<F> {
     index: BTreeMap<Vec<u8>, Entry>,
@@ -112,6 +229,140 @@ struct Inner<F> {
     /// it and syncing the directory leaves a name that may not be durable, so the directory is
     /// synced before a checkpoint can name it.
     tail_name_unsure: bool,
+    /// Read-only volumes: how far the index can be trusted (see [`View`]); `None` for owners.
+    view: Option<View>,
+    scan_stats: VolumeScanStats,
+}
+
+impl<F> Inner<F> {
+    fn new(checkpoint_file: F, checkpoint: Checkpoint, view: Option<View>) -> Self {
+        Inner {
+            index: BTreeMap::new(),
+            live_keys: 0,
+            live_bytes: 0,
+            written_bytes: 0,
+            first_segment: checkpoint.first_segment,
+            files: BTreeMap::new(),
+            tail_segment: checkpoint.first_segment,
+            tail_offset: SEGMENT_HEADER_BYTES,
+            tail_closed: false,
+            failure: None,
+            newest_lsn: Lsn(0),
+            dirty: BTreeSet::new(),
+            checkpoint_file,
+            checkpoint_sequence: checkpoint.sequence,
+            checkpoint_lsn: checkpoint.lsn,
+            checkpoint_position: checkpoint.position,
+            tail_name_unsure: false,
+            view,
+            scan_stats: VolumeScanStats::default(),
+        }
+    }
+
+    /// Puts `entry` in the index for `key`, keeping the counters; returns the entry it replaced.
+    fn index_insert(&mut self, key: Vec<u8>, entry: Entry) -> Option<Entry> {
+        let replaced = self.index.insert(key, entry);
+        self.live_bytes += u64::from(entry.record_bytes);
+        if let Some(old) = replaced {
+            self.live_bytes -= u64::from(old.record_bytes);
+        }
+        match (
+            replaced.is_some_and(|e| e.value.is_some()),
+            entry.value.is_some(),
+        ) {
+            (false, true) => self.live_keys += 1,
+            (true, false) => self.live_keys -= 1,
+            _ => {}
+        }
+        replaced
+    }
+
+    /// Applies one record read from the files at (`segment`, `offset`) to the index. In a
+    /// read-only view a record the checkpoint does not cover is kept undoable.
+    fn index_record(
+        &mut self,
+        segment: u64,
+        offset: u64,
+        v: &record::RecordView<'_>,
+        header: [u8; record::RECORD_HEADER_BYTES],
+        checkpoint: (u64, u64),
+    ) -> std::result::Result<(), Corruption> {
+        let (key, entry) = entry_of(segment, offset, v)?;
+        let len = v.encoded_len() as u64;
+        self.written_bytes += len;
+        self.scan_stats.records_scanned += 1;
+        self.scan_stats.bytes_scanned += len;
+        let tentative = (segment, offset) >= checkpoint;
+        match self.view.is_some() && tentative {
+            true => {
+                let replaced = self.index_insert(key.clone(), entry);
+                if let Some(view) = self.view.as_mut() {
+                    if view.undo.is_empty() {
+                        view.first_tentative = Some(((segment, offset), header));
+                    }
+                    view.undo.push(Undo { key, replaced });
+                }
+            }
+            false => {
+                self.index_insert(key, entry);
+                if let Some(view) = self.view.as_mut() {
+                    debug_assert!(
+                        view.undo.is_empty(),
+                        "a durable record after a tentative one"
+                    );
+                    view.tentative_from = (segment, offset + len);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes back every record a read-only view read past its `tentative_from`, newest first,
+    /// and returns that position: the index is as it was when the view had read up to there.
+    fn rewind(&mut self) -> (u64, u64) {
+        let Some(view) = self.view.as_mut() else {
+            return self.checkpoint_position;
+        };
+        let undo = std::mem::take(&mut view.undo);
+        view.first_tentative = None;
+        let from = view.tentative_from;
+        for Undo { key, replaced } in undo.into_iter().rev() {
+            let undone = match replaced {
+                Some(previous) => self.index.insert(key, previous),
+                None => self.index.remove(&key),
+            };
+            if let Some(e) = undone {
+                self.live_bytes -= u64::from(e.record_bytes);
+                self.written_bytes -= u64::from(e.record_bytes);
+                if e.value.is_some() {
+                    self.live_keys -= 1;
+                }
+            }
+            if let Some(previous) = replaced {
+                self.live_bytes += u64::from(previous.record_bytes);
+                if previous.value.is_some() {
+                    self.live_keys += 1;
+                }
+            }
+        }
+        from
+    }
+
+    /// Takes the end a scan found, under the checkpoint it was judged by.
+    fn take_tail(&mut self, tail: &Tail, checkpoint: &Checkpoint, writer: bool) {
+        self.tail_segment = tail.segment;
+        self.tail_offset = tail.offset;
+        self.tail_closed = tail.closed;
+        self.tail_name_unsure = writer && tail.offset == SEGMENT_HEADER_BYTES && !tail.closed;
+        self.checkpoint_sequence = checkpoint.sequence;
+        self.checkpoint_lsn = checkpoint.lsn;
+        self.checkpoint_position = checkpoint.position;
+        self.first_segment = checkpoint.first_segment;
+        if let Some(view) = self.view.as_mut() {
+            // The scan passed the checkpoint: everything before it was read as durable.
+            view.tentative_from = checkpoint.position;
+        }
+    }
 }
 
 /// What a volume of an owned LSG writes under: the owner's fence and the trail it logs to.
@@ -206,11 +457,13 @@ impl<S: Store> DataVolume<S> {
             &slots::body_of(&[0, 1, SEGMENT_HEADER_BYTES, 1]),
         )?;
         let next_lsn = owner.audit.next_lsn();
-        Self::open(store, lsg_id, config, name, Some(owner), next_lsn)
+        Self::open(store, lsg_id, config, name, Some(owner), next_lsn, 0)
     }
 
     /// Opens a volume and rebuilds its index from its records. `audit_next_lsn` is the next LSN
     /// of the recovered audit trail: no change at or above it may survive (write-ahead rule).
+    /// Read-only (`owner` is `None`), the volume keeps a [`View`] for catch-ups, taken under the
+    /// manifest's `boot_sequence`.
     pub(crate) fn open(
         store: Arc<S>,
         lsg_id: LsgId,
@@ -218,24 +471,92 @@ impl<S: Store> DataVolume<S> {
         name: &str,
         owner: Option<VolumeOwner<S>>,
         audit_next_lsn: Lsn,
+        boot_sequence: u64,
     ) -> Result<Self> {
         validate_name(name)?;
-        let writable = owner.is_some();
+        let writer = owner.is_some();
         let dir = format!("{VOLUMES_DIR}/{name}");
         let checkpoint_file = store.open(&format!("{dir}/{CHECKPOINT_NAME}"))?;
-        let (checkpoint_sequence, body) = slots::read(&checkpoint_file, &CHECKPOINT_MAGIC)?;
-        let [checkpoint_lsn, synced_segment, synced_offset, first_segment] =
-            slots::u64s::<4>(&body, checkpoint_file.path())?;
-        let synced = (synced_segment, synced_offset);
-        let mut numbers = segment::list(&*store, &dir)?;
-        // Segments below the first one are leftovers of a compaction that completed.
+        let checkpoint = read_checkpoint(&checkpoint_file)?;
+        let view = (!writer).then(|| View {
+            tentative_from: (checkpoint.first_segment, SEGMENT_HEADER_BYTES),
+            undo: Vec::new(),
+            boot_sequence,
+            stale: false,
+            first_tentative: None,
+        });
+        let volume = DataVolume {
+            name: name.to_string(),
+            dir,
+            store: Arc::clone(&store),
+            lsg_id,
+            config,
+            owner,
+            inner: RwLock::new(Inner::new(checkpoint_file, checkpoint, view)),
+        };
+        let rules = Rules {
+            checkpoint: checkpoint.position,
+            audit_next_lsn,
+            max_payload: config.max_volume_payload_bytes(),
+            writer,
+            window_bytes: store::SCAN_WINDOW_BYTES,
+        };
+        {
+            let mut inner = volume.write();
+            let tail = volume.rebuild(&mut inner, &*store, &checkpoint, &rules)?;
+            inner.take_tail(&tail, &checkpoint, writer);
+            if writer {
+                volume.vouch_for(&mut inner, &*store, &tail, checkpoint.position)?;
+            }
+        }
+        Ok(volume)
+    }
+
+    /// Reads the whole volume from its first segment into an empty index, as opening does.
+    fn rebuild(
+        &self,
+        inner: &mut Inner<S::File>,
+        store: &S,
+        checkpoint: &Checkpoint,
+        rules: &Rules,
+    ) -> Result<Tail> {
+        inner.index.clear();
+        inner.live_keys = 0;
+        inner.live_bytes = 0;
+        inner.written_bytes = 0;
+        inner.files.clear();
+        inner.first_segment = checkpoint.first_segment;
+        let from = (checkpoint.first_segment, SEGMENT_HEADER_BYTES);
+        if let Some(view) = inner.view.as_mut() {
+            view.undo.clear();
+            view.first_tentative = None;
+            view.tentative_from = from;
+        }
+        inner.scan_stats.full_scans += 1;
+        self.refresh_files(inner, store, checkpoint.first_segment, rules.writer)?;
+        self.scan_records(inner, from, rules)
+    }
+
+    /// Brings `inner.files` up to the volume's segments from its first one on: opens new ones,
+    /// opens again those from `reopen_from` on (a new owner may have replaced them; a writer
+    /// needs handles that write) and forgets removed ones. From the first segment on, segments
+    /// are numbered without a gap; a `writer` removes those below it, leftovers of a compaction
+    /// that completed.
+    fn refresh_files(
+        &self,
+        inner: &mut Inner<S::File>,
+        store: &S,
+        reopen_from: u64,
+        writer: bool,
+    ) -> Result<()> {
+        let first_segment = inner.first_segment;
+        let mut numbers = segment::list(store, &self.dir)?;
         let leftovers: Vec<u64> = numbers
             .iter()
             .copied()
             .filter(|&n| n < first_segment)
             .collect();
         numbers.retain(|&n| n >= first_segment);
-        // From the first segment on, segments are numbered without a gap.
         let gap = (first_segment..)
             .zip(numbers.iter().copied().chain(std::iter::once(u64::MAX)))
             .find(|(want, have)| want != have)
@@ -244,62 +565,88 @@ impl<S: Store> DataVolume<S> {
             && (numbers.is_empty() || want - first_segment < numbers.len() as u64)
         {
             return Err(LsgError::Missing {
-                path: store.root().join(segment::segment_name(&dir, want)),
+                path: store.root().join(segment::segment_name(&self.dir, want)),
                 what: "data volume segment",
             });
         }
-        if writable {
+        if writer {
             for n in leftovers {
-                store.remove(&segment::segment_name(&dir, n))?;
+                store.remove(&segment::segment_name(&self.dir, n))?;
             }
         }
-        let max_payload = config.max_volume_payload_bytes();
-        let mut index = BTreeMap::new();
-        let mut files = BTreeMap::new();
-        let mut tail = None;
-        let mut written_bytes = 0u64;
-        let last_number = numbers[numbers.len() - 1];
-        for &n in &numbers {
-            let file = Arc::new(segment::open(
-                &*store,
-                &dir,
-                SegmentKind::DataVolume,
-                lsg_id,
-                n,
-            )?);
-            files.insert(n, Arc::clone(&file));
-            if tail.is_some() {
-                // After the end everything is redone from the audit trail.
-                continue;
+        inner.files.retain(|n, _| numbers.binary_search(n).is_ok());
+        for n in numbers {
+            if n >= reopen_from || !inner.files.contains_key(&n) {
+                let file =
+                    segment::open(store, &self.dir, SegmentKind::DataVolume, self.lsg_id, n)?;
+                inner.files.insert(n, Arc::new(file));
             }
-            let max_record = record::encoded_len(max_payload);
-            let mut reader = store::ScanReader::new(&*file, max_record);
-            let mut end = SEGMENT_HEADER_BYTES;
+        }
+        Ok(())
+    }
+
+    /// Reads records into the index from position `from` on, through the segments of
+    /// `inner.files`, and returns where they end, judged by `rules`:
+    ///
+    /// - before the checkpoint position every record must be valid, LSNs below the trail's
+    ///   next, segments closed by their end marker (else `Corrupt`), and the checkpoint's
+    ///   segment must reach its position;
+    /// - at or after it, the first thing amiss ends the volume: an invalid record, zeros with
+    ///   data after them, data after an end marker, or a record whose LSN the trail does not
+    ///   hold (write-ahead: its audit record was lost, or is not written yet).
+    ///
+    /// A read-only scan of the tail segment stops at the first zero or invalid record without
+    /// searching the rest of the segment: it may be a record the owner is still writing.
+    fn scan_records(
+        &self,
+        inner: &mut Inner<S::File>,
+        from: (u64, u64),
+        rules: &Rules,
+    ) -> Result<Tail> {
+        let synced = rules.checkpoint;
+        let max_record = record::encoded_len(rules.max_payload);
+        let numbers: Vec<u64> = inner.files.range(from.0..).map(|(&n, _)| n).collect();
+        let last_number = numbers.last().copied();
+        let mut closed_after_checkpoint = Vec::new();
+        for n in numbers {
+            let Some(file) = inner.files.get(&n).cloned() else {
+                continue;
+            };
+            let mut reader = store::ScanReader::with_window(&*file, max_record, rules.window_bytes);
+            let mut end = if n == from.0 {
+                from.1
+            } else {
+                SEGMENT_HEADER_BYTES
+            };
             let mut problem = None;
             let mut closed = false;
             while end < file.len_bytes() {
-                match record::decode(reader.record_at(end, max_payload)?, max_payload) {
+                let bytes = reader.record_at(end, rules.max_payload)?;
+                let mut header = [0u8; record::RECORD_HEADER_BYTES];
+                if let Some(h) = bytes.get(..record::RECORD_HEADER_BYTES) {
+                    header.copy_from_slice(h);
+                }
+                match record::decode(bytes, rules.max_payload) {
                     Decoded::Record(v) if v.record_type == RecordType::SegmentEnd => {
                         closed = true;
                         break;
                     }
-                    Decoded::Record(v) if v.lsn >= audit_next_lsn => {
+                    Decoded::Record(v) if v.lsn >= rules.audit_next_lsn => {
                         problem = Some(Corruption::LsnOutOfSequence {
-                            expected: Lsn(audit_next_lsn.0.saturating_sub(1)),
+                            expected: Lsn(rules.audit_next_lsn.0.saturating_sub(1)),
                             found: v.lsn,
                         });
                         break;
                     }
                     Decoded::Record(v) => {
-                        apply_to_index(&mut index, n, end, &v).map_err(|what| {
-                            LsgError::Corrupt {
+                        inner
+                            .index_record(n, end, &v, header, synced)
+                            .map_err(|what| LsgError::Corrupt {
                                 path: file.path().to_path_buf(),
                                 offset: end,
                                 what,
-                            }
-                        })?;
+                            })?;
                         end += v.encoded_len() as u64;
-                        written_bytes += v.encoded_len() as u64;
                     }
                     Decoded::Zero => break,
                     Decoded::Invalid(what) => {
@@ -309,8 +656,15 @@ impl<S: Store> DataVolume<S> {
                 }
             }
             let marker = if closed { SEGMENT_END_BYTES as u64 } else { 0 };
-            // Where writing stopped in this segment (the end marker counts as written).
-            let written_end = reader.written_end(end + marker)?.max(end + marker);
+            let covered = n < synced.0 || (n == synced.0 && end < synced.1);
+            // Where writing stopped in this segment (the end marker counts as written): to
+            // tell a closed segment from one with data after its marker, to judge what the
+            // checkpoint covers, and for a writer to zero what follows the end.
+            let written_end = if closed || covered || rules.writer {
+                reader.written_end(end + marker)?.max(end + marker)
+            } else {
+                end
+            };
             let written_after = written_end > end + marker;
             if problem.is_none() && written_after {
                 problem = Some(Corruption::Malformed(if closed {
@@ -346,81 +700,277 @@ impl<S: Store> DataVolume<S> {
             // At or past the checkpoint position: the first thing amiss ends the volume.
             match problem {
                 Some(what) => {
-                    warn!(path = %file.path().display(), offset = end, %what,
-                        "data volume: end after its checkpoint cut off; redo restores it");
-                    tail = Some((n, end, false, written_end));
+                    if rules.writer {
+                        warn!(path = %file.path().display(), offset = end, %what,
+                            "data volume: end after its checkpoint cut off; redo restores it");
+                    }
+                    return Ok(Tail {
+                        segment: n,
+                        offset: end,
+                        closed: false,
+                        written_end,
+                        closed_after_checkpoint,
+                    });
                 }
-                None if closed && n != last_number => {}
-                None => tail = Some((n, end, closed, written_end)),
+                None if closed && Some(n) != last_number => {
+                    closed_after_checkpoint.push((n, end + marker));
+                }
+                None => {
+                    return Ok(Tail {
+                        segment: n,
+                        offset: end,
+                        closed,
+                        written_end,
+                        closed_after_checkpoint,
+                    });
+                }
             }
         }
         // Every segment was closed and before the checkpoint's: the checkpoint's segment is gone.
-        let Some((tail_segment, tail_offset, tail_closed, written_end)) = tail else {
-            return Err(LsgError::Missing {
-                path: store.root().join(segment::segment_name(&dir, synced.0)),
-                what: "the data volume segment its checkpoint names",
-            });
+        Err(LsgError::Missing {
+            path: self
+                .store
+                .root()
+                .join(segment::segment_name(&self.dir, synced.0)),
+            what: "the data volume segment its checkpoint names",
+        })
+    }
+
+    /// What opening for writing does once the end is found: the new owner vouches for what it
+    /// found from now on. Nothing after the end may ever be taken for a record, so it is zeroed
+    /// and later segments are removed. The records after the checkpoint position may be only in
+    /// the page cache of an earlier owner (killed, or closed without a flush), and the next
+    /// checkpoint vouches for them, so they are written again and synced: a page whose
+    /// writeback failed under an owner killed before it could scrub it is clean though not on
+    /// disk, and a sync alone would not write it (as the trail rewrites its last torn window).
+    fn vouch_for(
+        &self,
+        inner: &mut Inner<S::File>,
+        store: &S,
+        tail: &Tail,
+        synced: (u64, u64),
+    ) -> Result<()> {
+        let missing = |n: u64| LsgError::Missing {
+            path: store.root().join(segment::segment_name(&self.dir, n)),
+            what: "volume segment after the checkpoint",
         };
-        if writable {
-            // Nothing after the end may ever be taken for a record: zero it, drop later files.
-            let file = &files[&tail_segment];
-            if !tail_closed && written_end > tail_offset {
-                let zeros = vec![0u8; (written_end - tail_offset) as usize];
-                file.write_at(tail_offset, &zeros)?;
-                file.sync()?;
-            }
-            let later: Vec<u64> = files.range(tail_segment + 1..).map(|(&n, _)| n).collect();
-            for n in later.into_iter().rev() {
-                store.remove(&segment::segment_name(&dir, n))?;
-                files.remove(&n);
-            }
-            // Records after the checkpoint position may be only in the page cache of an earlier
-            // owner (killed, or closed without a flush); the next checkpoint vouches for them.
-            for file in files.range(synced.0..).map(|(_, f)| f) {
-                if let Err(e) = file.sync() {
-                    let end = tail_offset
-                        + if tail_closed {
-                            SEGMENT_END_BYTES as u64
-                        } else {
-                            0
-                        };
-                    scrub_after(&files, synced, tail_segment, end);
-                    return Err(e);
-                }
+        let file = inner
+            .files
+            .get(&tail.segment)
+            .cloned()
+            .ok_or_else(|| missing(tail.segment))?;
+        if !tail.closed && tail.written_end > tail.offset {
+            let zeros = vec![0u8; (tail.written_end - tail.offset) as usize];
+            file.write_at(tail.offset, &zeros)?;
+            file.sync()?;
+        }
+        let later: Vec<u64> = inner
+            .files
+            .range(tail.segment + 1..)
+            .map(|(&n, _)| n)
+            .collect();
+        for n in later.into_iter().rev() {
+            store.remove(&segment::segment_name(&self.dir, n))?;
+            inner.files.remove(&n);
+        }
+        let marker = if tail.closed {
+            SEGMENT_END_BYTES as u64
+        } else {
+            0
+        };
+        let ends = tail
+            .closed_after_checkpoint
+            .iter()
+            .copied()
+            .chain(std::iter::once((tail.segment, tail.offset + marker)))
+            .filter(|&(n, _)| n >= synced.0);
+        for (n, end) in ends {
+            let file = inner.files.get(&n).cloned().ok_or_else(|| missing(n))?;
+            let start = if n == synced.0 {
+                synced.1
+            } else {
+                SEGMENT_HEADER_BYTES
+            };
+            if let Err(e) = rewrite(&*file, start, end).and_then(|()| file.sync()) {
+                scrub_after(&inner.files, synced, tail.segment, tail.offset + marker);
+                return Err(e);
             }
         }
-        let live_keys = index
-            .values()
-            .filter(|e: &&Entry| e.value.is_some())
-            .count();
-        let live_bytes = index.values().map(|e| e.record_bytes as u64).sum();
-        Ok(DataVolume {
-            name: name.to_string(),
-            dir,
-            store,
-            lsg_id,
-            config,
-            owner,
-            inner: RwLock::new(Inner {
-                index,
-                live_keys,
-                live_bytes,
-                written_bytes,
-                first_segment,
-                files,
-                tail_segment,
-                tail_offset,
-                tail_closed,
-                failure: None,
-                newest_lsn: Lsn(0),
-                dirty: BTreeSet::new(),
-                checkpoint_file,
-                checkpoint_sequence,
-                checkpoint_lsn: Lsn(checkpoint_lsn),
-                checkpoint_position: synced,
-                tail_name_unsure: writable && tail_offset == SEGMENT_HEADER_BYTES && !tail_closed,
-            }),
+        Ok(())
+    }
+
+    /// Brings a read-only volume up to what its files hold now: reads only the records appended
+    /// since the last look, under `audit_next_lsn` (the read-only trail's, just caught up) and
+    /// the manifest's `boot_sequence`, judged by `config`'s limits. When the checkpoint moved
+    /// past what the view read as tentative, or a new owner came, it rewinds to the view's
+    /// `tentative_from` and reads on from there; after a compaction it reads the volume whole.
+    /// Stops at the first zero or invalid record of the tail, which the owner may be writing.
+    /// An owner's volume is current already: nothing to do.
+    pub(crate) fn catch_up(
+        &self,
+        audit_next_lsn: Lsn,
+        boot_sequence: u64,
+        config: &LsgConfig,
+    ) -> Result<()> {
+        let mut inner = self.write();
+        if inner.view.is_none() {
+            return Ok(());
+        }
+        let result = self.catch_up_locked(&mut inner, audit_next_lsn, boot_sequence, config);
+        if let Some(view) = inner.view.as_mut() {
+            match result {
+                Ok(()) => {
+                    view.boot_sequence = boot_sequence;
+                    view.stale = false;
+                }
+                Err(_) => view.stale = true,
+            }
+        }
+        result
+    }
+
+    fn catch_up_locked(
+        &self,
+        inner: &mut Inner<S::File>,
+        audit_next_lsn: Lsn,
+        boot_sequence: u64,
+        config: &LsgConfig,
+    ) -> Result<()> {
+        let checkpoint = read_checkpoint(&inner.checkpoint_file)?;
+        let mut rules = Rules {
+            checkpoint: checkpoint.position,
+            audit_next_lsn,
+            max_payload: config.max_volume_payload_bytes(),
+            writer: false,
+            window_bytes: CATCH_UP_WINDOW_BYTES,
+        };
+        let (tentative_from, seen_boot, stale, first_tentative) = match &inner.view {
+            Some(v) => (
+                v.tentative_from,
+                v.boot_sequence,
+                v.stale,
+                v.first_tentative,
+            ),
+            None => return Ok(()),
+        };
+
+        let tail = if checkpoint.first_segment != inner.first_segment {
+            // Compacted: the segments read so far are gone.
+            rules.window_bytes = store::SCAN_WINDOW_BYTES;
+            self.rebuild(inner, &*self.store, &checkpoint, &rules)?
+        } else {
+            let replaced = boot_sequence != seen_boot
+                || stale
+                || first_tentative.is_some_and(|(at, header)| !holds(inner, at, &header));
+            let from = if replaced || checkpoint.position > tentative_from {
+                let from = inner.rewind();
+                let reopen_from = if replaced { from.0 } else { u64::MAX };
+                self.refresh_files(inner, &*self.store, reopen_from, false)?;
+                from
+            } else {
+                self.refresh_files(inner, &*self.store, u64::MAX, false)?;
+                (inner.tail_segment, inner.tail_offset)
+            };
+            self.scan_records(inner, from, &rules)?
+        };
+        inner.take_tail(&tail, &checkpoint, false);
+        Ok(())
+    }
+
+    /// The first step of adoption (with the ownership lock held and the trail recovered): makes
+    /// this read-only view what opening for writing would make of the volume, reusing the index
+    /// up to the view's `tentative_from` and reading with the writer's rules only what follows
+    /// it, with handles of the writer's `store`. On failure the view stays a read-only view
+    /// (read again at its next catch-up).
+    pub(crate) fn prepare_adoption(
+        &self,
+        store: &S,
+        config: &LsgConfig,
+        audit_next_lsn: Lsn,
+    ) -> Result<Adopting<S::File>> {
+        let mut inner = self.write();
+        let result = self.prepare_adoption_locked(&mut inner, store, config, audit_next_lsn);
+        if result.is_err()
+            && let Some(view) = inner.view.as_mut()
+        {
+            view.stale = true;
+        }
+        result
+    }
+
+    fn prepare_adoption_locked(
+        &self,
+        inner: &mut Inner<S::File>,
+        store: &S,
+        config: &LsgConfig,
+        audit_next_lsn: Lsn,
+    ) -> Result<Adopting<S::File>> {
+        let checkpoint_file = store.open(&format!("{}/{CHECKPOINT_NAME}", self.dir))?;
+        let checkpoint = read_checkpoint(&checkpoint_file)?;
+        let rules = Rules {
+            checkpoint: checkpoint.position,
+            audit_next_lsn,
+            max_payload: config.max_volume_payload_bytes(),
+            writer: true,
+            window_bytes: store::SCAN_WINDOW_BYTES,
+        };
+        let tail = if checkpoint.first_segment != inner.first_segment {
+            self.rebuild(inner, store, &checkpoint, &rules)?
+        } else {
+            let from = inner.rewind();
+            self.refresh_files(inner, store, from.0, true)?;
+            self.scan_records(inner, from, &rules)?
+        };
+        inner.take_tail(&tail, &checkpoint, true);
+        self.vouch_for(inner, store, &tail, checkpoint.position)?;
+        Ok(Adopting {
+            checkpoint_file,
+            checkpoint,
         })
+    }
+
+    /// The second step of adoption: moves the prepared index and files into the owner's volume.
+    /// This handle answers [`LsgError::Failed`] from now on.
+    pub(crate) fn hand_over(
+        &self,
+        adopting: Adopting<S::File>,
+        store: Arc<S>,
+        config: LsgConfig,
+        owner: VolumeOwner<S>,
+    ) -> DataVolume<S> {
+        let mut inner = self.write();
+        let checkpoint = adopting.checkpoint;
+        let mut taken = Inner::new(adopting.checkpoint_file, checkpoint, None);
+        taken.index = std::mem::take(&mut inner.index);
+        taken.live_keys = std::mem::take(&mut inner.live_keys);
+        taken.live_bytes = std::mem::take(&mut inner.live_bytes);
+        taken.written_bytes = std::mem::take(&mut inner.written_bytes);
+        taken.files = std::mem::take(&mut inner.files);
+        taken.scan_stats = inner.scan_stats;
+        let tail = Tail {
+            segment: inner.tail_segment,
+            offset: inner.tail_offset,
+            closed: inner.tail_closed,
+            written_end: inner.tail_offset,
+            closed_after_checkpoint: Vec::new(),
+        };
+        taken.take_tail(&tail, &checkpoint, true);
+        inner.view = None;
+        inner.failure = Some(HANDED_OVER.to_string());
+        DataVolume {
+            name: self.name.clone(),
+            dir: self.dir.clone(),
+            store,
+            lsg_id: self.lsg_id,
+            config,
+            owner: Some(owner),
+            inner: RwLock::new(taken),
+        }
+    }
+
+    /// How many records were read from the files into the index since this handle was opened.
+    pub fn scan_stats(&self) -> VolumeScanStats {
+        self.read().scan_stats
     }
 
     pub fn name(&self) -> &str {
@@ -545,17 +1095,7 @@ impl<S: Store> DataVolume<S> {
             return Ok(false);
         }
         let entry = self.append_record(inner, key, value, lsn)?;
-        let value_is_live = entry.value.is_some();
-        inner.live_bytes += entry.record_bytes as u64;
-        let replaced = inner.index.insert(key.to_vec(), entry);
-        if let Some(old) = replaced {
-            inner.live_bytes -= old.record_bytes as u64;
-        }
-        match (replaced.is_some_and(|e| e.value.is_some()), value_is_live) {
-            (false, true) => inner.live_keys += 1,
-            (true, false) => inner.live_keys -= 1,
-            _ => {}
-        }
+        inner.index_insert(key.to_vec(), entry);
         Ok(true)
     }
 
@@ -936,6 +1476,34 @@ fn scrub_after<F: StoreFile>(
     }
 }
 
+/// Writes the bytes `from..to` of `file` again, as they are, a window at a time: so that pages a
+/// failed writeback left clean but not on disk are dirty again and the next sync writes them.
+fn rewrite<F: StoreFile>(file: &F, from: u64, to: u64) -> Result<()> {
+    const WINDOW_BYTES: u64 = 1 << 20;
+    let mut at = from;
+    while at < to {
+        let len = (to - at).min(WINDOW_BYTES);
+        let bytes = store::read_checked(file, at, len as usize)?;
+        file.write_at(at, &bytes)?;
+        at += len;
+    }
+    Ok(())
+}
+
+/// Whether the files still hold a record with `header` at `at` (a read that fails says no: the
+/// records are read again, and the scan reports what is wrong).
+fn holds<F: StoreFile>(
+    inner: &Inner<F>,
+    at: (u64, u64),
+    header: &[u8; record::RECORD_HEADER_BYTES],
+) -> bool {
+    let mut now = [0u8; record::RECORD_HEADER_BYTES];
+    inner
+        .files
+        .get(&at.0)
+        .is_some_and(|file| file.read_at(at.1, &mut now).is_ok() && now == *header)
+}
+
 fn check_not_failed<F>(inner: &Inner<F>) -> Result<()> {
     match &inner.failure {
         Some(f) => Err(LsgError::Failed(f.clone())),
@@ -943,13 +1511,12 @@ fn check_not_failed<F>(inner: &Inner<F>) -> Result<()> {
     }
 }
 
-/// Applies one record read back from a volume file to the index.
-fn apply_to_index(
-    index: &mut BTreeMap<Vec<u8>, Entry>,
+/// The index entry of one record read back from a volume file, and its key.
+fn entry_of(
     segment: u64,
     offset: u64,
     v: &record::RecordView<'_>,
-) -> std::result::Result<(), Corruption> {
+) -> std::result::Result<(Vec<u8>, Entry), Corruption> {
     let p = v.payload;
     if p.len() < KEY_LEN_BYTES {
         return Err(Corruption::Malformed("volume record without a key length"));
@@ -969,13 +1536,12 @@ fn apply_to_index(
         RecordType::VolumeDelete => None,
         _ => return Err(Corruption::UnknownRecordType(v.record_type as u8)),
     };
-    index.insert(
+    Ok((
         key.to_vec(),
         Entry {
             lsn: v.lsn,
             value,
             record_bytes: v.encoded_len() as u32,
         },
-    );
-    Ok(())
+    ))
 }

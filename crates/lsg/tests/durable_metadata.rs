@@ -511,3 +511,77 @@ fn a_failed_checkpoint_write_leaves_the_previous_checkpoint_for_the_next_owner()
     let lsg = LogStorageGroup::open_in(store, config(), OpenMode::Write).expect("takeover");
     assert_eq!(lsg.volume("v").expect("volume").checkpoint_lsn(), Lsn(1));
 }
+
+/// The same, but the owner is killed between its failed volume sync and the scrub it would do:
+/// its records after the checkpoint stay readable in the page cache, clean, yet not on disk. The
+/// same host's next owner (opening fresh, or adopting a warm read-only view) takes them, so it
+/// must write them again before its first checkpoint vouches for them; a sync alone writes
+/// nothing of a clean page. Then a power loss: nothing the new owner checkpointed is lost.
+#[test]
+fn a_volume_sync_failure_killed_before_its_scrub_then_a_takeover_then_a_power_loss_loses_nothing() {
+    for adopt in [false, true] {
+        let primary = SimStore::new(16);
+        let backup = primary.another_process();
+        let mut view = None;
+        {
+            let mut lsg =
+                LogStorageGroup::create_in(primary.clone(), LsgId(1), config()).expect("create");
+            let v = lsg.create_volume("v").expect("volume");
+            let l1 = logged_put(&lsg, &v, b"k1", b"one");
+            v.flush(l1).expect("checkpoint");
+            for i in 2..=20u8 {
+                logged_put(&lsg, &v, &[b'k', i], &[i; 300]);
+            }
+            if adopt {
+                let mut ro = LogStorageGroup::open_in(backup.clone(), config(), OpenMode::ReadOnly)
+                    .expect("read-only open");
+                ro.catch_up().expect("catch up");
+                view = Some(ro);
+            }
+            primary.fail_syncs_and_crash("volumes/v/0000000000000001.seg", 1);
+            let last = lsg.audit().durable_lsn();
+            v.flush(last).expect_err("the volume sync fails");
+        }
+        primary.kill_process();
+        let checkpointed = {
+            let lsg = match view.take() {
+                Some(mut ro) => {
+                    ro.adopt_for_write_in(backup.clone(), OpenMode::Write)
+                        .expect("adopt");
+                    ro
+                }
+                None => LogStorageGroup::open_in(primary.clone(), config(), OpenMode::Write)
+                    .expect("takeover"),
+            };
+            let v = lsg.volume("v").expect("volume");
+            assert_eq!(
+                v.get(&[b'k', 20]).expect("get").map(|r| r.value),
+                Some(vec![20; 300]),
+                "adopt {adopt}: the new owner took the records it found"
+            );
+            let lsn = logged_put(&lsg, &v, b"new", b"owner");
+            v.flush(lsn).expect("checkpoint by the new owner");
+            lsn
+        };
+        primary.power_loss();
+        let lsg = LogStorageGroup::open_in(primary, config(), OpenMode::Write)
+            .unwrap_or_else(|e| panic!("adopt {adopt}: reopen after the power loss: {e}"));
+        let v = lsg.volume("v").expect("volume");
+        assert!(v.checkpoint_lsn() >= checkpointed, "adopt {adopt}");
+        assert_eq!(
+            v.get(b"k1").expect("get").map(|r| r.value),
+            Some(b"one".to_vec())
+        );
+        for i in 2..=20u8 {
+            assert_eq!(
+                v.get(&[b'k', i]).expect("get").map(|r| r.value),
+                Some(vec![i; 300]),
+                "adopt {adopt}: key {i} checkpointed by the new owner was lost"
+            );
+        }
+        assert_eq!(
+            v.get(b"new").expect("get").map(|r| r.value),
+            Some(b"owner".to_vec())
+        );
+    }
+}

@@ -59,6 +59,9 @@ enum Op {
     FailedSyncThenKill,
     /// The owner's next volume flush fails to sync (the volume stops for good); then it is killed.
     FailedVolumeSyncThenKill,
+    /// The owner's next volume flush fails to sync and the owner is killed at once, before it
+    /// can scrub what the sync did not write.
+    FailedVolumeSyncKilledBeforeScrub,
     /// The owner closes without a flush and a new one opens.
     Close,
     PowerLoss,
@@ -78,6 +81,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Close),
         1 => Just(Op::FailedSyncThenKill),
         1 => Just(Op::FailedVolumeSyncThenKill),
+        1 => Just(Op::FailedVolumeSyncKilledBeforeScrub),
         1 => Just(Op::PowerLoss),
         1 => (1u64..4).prop_map(Op::PowerLossInFlush),
     ]
@@ -167,7 +171,7 @@ proptest! {
                     v.compact().expect("compact");
                     acked = acked.max(v.checkpoint_lsn().0);
                 }
-                Op::Kill | Op::KillInFlush(_) | Op::FailedSyncThenKill | Op::FailedVolumeSyncThenKill | Op::Close | Op::PowerLoss | Op::PowerLossInFlush(_) => {
+                Op::Kill | Op::KillInFlush(_) | Op::FailedSyncThenKill | Op::FailedVolumeSyncThenKill | Op::FailedVolumeSyncKilledBeforeScrub | Op::Close | Op::PowerLoss | Op::PowerLossInFlush(_) => {
                     if let Op::KillInFlush(n) | Op::PowerLossInFlush(n) = op {
                         store.crash_after_writes(n);
                         if let Ok(l) = lsg.audit().flush() {
@@ -185,9 +189,13 @@ proptest! {
                             store.fail_syncs(&format!("audit/{n:016x}.seg"), 0);
                         }
                     }
-                    if let Op::FailedVolumeSyncThenKill = op {
+                    if let Op::FailedVolumeSyncThenKill | Op::FailedVolumeSyncKilledBeforeScrub = op {
                         for n in 1..64u64 {
-                            store.fail_syncs(&format!("volumes/v/{n:016x}.seg"), 1);
+                            let name = format!("volumes/v/{n:016x}.seg");
+                            match op {
+                                Op::FailedVolumeSyncKilledBeforeScrub => store.fail_syncs_and_crash(&name, 1),
+                                _ => store.fail_syncs(&name, 1),
+                            }
                         }
                         let last = Lsn(lsg.audit().next_lsn().0 - 1);
                         if v.flush(last).is_ok() {
@@ -200,7 +208,7 @@ proptest! {
                     drop(v);
                     drop(lsg);
                     match op {
-                        Op::Kill | Op::KillInFlush(_) | Op::FailedSyncThenKill | Op::FailedVolumeSyncThenKill => store.kill_process(),
+                        Op::Kill | Op::KillInFlush(_) | Op::FailedSyncThenKill | Op::FailedVolumeSyncThenKill | Op::FailedVolumeSyncKilledBeforeScrub => store.kill_process(),
                         Op::PowerLoss | Op::PowerLossInFlush(_) => store.power_loss(),
                         _ => {}
                     }
