@@ -1269,6 +1269,17 @@ impl<S: Store> DataVolume<S> {
         let inner = self.read();
         check_not_failed(&inner)?;
         let mut out = Vec::new();
+        // `BTreeMap::range` panics on an inverted or empty-exclusive range; such a range (which
+        // a client may send) holds no key.
+        let empty = match range {
+            (Bound::Unbounded, _) | (_, Bound::Unbounded) => false,
+            (Bound::Included(s), Bound::Included(e)) => s > e,
+            (Bound::Included(s) | Bound::Excluded(s), Bound::Excluded(e))
+            | (Bound::Excluded(s), Bound::Included(e)) => s >= e,
+        };
+        if empty {
+            return Ok(out);
+        }
         for (key, entry) in inner.index.range::<[u8], _>(range) {
             if out.len() >= limit {
                 break;

@@ -645,3 +645,33 @@ fn apply_redo_checks_every_change_before_writing_any() {
         .expect_err("read-only");
     assert!(matches!(e, LsgError::ReadOnly { .. }), "{e}");
 }
+
+#[test]
+fn an_inverted_or_empty_range_scans_nothing_instead_of_panicking() {
+    let mut lsg = LogStorageGroup::create_in(SimStore::new(3), LsgId(1), config()).expect("create");
+    let v = lsg.create_volume("v").expect("volume");
+    log_changes(&lsg, 3);
+    for i in 0..3u32 {
+        v.put(&key(i), b"x", Lsn(i as u64 + 1)).expect("put");
+    }
+    let (a, b) = (key(2), key(0));
+    for range in [
+        (Bound::Included(a.as_slice()), Bound::Included(b.as_slice())),
+        (Bound::Excluded(b.as_slice()), Bound::Excluded(b.as_slice())),
+        (Bound::Included(b.as_slice()), Bound::Excluded(b.as_slice())),
+        (Bound::Excluded(a.as_slice()), Bound::Included(b.as_slice())),
+    ] {
+        assert_eq!(
+            v.scan(range, 10).expect("scan"),
+            Vec::<VolumeRecord>::new(),
+            "{range:?}"
+        );
+    }
+    let one = v
+        .scan(
+            (Bound::Included(b.as_slice()), Bound::Included(b.as_slice())),
+            10,
+        )
+        .expect("scan");
+    assert_eq!(one.len(), 1);
+}
