@@ -309,6 +309,19 @@ impl<S: Store, C: Clone + std::fmt::Debug> LsgOwner<S, C> {
             self.reply(from, ClientReply::Error(OpError::NoTransaction));
             return;
         };
+        if self.in_doubt.contains_key(&tx) {
+            self.reply(from, ClientReply::Error(OpError::InDoubt { tx }));
+            return;
+        }
+        // A transaction answers only the client that began it.
+        if self
+            .txs
+            .get(&tx)
+            .is_some_and(|t| t.begun_by.client != request.client)
+        {
+            self.reply(from, ClientReply::Error(OpError::UnknownTransaction { tx }));
+            return;
+        }
         match request.op {
             Op::Commit | Op::Abort => self.end_request(now, from, tx, request),
             Op::Prepare { coordinator } => self.prepare(now, from, tx, request.key(), coordinator),

@@ -117,6 +117,10 @@ pub enum OpError {
     UnknownTransaction { tx: TxId },
     #[error("transaction {tx} {reason}")]
     Aborted { tx: TxId, reason: AbortReason },
+    #[error(
+        "transaction {tx} is in doubt: it was prepared and its outcome is its coordinator's; it keeps its locks until the coordinator's decision is applied"
+    )]
+    InDoubt { tx: TxId },
     #[error("no data volume {volume} in this LSG")]
     UnknownVolume { volume: String },
     #[error("{what} of {size_bytes} bytes exceeds the limit of {limit_bytes} bytes")]

@@ -1104,12 +1104,12 @@ impl World {
             let client = &mut self.clients[index];
             while let Some(e) = client.transport.try_next_event() {
                 match e {
-                    Event::Response { id, payload, .. } => {
-                        if client.pending.as_ref().is_some_and(|(p, _)| *p == Some(id)) {
-                            match ClientReply::decode(&payload) {
-                                Ok(r) => replies.push(r),
-                                Err(e) => replies.push(ClientReply::Error(e)),
-                            }
+                    Event::Response { id, payload, .. }
+                        if client.pending.as_ref().is_some_and(|(p, _)| *p == Some(id)) =>
+                    {
+                        match ClientReply::decode(&payload) {
+                            Ok(r) => replies.push(r),
+                            Err(e) => replies.push(ClientReply::Error(e)),
                         }
                     }
                     Event::RequestFailed { id, .. } => {
@@ -1350,7 +1350,7 @@ impl World {
             )));
         }
         let lsg = std::sync::Arc::clone(owner.lsg());
-        let read_all = |name: &str| -> Result<Vec<(Vec<u8>, Vec<u8>)>, String> {
+        let read_all = |name: &str| -> Result<Vec<duplex_volume_pair::KeyValue>, String> {
             let v = lsg.volume(name).map_err(|e| e.to_string())?;
             duplex_volume_pair::VolumeAccess::scan(
                 v.as_ref(),
