@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use duplex_audit_pair::AuditBackup;
-use duplex_audit_pair::recovery::{RecoveryError, TrailRecord, plan_recovery};
+use duplex_audit_pair::recovery::{RecoveryError, RecoveryPlan, TrailRecord, plan_recovery};
 use duplex_lsg::{
     AuditRecord, LogStorageGroup, LsgError, Lsn, OwnerEpoch, RecordFlags, RecordType, Store,
 };
@@ -32,7 +32,7 @@ use duplex_pair::records::{AuditBody, RecordError, StateChange};
 use duplex_pair::stream::StreamRecord;
 use duplex_transport::EndpointId;
 use thiserror::Error;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::owner::{LsgOwner, OwnerConfig, OwnerStart};
 use crate::protocol::OpError;
@@ -113,6 +113,21 @@ pub enum TakeoverError {
         "takeover: the trail ends in normal state, so commits may have been acknowledged from memory, and no complete copy of the stream is at hand (the backup node's pairs {from:?} did not answer, and this half did not count): wait for them"
     )]
     CopyMissing { from: Option<EndpointId> },
+}
+
+/// Every record of the retained trail, in order.
+fn read_trail<S: Store>(lsg: &LogStorageGroup<S>) -> Result<Vec<StreamRecord>, TakeoverError> {
+    let mut records = Vec::new();
+    for r in lsg.audit().reader(lsg.audit().first_lsn())? {
+        let r = r?;
+        records.push(StreamRecord {
+            lsn: r.lsn,
+            record_type: r.record_type as u8,
+            flags: r.flags.bits(),
+            payload: r.payload,
+        });
+    }
+    Ok(records)
 }
 
 fn is_state_change_to_normal(r: &AuditRecord) -> bool {
@@ -206,8 +221,10 @@ pub fn take_over<S: Store, C: Clone + std::fmt::Debug>(
         let (Some(first), Some(last)) = (chain.first(), chain.last()) else {
             return false;
         };
-        if first.0 == trail_end.0 + 1 {
-            return true;
+        // A copy must overlap the trail (a backup keeps records from at most the durable end
+        // on), so it can be checked; one that starts after the trail's end cannot be.
+        if first > trail_end {
+            return false;
         }
         let at = last.min(trail_end);
         match (&last_record, chain.get(at)) {
@@ -293,7 +310,35 @@ pub fn take_over<S: Store, C: Clone + std::fmt::Debug>(
             .as_ref()
             .and_then(Chain::last)
             .is_some_and(|l| l >= trail_end);
-    let records: Vec<StreamRecord> = match (&own, warm) {
+    let volumes: BTreeMap<String, Lsn> = lsg
+        .volume_names()
+        .into_iter()
+        .filter_map(|name| {
+            let lsn = lsg.volume(&name).ok()?.checkpoint_lsn();
+            Some((name, lsn))
+        })
+        .collect();
+    let plan_over = |records: &[StreamRecord]| -> Result<RecoveryPlan, TakeoverError> {
+        let mut decoded = Vec::with_capacity(records.len());
+        for r in records {
+            let record_type =
+                RecordType::try_from(r.record_type).map_err(|_| TakeoverError::UnknownType {
+                    lsn: r.lsn,
+                    record_type: r.record_type,
+                })?;
+            decoded.push(TrailRecord {
+                lsn: r.lsn,
+                flags: if r.flags == 0 {
+                    RecordFlags::NONE
+                } else {
+                    RecordFlags::OUT_OF_COMMUNICATION
+                },
+                body: AuditBody::decode(r.lsn, record_type, &r.payload)?,
+            });
+        }
+        Ok(plan_recovery(decoded, &volumes, config.messages)?)
+    };
+    let (mut start_kind, mut records) = match (&own, warm) {
         (Some(own), true) => {
             let mut records: Vec<StreamRecord> = own
                 .records
@@ -304,49 +349,21 @@ pub fn take_over<S: Store, C: Clone + std::fmt::Debug>(
             if let Some(tail) = tail {
                 records.extend(tail.records.iter().filter(|r| r.lsn > trail_end).cloned());
             }
-            records
+            (StartKind::Warm, records)
         }
-        _ => {
-            let first = lsg.audit().first_lsn();
-            let mut records = Vec::new();
-            for r in lsg.audit().reader(first)? {
-                let r = r?;
-                records.push(StreamRecord {
-                    lsn: r.lsn,
-                    record_type: r.record_type as u8,
-                    flags: r.flags.bits(),
-                    payload: r.payload,
-                });
-            }
-            records
-        }
+        _ => (StartKind::Cold, read_trail(&lsg)?),
     };
-    let mut decoded = Vec::with_capacity(records.len());
-    for r in &records {
-        let record_type =
-            RecordType::try_from(r.record_type).map_err(|_| TakeoverError::UnknownType {
-                lsn: r.lsn,
-                record_type: r.record_type,
-            })?;
-        decoded.push(TrailRecord {
-            lsn: r.lsn,
-            flags: if r.flags == 0 {
-                RecordFlags::NONE
-            } else {
-                RecordFlags::OUT_OF_COMMUNICATION
-            },
-            body: AuditBody::decode(r.lsn, record_type, &r.payload)?,
-        });
-    }
-    let volumes: BTreeMap<String, Lsn> = lsg
-        .volume_names()
-        .into_iter()
-        .filter_map(|name| {
-            let lsn = lsg.volume(&name).ok()?.checkpoint_lsn();
-            Some((name, lsn))
-        })
-        .collect();
-    let plan = plan_recovery(decoded, &volumes, config.messages)?;
+    let plan = match plan_over(&records) {
+        Ok(plan) => plan,
+        Err(e) if start_kind == StartKind::Warm => {
+            // The copy does not reach back far enough (or disagrees): the trail is the truth.
+            warn!(error = %e, "warm recovery refused the backup's copy; recovering from the trail");
+            records = read_trail(&lsg)?;
+            start_kind = StartKind::Cold;
+            plan_over(&records)?
+        }
+        Err(e) => return Err(e),
+    };
     let mut by_volume: BTreeMap<&str, Vec<RedoChange<'_>>> = BTreeMap::new();
     for redo in &plan.redo {
         by_volume.entry(&redo.volume).or_default().push((
@@ -362,11 +379,7 @@ pub fn take_over<S: Store, C: Clone + std::fmt::Debug>(
     let durable = Lsn(lsg.audit().next_lsn().0 - 1);
     let report = TakeoverReport {
         epoch,
-        start: if warm {
-            StartKind::Warm
-        } else {
-            StartKind::Cold
-        },
+        start: start_kind,
         trail_end,
         reappended,
         records_read: plan.records_read,
