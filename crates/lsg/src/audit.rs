@@ -569,6 +569,7 @@ impl<S: Store> AuditTrail<S> {
             expected: None,
             skip_below: from,
             done: false,
+            window: ReadWindow::ahead(),
         })
     }
 
@@ -1140,6 +1141,61 @@ pub struct AuditReader<S: Store> {
     expected: Option<Lsn>,
     skip_below: Lsn,
     done: bool,
+    window: ReadWindow,
+}
+
+/// Durable bytes read ahead with one `pread` (recovery reads the whole retained trail; two
+/// system calls per record made it slow). Durable bytes never change, and the window never
+/// holds bytes past the durable end it was filled under.
+#[derive(Debug)]
+struct ReadWindow {
+    segment: u64,
+    start: u64,
+    bytes: Vec<u8>,
+    /// How much one refill reads at least (0: exactly what is asked).
+    fill_bytes: usize,
+}
+
+impl ReadWindow {
+    /// A window for a reader going through many records.
+    fn ahead() -> Self {
+        ReadWindow {
+            segment: u64::MAX,
+            start: 0,
+            bytes: Vec::new(),
+            fill_bytes: 1 << 20,
+        }
+    }
+
+    /// No read-ahead: for one record.
+    fn exact() -> Self {
+        ReadWindow {
+            fill_bytes: 0,
+            ..ReadWindow::ahead()
+        }
+    }
+
+    /// `len` bytes at `at` of `segment`, read through the window (refilled as needed).
+    fn get<F: StoreFile>(
+        &mut self,
+        file: &F,
+        segment: u64,
+        at: u64,
+        len: usize,
+        end: u64,
+    ) -> Result<&[u8]> {
+        let covered = self.segment == segment
+            && at >= self.start
+            && at + len as u64 <= self.start + self.bytes.len() as u64;
+        if !covered {
+            let fill = (len.max(self.fill_bytes) as u64).min(end.saturating_sub(at)) as usize;
+            self.bytes = store::read_checked(file, at, fill.max(len))?;
+            self.segment = segment;
+            self.start = at;
+        }
+        let from = (at - self.start) as usize;
+        Ok(&self.bytes[from..from + len])
+    }
 }
 
 impl<S: Store> AuditReader<S> {
@@ -1154,7 +1210,15 @@ impl<S: Store> AuditReader<S> {
                 return Ok(None);
             };
             let at = self.pos.offset;
-            let rec = match read_record(&*file, at, end, max_payload)? {
+            let slot = read_record_windowed(
+                &mut self.window,
+                &*file,
+                self.pos.segment,
+                at,
+                end,
+                max_payload,
+            )?;
+            let rec = match slot {
                 Slot::Record(rec) => rec,
                 Slot::Zero if !is_tail => {
                     ended_at = Some((file.path().to_path_buf(), at));
@@ -1223,11 +1287,28 @@ enum Slot {
 /// Reads the record at `at`, whose file's readable bytes end at `end`: the header first, then
 /// exactly the record, so nothing past it is touched.
 fn read_record<F: StoreFile>(file: &F, at: u64, end: u64, max_payload: usize) -> Result<Slot> {
+    read_record_windowed(
+        &mut ReadWindow::exact(),
+        file,
+        u64::MAX,
+        at,
+        end,
+        max_payload,
+    )
+}
+
+/// [`read_record`] through a reader's window.
+fn read_record_windowed<F: StoreFile>(
+    window: &mut ReadWindow,
+    file: &F,
+    segment: u64,
+    at: u64,
+    end: u64,
+    max_payload: usize,
+) -> Result<Slot> {
     let available = end.saturating_sub(at) as usize;
     let header_len = available.min(record::RECORD_HEADER_BYTES);
-    let mut header = [0u8; record::RECORD_HEADER_BYTES];
-    let header = &mut header[..header_len];
-    file.read_at(at, header)?;
+    let header = window.get(file, segment, at, header_len, end)?;
     if header.iter().all(|&b| b == 0) {
         return Ok(Slot::Zero);
     }
@@ -1237,8 +1318,8 @@ fn read_record<F: StoreFile>(file: &F, at: u64, end: u64, max_payload: usize) ->
         u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize
     };
     let take = record::encoded_len(payload_len.min(max_payload)).min(available);
-    let bytes = store::read_checked(file, at, take)?;
-    Ok(match record::decode(&bytes, max_payload) {
+    let bytes = window.get(file, segment, at, take, end)?;
+    Ok(match record::decode(bytes, max_payload) {
         Decoded::Record(v) => Slot::Record(AuditRecord {
             lsn: v.lsn,
             record_type: v.record_type,
