@@ -168,13 +168,18 @@ pub enum When {
     After(Duration),
     /// Once clients have seen this many transfers committed in all.
     Committed(usize),
-    /// Once clients have seen this many transfers committed with a receipt in `state`.
+    /// Once clients have seen this many transfers committed with a receipt in `state` since
+    /// the step before it ran.
     CommittedIn { state: CommitState, count: usize },
     /// Once a client has seen a commit acknowledged whose record the owner's trail does not
     /// hold yet (acknowledged from memory, normal state).
     AckedBeyondTrail,
     /// Once the owner is in normal state and does not count its same-node half.
     HomeNotCounting,
+    /// Once everything the owner appended is written to the trail while some client's
+    /// transfer has a write answered and its commit not yet sent: a recovery now has a loser
+    /// to undo.
+    LoserInTrail,
     /// Once a takeover has finished since the step before it ran.
     OwnerReady,
     /// Once the scripted prepared transfer was answered `Prepared`.
@@ -488,6 +493,8 @@ struct Scripted {
     last_step_at: Duration,
     /// Successful takeovers when the last step ran.
     takeovers_at_last_step: usize,
+    /// Commits clients had seen when the last step ran.
+    committed_at_last_step: usize,
     /// CPUs killed with [`Restart::Held`].
     held: BTreeSet<EndpointId>,
     crash_next_taker: Option<u64>,
@@ -951,7 +958,12 @@ impl World {
             When::After(d) => now >= script.last_step_at + *d,
             When::Committed(n) => self.committed.len() >= *n,
             When::CommittedIn { state, count } => {
-                self.committed.iter().filter(|c| c.state == *state).count() >= *count
+                self.committed
+                    .iter()
+                    .skip(script.committed_at_last_step)
+                    .filter(|c| c.state == *state)
+                    .count()
+                    >= *count
             }
             When::AckedBeyondTrail => self.current_owner().is_some_and(|(_, owner)| {
                 let durable = owner.lsg().audit().durable_lsn();
@@ -961,6 +973,14 @@ impl World {
             }),
             When::HomeNotCounting => self.current_owner().is_some_and(|(_, owner)| {
                 owner.state() == CommitState::Normal && !owner.primary().home_counts()
+            }),
+            When::LoserInTrail => self.current_owner().is_some_and(|(_, owner)| {
+                let written = owner.lsg().audit().durable_lsn();
+                written.0 + 1 == owner.primary().next_lsn().0
+                    && self
+                        .clients
+                        .iter()
+                        .any(|c| c.transfer.is_some() && matches!(c.step, 4 | 5))
             }),
             When::OwnerReady => {
                 self.primary.is_some()
@@ -982,10 +1002,12 @@ impl World {
             }
             let now = self.now();
             let takeovers = self.successful_takeovers();
+            let committed = self.committed.len();
             if let Some(script) = self.script.as_mut() {
                 script.steps.pop_front();
                 script.last_step_at = now;
                 script.takeovers_at_last_step = takeovers;
+                script.committed_at_last_step = committed;
             }
             self.note(format!("SCRIPT {:?}: {:?}", step.when, step.fault));
             self.report.faults.push(format!("{now:?} {:?}", step.fault));
@@ -2322,6 +2344,7 @@ fn run_world(options: SimOptions, script: Option<Script>) -> Result<SimReport, S
             steps: steps.into(),
             last_step_at: Duration::ZERO,
             takeovers_at_last_step: 0,
+            committed_at_last_step: 0,
             held: BTreeSet::new(),
             crash_next_taker: None,
             lose_next_commit_reply: false,
