@@ -186,6 +186,10 @@ pub enum When {
     Prepared,
     /// Once the commit reply set aside by [`Fault::LoseNextCommitReply`] was dropped.
     ReplyLost,
+    /// Once some client's transfer has a write answered and its commit not yet sent.
+    WriteInFlight,
+    /// Once all of these hold at once.
+    All(Vec<When>),
 }
 
 /// Which CPUs a scripted kill takes.
@@ -976,12 +980,13 @@ impl World {
             }),
             When::LoserInTrail => self.current_owner().is_some_and(|(_, owner)| {
                 let written = owner.lsg().audit().durable_lsn();
-                written.0 + 1 == owner.primary().next_lsn().0
-                    && self
-                        .clients
-                        .iter()
-                        .any(|c| c.transfer.is_some() && matches!(c.step, 4 | 5))
+                written.0 + 1 == owner.primary().next_lsn().0 && self.holds(&When::WriteInFlight)
             }),
+            When::WriteInFlight => self
+                .clients
+                .iter()
+                .any(|c| c.transfer.is_some() && matches!(c.step, 4 | 5)),
+            When::All(all) => all.iter().all(|w| self.holds(w)),
             When::OwnerReady => {
                 self.primary.is_some()
                     && self.successful_takeovers() > script.takeovers_at_last_step

@@ -215,3 +215,104 @@ fn when_every_cpu_dies_in_paranoid_mode_no_acknowledged_commit_is_lost() {
     let (report, _) = every_cpu_killed("every CPU killed, paranoid", options);
     assert_eq!(report.transfers_lost_to_power_loss, 0);
 }
+
+/// Scenario 4 (SPEC §3, a crash during recovery). The primary's CPU is killed with a tail
+/// only the backups hold and transfers in flight; its same-node half takes over, and its
+/// process dies at its n-th file write from the start of `take_over`: while re-appending the
+/// tail, while redoing, while undoing, or at its first flushes after it. The next taker
+/// recovers from whatever the dead one left (a re-appended tail, compensations in the page
+/// cache of the volumes beyond the trail's end, part of the undo in the trail).
+///
+/// Oracles: the bank; the final trail recovers (no update undone twice, no transaction ended
+/// twice); across the sweep, some taker died after its re-append landed and before its undo
+/// was in the trail (the next one re-appended nothing more and still had losers to undo), and
+/// some died after `take_over` returned, with undo records written or on their way.
+///
+/// Catches: a recovery that undoes again what an earlier taker's compensations in the trail
+/// already undid, and volumes that keep a dead taker's compensation beyond the trail's end
+/// (the next taker's compensation at the same LSN would be skipped as already applied).
+#[test]
+fn a_taker_that_dies_in_the_middle_of_its_takeover_is_taken_over_again_without_a_double_undo() {
+    // Where the first taker died, by phase; the sweep goes on until it has seen all three.
+    let mut before_undo = None;
+    let mut during_undo = None;
+    let mut after_undo_written = None;
+    for after_writes in 1..=100 {
+        let report = run(
+            &format!("crash during recovery, at write {after_writes}"),
+            options(15),
+            vec![
+                ScriptStep::new(When::Committed(8), Fault::Note("steady".into())),
+                ScriptStep::new(
+                    When::All(vec![When::AckedBeyondTrail, When::WriteInFlight]),
+                    Fault::CrashNextTaker { after_writes },
+                ),
+                ScriptStep::new(
+                    When::After(Duration::ZERO),
+                    kill(Target::Primary, Restart::Auto),
+                ),
+            ],
+        );
+        let first = &report.takeovers[0];
+        assert_eq!(first.crash_armed, Some(after_writes));
+        assert_eq!(first.taker, HOME_HALF);
+        let Some(next) = report.takeovers[1..].iter().find(|t| t.outcome.is_ok()) else {
+            panic!("nobody took over after the crash: {:#?}", report.takeovers);
+        };
+        let next_report = succeeded(next);
+        println!(
+            "  write {after_writes}: first {:?} at trail end {}; next {} at trail end {}: {:?}, re-appended {}, undid {}",
+            first
+                .outcome
+                .as_ref()
+                .map(|r| (r.start, r.reappended, r.undone)),
+            first.trail_end,
+            next.taker,
+            next.trail_end,
+            next_report.start,
+            next_report.reappended,
+            next_report.undone
+        );
+        match &first.outcome {
+            Err(e) if e.contains("finishing recovery") => {
+                // Its compensations went to the volumes (page cache) at LSNs the trail never
+                // got: the next taker undoes the same losers again, from the trail.
+                assert!(next_report.undone > 0, "{:#?}", report.takeovers);
+                during_undo.get_or_insert(after_writes);
+            }
+            Err(_) => {
+                if next.trail_end > first.trail_end && next_report.undone > 0 {
+                    // Its re-append landed; the next taker found the tail in the trail.
+                    before_undo.get_or_insert(after_writes);
+                }
+            }
+            Ok(r) if r.undone > 0 => {
+                // Records it wrote after its re-append (its undo) reached the trail.
+                if next.trail_end.0 > first.trail_end.0 + r.reappended {
+                    after_undo_written.get_or_insert(after_writes);
+                }
+            }
+            Ok(_) => {}
+        }
+        // Later crash points kill the new owner after it ran transfers of its own.
+        if after_writes >= 40
+            && before_undo.is_some()
+            && during_undo.is_some()
+            && after_undo_written.is_some()
+        {
+            break;
+        }
+    }
+    println!(
+        "died after the re-append, before the undo: from write {before_undo:?}; during the undo: from write {during_undo:?}; after writing it: from write {after_undo_written:?}"
+    );
+    assert!(
+        before_undo.is_some(),
+        "no taker died between re-append and undo"
+    );
+    assert!(during_undo.is_some(), "no taker died during its undo");
+    assert!(
+        after_undo_written.is_some(),
+        "no taker died after its undo reached the trail"
+    );
+}
