@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use duplex_owner::ClientReply;
 use duplex_owner::sim::{
     Fault, Restart, ScriptStep, SimOptions, SimReport, SimTakeover, Target, When, run_script,
 };
@@ -42,6 +43,7 @@ fn succeeded(t: &SimTakeover) -> &TakeoverReport {
 }
 
 /// The first primary runs on CPU 1.0; its same-node backup half is the other CPU of node 1.
+const FIRST_PRIMARY: EndpointId = EndpointId::new(1, 0);
 const HOME_HALF: EndpointId = EndpointId::new(1, 1);
 
 /// Scenario 1 (SPEC §3, CPU failure). The primary's CPU is killed while a commit it
@@ -315,4 +317,100 @@ fn a_taker_that_dies_in_the_middle_of_its_takeover_is_taken_over_again_without_a
         after_undo_written.is_some(),
         "no taker died after its undo reached the trail"
     );
+}
+
+/// Scenario 5 (SPEC §5, fencing). The owner's process is stopped (SIGSTOP) while in normal
+/// state with only the backup node counting (its same-node half was killed and dropped). The
+/// node service gives up on it and lets the restarted same-node CPU take over; then the old
+/// owner resumes (SIGCONT) with its memory, its open LSG, its transactions and a queue of
+/// client requests and pair messages that arrived while it slept.
+///
+/// The model of the node service (documented in `Fault::StealLock`): on one host the old
+/// owner's `flock` would still be held, so the node service must end its hold first. A real
+/// one kills it (SIGKILL ends a stopped process too, and the kernel frees the lock), and
+/// across hosts its lease lapses. The sim takes the lock from it by killing its store handle
+/// only: its lock is free, its file operations fail, but its memory and its transport live on,
+/// as a process that wakes up after losing its lease has them. The taker opens the LSG with a
+/// raised epoch and fences the backups with it.
+///
+/// Oracles: after it resumes, the old owner acknowledges nothing: none of its replies is a
+/// commit, a prepare, a write or a read (only errors, and `Began`, which touches nothing: the
+/// new owner answers `UnknownTransaction` for that transaction); it stops within a few
+/// milliseconds, fenced by its backups refusing its epoch (the epoch they name is the
+/// taker's) or by the storage it lost with its lock; and the bank holds.
+///
+/// Catches: an owner that goes on after it was fenced (it answers from memory), a backup that
+/// follows a fenced primary (a commit acknowledged from memory that the new owner never saw),
+/// and a stale owner that could still write.
+#[test]
+fn a_stopped_owner_that_wakes_up_after_a_takeover_acknowledges_nothing() {
+    // Which of the two fences stops it first depends on what it finds queued when it wakes
+    // (a write meets the lost storage at once; a stream message meets a backup's refusal a
+    // round trip later): a few seeds, so that both are seen.
+    let mut fenced_by_backups = 0;
+    for seed in 16..24 {
+        if stopped_owner_wakes_up(seed) {
+            fenced_by_backups += 1;
+        }
+    }
+    assert!(
+        fenced_by_backups > 0,
+        "no old owner was fenced by its backups refusing its epoch"
+    );
+}
+
+/// Whether the old owner was stopped by its backups naming the new epoch.
+fn stopped_owner_wakes_up(seed: u64) -> bool {
+    let mut options = options(seed);
+    options.transfers_per_client = 16;
+    let report = run(
+        "stopped primary wakes up",
+        options,
+        vec![
+            ScriptStep::new(When::Committed(8), kill(Target::HomeBackup, Restart::Held)),
+            ScriptStep::new(When::HomeNotCounting, Fault::StopPrimary),
+            ScriptStep::new(When::After(Duration::from_millis(20)), Fault::Restart),
+            ScriptStep::new(When::After(Duration::from_millis(150)), Fault::StealLock),
+            ScriptStep::new(When::OwnerReady, Fault::Note("taken over".into())),
+            ScriptStep::new(When::After(Duration::from_millis(30)), Fault::Resume),
+        ],
+    );
+    let [t] = report.takeovers.as_slice() else {
+        panic!("one takeover expected: {:#?}", report.takeovers);
+    };
+    let r = succeeded(t);
+    assert_eq!(t.taker, HOME_HALF, "{t:#?}");
+    assert!(
+        !report.replies_after_resume.is_empty(),
+        "the old owner had requests to answer when it woke up (else the test proves little)"
+    );
+    for (at, from, reply) in &report.replies_after_resume {
+        assert_eq!(*from, FIRST_PRIMARY);
+        assert!(
+            matches!(reply, ClientReply::Error(_) | ClientReply::Began(_)),
+            "the old owner answered {reply:?} at {at:?} after it woke up"
+        );
+    }
+    let [(stopped_at, who, reason)] = report.resumed_owner_stopped.as_slice() else {
+        panic!(
+            "the old owner did not stop after it woke up: {:?}",
+            report.resumed_owner_stopped
+        );
+    };
+    assert_eq!(*who, FIRST_PRIMARY);
+    let first_reply_at = report.replies_after_resume[0].0;
+    assert!(
+        *stopped_at <= first_reply_at + Duration::from_millis(5),
+        "the old owner ran on for {:?} after it woke up: {reason}",
+        *stopped_at - first_reply_at
+    );
+    let fenced_by_backups = *reason == format!("fenced: epoch {} owns the LSG", r.epoch);
+    let lost_storage = reason.contains("crashed");
+    assert!(
+        fenced_by_backups || lost_storage,
+        "the old owner stopped for another reason: {reason}"
+    );
+    println!("  the old owner stopped at {stopped_at:?}: {reason}");
+    assert_eq!(report.transfers_lost_to_power_loss, 0);
+    fenced_by_backups
 }
