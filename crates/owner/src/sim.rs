@@ -1147,17 +1147,15 @@ impl World {
             },
             Fault::Probe { key } => {
                 let account = match key {
-                    ProbeKey::InDoubt => {
-                        match self.script.as_ref().and_then(|s| s.prepared.as_ref()) {
-                            Some((_, _, transfer)) => transfer.from,
-                            None => {
-                                return Err(self.fail(
-                                    "script: a probe of the in-doubt key needs a prepared transfer"
-                                        .into(),
-                                ));
-                            }
+                    ProbeKey::InDoubt => match &self.report.prepared {
+                        Some(prepared) => prepared.accounts.0,
+                        None => {
+                            return Err(self.fail(
+                                "script: a probe of the in-doubt key needs a prepared transfer"
+                                    .into(),
+                            ));
                         }
-                    }
+                    },
                     ProbeKey::Free => self.options.accounts + 1,
                 };
                 let index = self.script.as_ref().map_or(0, |s| s.probes.len());

@@ -3,11 +3,14 @@
 
 use std::time::Duration;
 
-use duplex_owner::ClientReply;
+use duplex_audit_pair::recovery::Outcome;
 use duplex_owner::sim::{
-    Fault, Restart, ScriptStep, SimOptions, SimReport, SimTakeover, Target, When, run_script,
+    Fault, ProbeKey, ProbeReport, Restart, ScriptStep, SimOptions, SimReport, SimTakeover, Target,
+    When, run_script,
 };
 use duplex_owner::takeover::{StartKind, TakeoverReport};
+use duplex_owner::{ClientReply, OpError};
+use duplex_pair::AbortReason;
 use duplex_pair::CommitState;
 use duplex_transport::EndpointId;
 
@@ -413,4 +416,131 @@ fn stopped_owner_wakes_up(seed: u64) -> bool {
     println!("  the old owner stopped at {stopped_at:?}: {reason}");
     assert_eq!(report.transfers_lost_to_power_loss, 0);
     fenced_by_backups
+}
+
+/// Scenario 6 (SPEC §3, seed 004: in-doubt transactions). A transfer is prepared (its
+/// coordinator is another LSG) and the primary dies before the coordinator's decision. After
+/// the takeover the transfer is in doubt: its write set stays locked (a probe reading the
+/// debited account waits, and times out), every other key is open at once (a probe of an
+/// untouched account is answered at once); the decision, applied with
+/// `LsgOwner::resolve_in_doubt`, releases the locks (the same probe is answered at once) and
+/// the bank holds either way: a committed transfer counts once, an aborted one is undone and
+/// the client runs it again.
+///
+/// Catches: a takeover that does not relock in-doubt write sets (the first probe reads), that
+/// undoes a prepared transaction as a loser (nothing in doubt), a decision that does not
+/// release the locks (the last probe times out and the clients never finish) or that does not
+/// undo an abort (the transfer counts twice: balances and markers disagree).
+fn in_doubt(name: &str, options: SimOptions, failure: Fault, start: StartKind, outcome: Outcome) {
+    let wait = Duration::from_millis(300);
+    let report = run(
+        name,
+        options,
+        vec![
+            ScriptStep::new(When::Committed(8), Fault::PrepareNext { client: 0 }),
+            ScriptStep::new(When::Prepared, failure),
+            ScriptStep::new(
+                When::OwnerReady,
+                Fault::Probe {
+                    key: ProbeKey::InDoubt,
+                },
+            ),
+            ScriptStep::new(
+                When::After(Duration::ZERO),
+                Fault::Probe {
+                    key: ProbeKey::Free,
+                },
+            ),
+            ScriptStep::new(When::After(wait), Fault::Resolve(outcome)),
+            ScriptStep::new(
+                When::After(Duration::ZERO),
+                Fault::Probe {
+                    key: ProbeKey::InDoubt,
+                },
+            ),
+        ],
+    );
+    let t = report
+        .takeovers
+        .iter()
+        .find(|t| t.outcome.is_ok())
+        .expect("a takeover");
+    assert_eq!(succeeded(t).in_doubt, 1, "{t:#?}");
+    assert_eq!(succeeded(t).start, start, "{t:#?}");
+    let prepared = report.prepared.as_ref().expect("a prepared transfer");
+    assert_eq!(prepared.in_doubt_at_resolve, vec![prepared.tx]);
+    let Some((resolved_at, _)) = prepared.resolved else {
+        panic!("not resolved: {prepared:?}");
+    };
+    let [locked, free, released] = report.probes.as_slice() else {
+        panic!("three probes expected: {:#?}", report.probes);
+    };
+    let waited = |p: &ProbeReport| -> Duration {
+        match (p.read_sent_at, p.answered_at) {
+            (Some(sent), Some(answered)) => answered - sent,
+            _ => panic!("probe not answered: {p:?}"),
+        }
+    };
+    // The in-doubt write set is locked until the decision.
+    match &locked.reply {
+        Some(ClientReply::Error(OpError::Aborted {
+            reason: AbortReason::LockTimeout,
+            ..
+        })) => {}
+        Some(ClientReply::Value(_)) => assert!(
+            locked.answered_at >= Some(resolved_at),
+            "the in-doubt key was read before the decision: {locked:?}"
+        ),
+        other => panic!("the in-doubt probe got {other:?}"),
+    }
+    assert!(
+        waited(locked) >= Duration::from_millis(150),
+        "the in-doubt key was not locked: {locked:?}"
+    );
+    // Everything else is open at once.
+    assert!(
+        matches!(free.reply, Some(ClientReply::Value(_))),
+        "{free:?}"
+    );
+    assert!(waited(free) < Duration::from_millis(10), "{free:?}");
+    // The decision released the write set.
+    assert!(
+        matches!(released.reply, Some(ClientReply::Value(_))),
+        "{released:?}"
+    );
+    assert!(
+        waited(released) < Duration::from_millis(100),
+        "{released:?}"
+    );
+    let acknowledged = report
+        .acknowledged
+        .iter()
+        .filter(|a| a.transfer == prepared.transfer)
+        .count();
+    assert_eq!(acknowledged, 1, "the prepared transfer ends committed once");
+}
+
+#[test]
+fn an_in_doubt_transfer_keeps_its_locks_through_a_warm_takeover_until_it_commits() {
+    in_doubt(
+        "in doubt, warm takeover, commit",
+        options(17),
+        kill(Target::Primary, Restart::Auto),
+        StartKind::Warm,
+        Outcome::Commit,
+    );
+}
+
+#[test]
+fn an_in_doubt_transfer_keeps_its_locks_through_a_cold_recovery_until_it_aborts() {
+    let mut options = options(18);
+    // The prepare is flushed before it is acknowledged, so fresh pairs find it in the trail.
+    options.paranoid = true;
+    in_doubt(
+        "in doubt, every CPU killed, abort",
+        options,
+        kill(Target::AllCpus, Restart::Auto),
+        StartKind::Cold,
+        Outcome::Abort,
+    );
 }
