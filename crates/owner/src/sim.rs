@@ -100,8 +100,9 @@ pub struct SimReport {
     pub seed: u64,
     pub virtual_time: Duration,
     pub transfers_committed: usize,
-    /// Acknowledged from memory and lost to a power loss of the whole host (allowed: the
-    /// receipt said normal, two failure domains, and both were lost).
+    /// Acknowledged from memory and lost to a power loss of the whole host, or to every CPU
+    /// killed at once (allowed: the receipt said normal, two failure domains, and both were
+    /// lost).
     pub transfers_lost_to_power_loss: usize,
     pub takeovers_warm: usize,
     pub takeovers_cold: usize,

@@ -1,5 +1,19 @@
 //! Forced paths of takeover and recovery, each a scripted run of the simulation
-//! (`duplex_owner::sim::run_script`) with an oracle of its own on top of the bank's.
+//! (`duplex_owner::sim::run_script`) with an oracle of its own on top of the simulation's
+//! (the bank, every owner's and backup's `validate()`, and the final trail recovering).
+//!
+//! | scenario | test | a break it catches |
+//! |---|---|---|
+//! | 1 warm CPU takeover | `a_killed_primary_cpu_is_taken_over_warm_…` | no re-append of the backup's tail |
+//! | 2 partition, then node loss | `after_a_partition_the_backup_node_recovers_cold_…` | warm start from a stale copy; primary-only acks before the flush |
+//! | 3 every CPU killed | `when_every_cpu_dies_…` (two) | no undo of losers |
+//! | 4 crash during recovery | `a_taker_that_dies_in_the_middle_of_its_takeover_…` | recovery aborts not ending losers; no flush after the re-append |
+//! | 5 a stopped owner wakes up | `a_stopped_owner_that_wakes_up_…` | backups accepting a lower epoch; an owner ignoring that it is fenced |
+//! | 6 in doubt | `an_in_doubt_transfer_keeps_its_locks_…` (two) | no relock; prepared undone as a loser; a decision that keeps the locks; an abort without undo |
+//! | 7 exactly once | `a_commit_resent_after_…` (two) | a takeover that loses the message table; a resent commit not looked up |
+//!
+//! Each test prints its seed; `DUPLEX_SCENARIO_SEED=<n>` runs every scenario with seed `n`
+//! instead (they hold for seeds 1-40).
 
 use std::time::Duration;
 
@@ -10,8 +24,8 @@ use duplex_owner::sim::{
 };
 use duplex_owner::takeover::{StartKind, TakeoverReport};
 use duplex_owner::{ClientReply, OpError};
-use duplex_pair::AbortReason;
 use duplex_pair::CommitState;
+use duplex_pair::{AbortReason, Reply};
 use duplex_transport::EndpointId;
 
 /// Each scenario has a fixed seed; `DUPLEX_SCENARIO_SEED=<n>` runs them all with another.
@@ -542,5 +556,87 @@ fn an_in_doubt_transfer_keeps_its_locks_through_a_cold_recovery_until_it_aborts(
         kill(Target::AllCpus, Restart::Auto),
         StartKind::Cold,
         Outcome::Abort,
+    );
+}
+
+/// Scenario 7 (SPEC §4, exactly once). A commit's acknowledgement is lost on the wire, then
+/// the owner dies; the client resends the commit request (same client, same sequence number)
+/// to whoever took over. The new owner answers from its message table, recovered with the
+/// LSG: the original receipt (the old owner's epoch and commit LSN), with exactly one commit
+/// record of the transaction in the trail: it did not run the commit again.
+///
+/// Catches: a takeover that loses the message table (the new owner does not know the
+/// transaction, answers that it aborted, and the client runs the transfer again: it counts
+/// twice), and an owner that executes a resent commit instead of looking it up.
+fn resend_after(name: &str, options: SimOptions, failure: Fault, start: Option<StartKind>) {
+    let report = run(
+        name,
+        options,
+        vec![
+            ScriptStep::new(When::Committed(8), Fault::LoseNextCommitReply),
+            ScriptStep::new(When::ReplyLost, failure),
+        ],
+    );
+    let t = report
+        .takeovers
+        .iter()
+        .find(|t| t.outcome.is_ok())
+        .expect("a takeover");
+    if let Some(start) = start {
+        assert_eq!(succeeded(t).start, start, "{t:#?}");
+    }
+    let lost = report.lost_reply.as_ref().expect("a reply was lost");
+    let answer = report
+        .resent_answer
+        .as_ref()
+        .expect("the client resent and was answered");
+    println!("lost: {lost:?}\nanswered: {answer:?}");
+    assert_eq!(
+        answer.reply,
+        Reply::Committed(lost.receipt),
+        "the resend is answered with the original receipt"
+    );
+    assert!(
+        answer.owner_epoch > Some(lost.receipt.epoch),
+        "a new owner answered (the CPU may be the old one's, restarted)"
+    );
+    assert_eq!(
+        answer.commit_records_in_trail, 1,
+        "one commit record of {} in the trail",
+        lost.tx
+    );
+    let transfer = report
+        .acknowledged
+        .iter()
+        .find(|a| a.commit_lsn == lost.receipt.commit_lsn && a.epoch == lost.receipt.epoch)
+        .expect("the client saw the transfer committed");
+    let times = report
+        .acknowledged
+        .iter()
+        .filter(|a| a.transfer == transfer.transfer)
+        .count();
+    assert_eq!(times, 1, "the transfer was acknowledged {times} times");
+}
+
+#[test]
+fn a_commit_resent_after_a_cpu_takeover_is_answered_from_the_message_table() {
+    resend_after(
+        "resend after a CPU takeover",
+        options(19),
+        kill(Target::Primary, Restart::Auto),
+        // Warm, unless the same-node half lagged behind the trail's end (then cold).
+        None,
+    );
+}
+
+#[test]
+fn a_commit_resent_after_a_cold_recovery_is_answered_from_the_message_table() {
+    let mut options = options(20);
+    options.paranoid = true;
+    resend_after(
+        "resend after fresh pairs recovered cold",
+        options,
+        kill(Target::AllCpus, Restart::Auto),
+        Some(StartKind::Cold),
     );
 }
