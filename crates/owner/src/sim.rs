@@ -14,20 +14,30 @@
 //! After every step each owner and backup `validate()`s. At the end [`run`] checks the bank:
 //! the total is unchanged, every balance is what the committed transfers (one marker record
 //! each) make it, every transfer a client saw committed is there exactly once. A transfer
-//! acknowledged from memory (normal state) may be lost only to a power loss of the whole
-//! simulated host, which takes both failure domains at once; its receipt said so.
+//! acknowledged from memory (normal state) may be lost only when both failure domains lose
+//! their memory at once (a power loss of the whole simulated host, or every CPU killed); its
+//! receipt said so. It also reads the owner's retained trail as a cold recovery would: it must
+//! plan without error (no update undone twice, no transaction ended twice, LSNs dense).
+//!
+//! [`run_script`] runs the same world with a [`Script`] instead of random faults: each
+//! [`ScriptStep`] waits for its [`When`] and then injects its [`Fault`] (a kill, a partition, a
+//! stopped process, a crash armed for the next taker, a lost reply, a prepared transfer, a probe
+//! of locks, the coordinator's decision). The report then says what happened at each takeover
+//! ([`SimTakeover`]) and what the scripted parts saw, for tests to assert on.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt::Write as _;
 use std::time::Duration;
 
 use bytes::Bytes;
+use duplex_audit_pair::recovery::{Outcome, TrailRecord, plan_recovery};
 use duplex_audit_pair::{AuditBackup, BackupAction, PrimaryConfig};
 use duplex_lsg::{
-    LogStorageGroup, LsgConfig, LsgId, LsgOptions, Lsn, OpenMode, OwnerEpoch, SimStore,
+    LogStorageGroup, LsgConfig, LsgId, LsgOptions, Lsn, OpenMode, OwnerEpoch, RecordType, SimStore,
 };
+use duplex_pair::records::AuditBody;
 use duplex_pair::stream::{PairMessage, PairTag};
-use duplex_pair::{ClientId, CommitState, MessageTableLimits, Reply, RequestSeq, TxId};
+use duplex_pair::{ClientId, CommitState, MessageTableLimits, Receipt, Reply, RequestSeq, TxId};
 use duplex_transport::{
     EndpointId, Event, Path, PeerEvent, RequestId, SimConfig, SimNetwork, SimTransport, StreamId,
     Transport,
@@ -38,7 +48,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::owner::{LsgOwner, OwnerAction, OwnerConfig, OwnerStart};
 use crate::protocol::{ClientReply, ClientRequest, Op, OpError};
-use crate::takeover::{Chain, StartKind, TakeoverError, Taker, take_over};
+use crate::takeover::{Chain, StartKind, TakeoverError, TakeoverReport, Taker, take_over};
 
 const LSG: LsgId = LsgId(1);
 const ACCOUNTS: &str = "accounts";
@@ -46,6 +56,8 @@ const MARKERS: &str = "markers";
 const PAIR_STREAM: StreamId = StreamId(1);
 const QUANTUM: Duration = Duration::from_micros(500);
 const START_BALANCE: i64 = 1_000;
+/// The LSG whose trail logs the decisions on transactions prepared here (scripted runs).
+const COORDINATOR: LsgId = LsgId(2);
 
 /// What a run does.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -88,13 +100,26 @@ pub struct SimReport {
     pub seed: u64,
     pub virtual_time: Duration,
     pub transfers_committed: usize,
-    /// Acknowledged from memory and lost to a power loss of the whole host (allowed: the
-    /// receipt said normal, two failure domains, and both were lost).
+    /// Acknowledged from memory and lost to a power loss of the whole host, or to every CPU
+    /// killed at once (allowed: the receipt said normal, two failure domains, and both were
+    /// lost).
     pub transfers_lost_to_power_loss: usize,
     pub takeovers_warm: usize,
     pub takeovers_cold: usize,
     pub faults: Vec<String>,
     pub aborted_by_deadlock_or_timeout: usize,
+    /// Every takeover that ran, in order.
+    pub takeovers: Vec<SimTakeover>,
+    /// Every commit a client saw acknowledged, in the order they saw them.
+    pub acknowledged: Vec<Acknowledged>,
+    pub lost_reply: Option<LostReply>,
+    pub resent_answer: Option<ResentAnswer>,
+    pub prepared: Option<PreparedReport>,
+    pub probes: Vec<ProbeReport>,
+    /// Replies sent to clients by a CPU after it resumed from [`Fault::StopPrimary`].
+    pub replies_after_resume: Vec<(Duration, EndpointId, ClientReply)>,
+    /// Why a resumed CPU stopped being an owner.
+    pub resumed_owner_stopped: Vec<(Duration, EndpointId, String)>,
 }
 
 /// A run that broke an invariant.
@@ -117,7 +142,239 @@ impl std::fmt::Display for SimFailure {
     }
 }
 
+// ---- scripted runs ----------------------------------------------------------------------
+
+/// The steps of a scripted run, in order: each waits for the one before it.
+pub type Script = Vec<ScriptStep>;
+
+/// Once `when` holds (checked every quantum, after the step before it ran), `fault` happens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScriptStep {
+    pub when: When,
+    pub fault: Fault,
+}
+
+impl ScriptStep {
+    pub fn new(when: When, fault: Fault) -> Self {
+        ScriptStep { when, fault }
+    }
+}
+
+/// When a scripted step runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum When {
+    /// At this virtual time or later.
+    At(Duration),
+    /// This long after the step before it ran.
+    After(Duration),
+    /// Once clients have seen this many transfers committed in all.
+    Committed(usize),
+    /// Once clients have seen this many transfers committed with a receipt in `state` since
+    /// the step before it ran.
+    CommittedIn { state: CommitState, count: usize },
+    /// Once a client has seen a commit acknowledged whose record the owner's trail does not
+    /// hold yet (acknowledged from memory, normal state).
+    AckedBeyondTrail,
+    /// Once the owner is in normal state and does not count its same-node half.
+    HomeNotCounting,
+    /// Once everything the owner appended is written to the trail while some client's
+    /// transfer has a write answered and its commit not yet sent: a recovery now has a loser
+    /// to undo.
+    LoserInTrail,
+    /// Once a takeover has finished since the step before it ran.
+    OwnerReady,
+    /// Once the scripted prepared transfer was answered `Prepared`.
+    Prepared,
+    /// Once the commit reply set aside by [`Fault::LoseNextCommitReply`] was dropped.
+    ReplyLost,
+    /// Once some client's transfer has a write answered and its commit not yet sent.
+    WriteInFlight,
+    /// Once all of these hold at once.
+    All(Vec<When>),
+}
+
+/// Which CPUs a scripted kill takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The owner's CPU.
+    Primary,
+    /// The other CPU of the owner's node: its same-node backup half.
+    HomeBackup,
+    /// Both CPUs of the owner's node.
+    HomeNode,
+    /// Both CPUs of the other node.
+    BackupNode,
+    /// Every CPU of both nodes, without a power loss: the page cache survives, every
+    /// process's memory is gone.
+    AllCpus,
+    Cpu(EndpointId),
+}
+
+/// When a killed CPU starts again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restart {
+    /// After a random 150-600 ms, as in random runs.
+    Auto,
+    /// Only at a [`Fault::Restart`].
+    Held,
+}
+
+/// What a scripted step does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// Nothing but a line in the log: a step that only waits.
+    Note(String),
+    Kill {
+        target: Target,
+        restart: Restart,
+    },
+    /// Starts every CPU killed with [`Restart::Held`].
+    Restart,
+    /// Cuts every path between the two nodes (clients reach both), until [`Fault::Heal`].
+    Partition,
+    Heal,
+    /// Power loss of the whole host: every process dies, unsynced writes may be lost.
+    PowerLoss,
+    /// SIGSTOP of the owner's CPU: it stops running its event loop (its memory, its open LSG
+    /// and its transport stay; frames for it queue up) until [`Fault::Resume`].
+    StopPrimary,
+    /// The node service gives up on the stopped owner and ends its ownership so a backup can
+    /// take over (see [`run_script`] for how the sim models it).
+    StealLock,
+    /// SIGCONT of the stopped CPU: it runs its event loop again with what it had.
+    Resume,
+    /// The next taker's process dies at its `after_writes`-th file write from the start of
+    /// its `take_over` (re-append, redo, undo, or its first flushes after it).
+    CrashNextTaker {
+        after_writes: u64,
+    },
+    /// The next commit acknowledgement an owner sends is lost on the wire: the client resends.
+    LoseNextCommitReply,
+    /// Client `client`'s next transfer ends with `Prepare` instead of `Commit`, then waits for
+    /// the coordinator's decision ([`Fault::Resolve`]).
+    PrepareNext {
+        client: usize,
+    },
+    /// A probe transaction reads one key and reports how long it waited.
+    Probe {
+        key: ProbeKey,
+    },
+    /// The coordinator's decision on the prepared transfer, applied by the current owner with
+    /// [`LsgOwner::resolve_in_doubt`]. The transfer must be in doubt there.
+    Resolve(Outcome),
+}
+
+/// Which key a probe reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeKey {
+    /// The account the prepared transfer debits: in its write set.
+    InDoubt,
+    /// An account no transfer touches.
+    Free,
+}
+
+/// A backup's copy of the stream as a taker saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopySummary {
+    pub from: EndpointId,
+    /// The epoch of the primary whose stream it is.
+    pub epoch: OwnerEpoch,
+    pub first: Option<Lsn>,
+    pub last: Option<Lsn>,
+}
+
+impl CopySummary {
+    fn of(from: EndpointId, chain: &Chain) -> Self {
+        CopySummary {
+            from,
+            epoch: chain.epoch,
+            first: chain.records.first().map(|r| r.lsn),
+            last: chain.records.last().map(|r| r.lsn),
+        }
+    }
+}
+
+/// One takeover that ran (attempts that found no complete copy and waited are not listed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimTakeover {
+    pub at: Duration,
+    pub taker: EndpointId,
+    /// The epoch it opened the LSG with.
+    pub epoch: OwnerEpoch,
+    /// The trail's last record when it opened the LSG.
+    pub trail_end: Lsn,
+    /// Its own copy of the stream, if it held records.
+    pub own: Option<CopySummary>,
+    /// The copies the other backups sent.
+    pub gathered: Vec<CopySummary>,
+    /// A crash armed by [`Fault::CrashNextTaker`] for this taker.
+    pub crash_armed: Option<u64>,
+    pub outcome: Result<TakeoverReport, String>,
+    /// Commits acknowledged to clients (by the end of the run) by earlier owners, with an LSN
+    /// beyond `trail_end`: only a backup's copy held them.
+    pub acked_beyond_trail_end: Vec<Lsn>,
+}
+
+/// A transfer a client saw committed, with its receipt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Acknowledged {
+    pub transfer: u64,
+    pub commit_lsn: Lsn,
+    pub epoch: OwnerEpoch,
+    pub state: CommitState,
+}
+
+/// A commit acknowledgement lost on the wire ([`Fault::LoseNextCommitReply`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LostReply {
+    pub at: Duration,
+    /// The owner that sent it.
+    pub by: EndpointId,
+    pub client: ClientId,
+    pub seq: RequestSeq,
+    pub tx: TxId,
+    pub receipt: Receipt,
+}
+
+/// The answer the client got when it resent the request whose reply was lost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResentAnswer {
+    pub at: Duration,
+    /// The owner when it was answered, and its epoch.
+    pub owner: Option<EndpointId>,
+    pub owner_epoch: Option<OwnerEpoch>,
+    pub reply: Reply,
+    /// Commit records of the transaction in that owner's trail (durable part, from its first
+    /// retained record) when the answer came.
+    pub commit_records_in_trail: usize,
+}
+
+/// What a probe transaction saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeReport {
+    pub key: ProbeKey,
+    /// When its read was sent.
+    pub read_sent_at: Option<Duration>,
+    pub answered_at: Option<Duration>,
+    pub reply: Option<ClientReply>,
+}
+
+/// The scripted prepared transfer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreparedReport {
+    pub tx: TxId,
+    pub transfer: u64,
+    /// The accounts it debits and credits.
+    pub accounts: (usize, usize),
+    pub prepared_at: Duration,
+    /// The in-doubt transactions of the owner that applied the decision, just before.
+    pub in_doubt_at_resolve: Vec<TxId>,
+    pub resolved: Option<(Duration, Outcome)>,
+}
+
 type ReplyTo = (EndpointId, RequestId);
+/// Key-value pairs read from a volume.
+type Rows = Vec<(Vec<u8>, Vec<u8>)>;
 type Owner = LsgOwner<SimStore, ReplyTo>;
 
 #[derive(Debug)]
@@ -158,6 +415,10 @@ struct Cpu {
     store: SimStore,
     role: Role,
     restart_at: Option<Duration>,
+    /// Stopped (SIGSTOP): its event loop does not run.
+    stopped: bool,
+    /// Resumed after a stop: its replies are recorded.
+    resumed: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -183,6 +444,8 @@ struct Client {
     retry_at: Option<Duration>,
     done: usize,
     next_transfer: u64,
+    /// The next transfer ends with `Prepare` (scripted).
+    prepare_next: bool,
 }
 
 /// A transfer a client saw committed, with its receipt.
@@ -206,9 +469,10 @@ struct World {
     log: VecDeque<String>,
     report: SimReport,
     committed: Vec<Committed>,
-    /// (owner epoch, durable LSN) at each power loss of the whole host: commits of that epoch
-    /// acknowledged from memory beyond it may be gone.
-    power_losses: Vec<(OwnerEpoch, Lsn)>,
+    /// (owner epoch, durable LSN) whenever every CPU lost its memory at once (a power loss of
+    /// the whole host, or all CPUs killed): commits of that epoch acknowledged from memory
+    /// beyond it may be gone.
+    memory_losses: Vec<(OwnerEpoch, Lsn)>,
     faults_left: usize,
     partitioned_until: Option<Duration>,
     /// When the backup node may take over a home node found wholly dead.
@@ -223,6 +487,41 @@ struct World {
     quiet_until: Duration,
     /// Every CPU lost its memory (power loss) since the last owner ran.
     memory_lost_everywhere: bool,
+    /// The scripted run's state; `None` in a random run.
+    script: Option<Box<Scripted>>,
+}
+
+/// The state of a scripted run.
+#[derive(Debug)]
+struct Scripted {
+    steps: VecDeque<ScriptStep>,
+    last_step_at: Duration,
+    /// Successful takeovers when the last step ran.
+    takeovers_at_last_step: usize,
+    /// Commits clients had seen when the last step ran.
+    committed_at_last_step: usize,
+    /// CPUs killed with [`Restart::Held`].
+    held: BTreeSet<EndpointId>,
+    crash_next_taker: Option<u64>,
+    lose_next_commit_reply: bool,
+    stopped: Option<EndpointId>,
+    /// The prepared transfer: client index, transaction, transfer.
+    prepared: Option<(usize, TxId, Transfer)>,
+    probes: Vec<ProbeClient>,
+}
+
+#[derive(Debug)]
+struct ProbeClient {
+    volume: String,
+    account: usize,
+    id: ClientId,
+    transport: SimTransport,
+    next_seq: u64,
+    tx: Option<TxId>,
+    /// 0: begin, 1: read, 2: abort, 3: done.
+    stage: u8,
+    pending: Option<(Option<RequestId>, ClientRequest)>,
+    report: ProbeReport,
 }
 
 const CPUS: [EndpointId; 4] = [
@@ -266,6 +565,8 @@ impl World {
                     store: base_store.another_process(),
                     role: Role::Down,
                     restart_at: None,
+                    stopped: false,
+                    resumed: false,
                 },
             );
         }
@@ -286,6 +587,7 @@ impl World {
                 retry_at: None,
                 done: 0,
                 next_transfer: (i as u64 + 1) * 1_000_000,
+                prepare_next: false,
             });
         }
         Ok(World {
@@ -304,7 +606,7 @@ impl World {
                 ..SimReport::default()
             },
             committed: Vec::new(),
-            power_losses: Vec::new(),
+            memory_losses: Vec::new(),
             partitioned_until: None,
             node_takeover_at: None,
             pending_node_kill: None,
@@ -312,6 +614,7 @@ impl World {
             takeover_retry_at: None,
             quiet_until: Duration::ZERO,
             memory_lost_everywhere: false,
+            script: None,
         })
     }
 
@@ -504,6 +807,8 @@ impl World {
         self.net.crash(id);
         cpu.store.kill_process();
         cpu.role = Role::Down;
+        cpu.stopped = false;
+        cpu.resumed = false;
         cpu.restart_at = Some(now + Duration::from_millis(self.rng.random_range(150..600)));
         if self.primary == Some(id) {
             self.primary = None;
@@ -620,7 +925,7 @@ impl World {
             _ => None,
         });
         if let Some((epoch, durable)) = owner {
-            self.power_losses.push((epoch, durable));
+            self.memory_losses.push((epoch, durable));
         }
         self.note(format!(
             "power loss with the owner's trail durable through {owner:?}"
@@ -630,6 +935,419 @@ impl World {
         }
         self.base_store.power_loss();
         self.memory_lost_everywhere = true;
+    }
+}
+
+// ---- scripted faults --------------------------------------------------------------------
+
+impl World {
+    /// The owner's CPU and its owner, if one runs.
+    fn current_owner(&self) -> Option<(EndpointId, &Owner)> {
+        let id = self.primary?;
+        match &self.cpus.get(&id)?.role {
+            Role::Owner { owner, .. } => Some((id, owner)),
+            _ => None,
+        }
+    }
+
+    fn successful_takeovers(&self) -> usize {
+        self.report
+            .takeovers
+            .iter()
+            .filter(|t| t.outcome.is_ok())
+            .count()
+    }
+
+    fn holds(&self, when: &When) -> bool {
+        let Some(script) = &self.script else {
+            return false;
+        };
+        let now = self.now();
+        match when {
+            When::At(at) => now >= *at,
+            When::After(d) => now >= script.last_step_at + *d,
+            When::Committed(n) => self.committed.len() >= *n,
+            When::CommittedIn { state, count } => {
+                self.committed
+                    .iter()
+                    .skip(script.committed_at_last_step)
+                    .filter(|c| c.state == *state)
+                    .count()
+                    >= *count
+            }
+            When::AckedBeyondTrail => self.current_owner().is_some_and(|(_, owner)| {
+                let durable = owner.lsg().audit().durable_lsn();
+                self.committed
+                    .iter()
+                    .any(|c| c.epoch == owner.epoch() && c.lsn > durable)
+            }),
+            When::HomeNotCounting => self.current_owner().is_some_and(|(_, owner)| {
+                owner.state() == CommitState::Normal && !owner.primary().home_counts()
+            }),
+            When::LoserInTrail => self.current_owner().is_some_and(|(_, owner)| {
+                let written = owner.lsg().audit().durable_lsn();
+                written.0 + 1 == owner.primary().next_lsn().0 && self.holds(&When::WriteInFlight)
+            }),
+            When::WriteInFlight => self
+                .clients
+                .iter()
+                .any(|c| c.transfer.is_some() && matches!(c.step, 4 | 5)),
+            When::All(all) => all.iter().all(|w| self.holds(w)),
+            When::OwnerReady => {
+                self.primary.is_some()
+                    && self.successful_takeovers() > script.takeovers_at_last_step
+            }
+            When::Prepared => script.prepared.is_some(),
+            When::ReplyLost => self.report.lost_reply.is_some(),
+        }
+    }
+
+    /// Runs every scripted step whose time has come.
+    fn step_script(&mut self) -> Result<(), SimFailure> {
+        loop {
+            let Some(step) = self.script.as_ref().and_then(|s| s.steps.front().cloned()) else {
+                return Ok(());
+            };
+            if !self.holds(&step.when) {
+                return Ok(());
+            }
+            let now = self.now();
+            let takeovers = self.successful_takeovers();
+            let committed = self.committed.len();
+            if let Some(script) = self.script.as_mut() {
+                script.steps.pop_front();
+                script.last_step_at = now;
+                script.takeovers_at_last_step = takeovers;
+                script.committed_at_last_step = committed;
+            }
+            self.note(format!("SCRIPT {:?}: {:?}", step.when, step.fault));
+            self.report.faults.push(format!("{now:?} {:?}", step.fault));
+            self.apply_fault(step.fault)?;
+        }
+    }
+
+    fn targets(&self, target: Target) -> Result<Vec<EndpointId>, SimFailure> {
+        let home = self.primary.map_or(self.last_home_node(), |p| p.node);
+        Ok(match target {
+            Target::Primary => match self.primary {
+                Some(p) => vec![p],
+                None => return Err(self.fail("script: no primary to kill".into())),
+            },
+            Target::HomeBackup => {
+                let Some(p) = self.primary else {
+                    return Err(self.fail("script: no primary, so no home backup".into()));
+                };
+                vec![EndpointId::new(p.node, 1 - p.cpu)]
+            }
+            Target::HomeNode => CPUS.into_iter().filter(|c| c.node == home).collect(),
+            Target::BackupNode => CPUS.into_iter().filter(|c| c.node != home).collect(),
+            Target::AllCpus => CPUS.to_vec(),
+            Target::Cpu(id) => vec![id],
+        })
+    }
+
+    fn apply_fault(&mut self, fault: Fault) -> Result<(), SimFailure> {
+        let now = self.now();
+        match fault {
+            Fault::Note(_) => {}
+            Fault::Kill { target, restart } => {
+                let ids = self.targets(target)?;
+                if target == Target::AllCpus {
+                    // Every process's memory goes; the page cache stays. Commits acknowledged
+                    // from memory and not yet written are gone, as their receipts allowed.
+                    if let Some((_, owner)) = self.current_owner() {
+                        let lost = (owner.epoch(), owner.lsg().audit().durable_lsn());
+                        self.memory_losses.push(lost);
+                    }
+                }
+                for id in ids {
+                    self.kill(id, "script");
+                    if restart == Restart::Held
+                        && let Some(cpu) = self.cpus.get_mut(&id)
+                    {
+                        cpu.restart_at = None;
+                        if let Some(script) = self.script.as_mut() {
+                            script.held.insert(id);
+                        }
+                    }
+                }
+                if target == Target::AllCpus {
+                    self.memory_lost_everywhere = true;
+                }
+            }
+            Fault::Restart => {
+                let held = self
+                    .script
+                    .as_mut()
+                    .map(|s| std::mem::take(&mut s.held))
+                    .unwrap_or_default();
+                for id in held {
+                    let down = self
+                        .cpus
+                        .get(&id)
+                        .is_some_and(|c| matches!(c.role, Role::Down));
+                    if down {
+                        self.restart(id);
+                    }
+                }
+            }
+            Fault::Partition => self.set_partition(true),
+            Fault::Heal => self.set_partition(false),
+            Fault::PowerLoss => self.power_loss(),
+            Fault::StopPrimary => {
+                let Some(p) = self.primary else {
+                    return Err(self.fail("script: no primary to stop".into()));
+                };
+                if let Some(cpu) = self.cpus.get_mut(&p) {
+                    cpu.stopped = true;
+                }
+                if let Some(script) = self.script.as_mut() {
+                    script.stopped = Some(p);
+                }
+                self.note(format!("{p} stopped (SIGSTOP)"));
+            }
+            Fault::StealLock => {
+                let Some(id) = self.script.as_ref().and_then(|s| s.stopped) else {
+                    return Err(self.fail("script: no stopped CPU to steal the lock from".into()));
+                };
+                // The node service found the owner unresponsive. It must end the owner's hold
+                // on the LSG before a backup can open it: on one host by killing the process
+                // (SIGKILL ends even a stopped process, and the kernel frees its lock), across
+                // hosts by letting its lease lapse. The sim models the lock's loss by killing
+                // the stopped process's store handle only: its lock is free and every file
+                // operation it tries fails, while its memory, its open LSG, its owner state
+                // and its transport live on, as a process that wakes up would have them.
+                if let Some(cpu) = self.cpus.get_mut(&id) {
+                    cpu.store.kill_process();
+                }
+                if self.primary == Some(id) {
+                    self.primary = None;
+                }
+                self.note(format!(
+                    "node service: {id} does not answer; its lock is taken from it"
+                ));
+            }
+            Fault::Resume => {
+                let Some(id) = self.script.as_mut().and_then(|s| s.stopped.take()) else {
+                    return Err(self.fail("script: no stopped CPU to resume".into()));
+                };
+                if let Some(cpu) = self.cpus.get_mut(&id) {
+                    cpu.stopped = false;
+                    cpu.resumed = true;
+                }
+                self.note(format!("{id} resumed (SIGCONT)"));
+            }
+            Fault::CrashNextTaker { after_writes } => {
+                if let Some(script) = self.script.as_mut() {
+                    script.crash_next_taker = Some(after_writes);
+                }
+            }
+            Fault::LoseNextCommitReply => {
+                if let Some(script) = self.script.as_mut() {
+                    script.lose_next_commit_reply = true;
+                }
+            }
+            Fault::PrepareNext { client } => match self.clients.get_mut(client) {
+                Some(c) => c.prepare_next = true,
+                None => return Err(self.fail(format!("script: no client {client}"))),
+            },
+            Fault::Probe { key } => {
+                let account = match key {
+                    ProbeKey::InDoubt => match &self.report.prepared {
+                        Some(prepared) => prepared.accounts.0,
+                        None => {
+                            return Err(self.fail(
+                                "script: a probe of the in-doubt key needs a prepared transfer"
+                                    .into(),
+                            ));
+                        }
+                    },
+                    ProbeKey::Free => self.options.accounts + 1,
+                };
+                let index = self.script.as_ref().map_or(0, |s| s.probes.len());
+                let endpoint = EndpointId::new(4, index as u16);
+                let transport = self.net.add_endpoint(endpoint, &[Path::Main]);
+                let probe = ProbeClient {
+                    volume: ACCOUNTS.into(),
+                    account,
+                    id: ClientId(9000 + index as u64),
+                    transport,
+                    next_seq: 1,
+                    tx: None,
+                    stage: 0,
+                    pending: None,
+                    report: ProbeReport {
+                        key,
+                        read_sent_at: None,
+                        answered_at: None,
+                        reply: None,
+                    },
+                };
+                if let Some(script) = self.script.as_mut() {
+                    script.probes.push(probe);
+                }
+            }
+            Fault::Resolve(outcome) => self.resolve(now, outcome)?,
+        }
+        Ok(())
+    }
+
+    /// The coordinator's decision on the prepared transfer, applied by the current owner.
+    fn resolve(&mut self, now: Duration, outcome: Outcome) -> Result<(), SimFailure> {
+        let Some((index, tx, transfer)) = self.script.as_mut().and_then(|s| s.prepared.take())
+        else {
+            return Err(self.fail("script: nothing prepared to resolve".into()));
+        };
+        let owner = self
+            .primary
+            .and_then(|p| match &mut self.cpus.get_mut(&p)?.role {
+                Role::Owner { owner, .. } => Some(owner),
+                _ => None,
+            });
+        let Some(owner) = owner else {
+            return Err(self.fail("script: no owner to resolve the prepared transfer".into()));
+        };
+        let in_doubt: Vec<TxId> = owner.in_doubt().map(|d| d.tx).collect();
+        let resolved = owner.resolve_in_doubt(now, tx, outcome);
+        let commit_lsn = Lsn(owner.primary().next_lsn().0 - 1);
+        let (epoch, state) = (owner.epoch(), owner.state());
+        if let Some(p) = self.report.prepared.as_mut() {
+            p.in_doubt_at_resolve = in_doubt;
+            p.resolved = Some((now, outcome));
+        }
+        if let Err(e) = resolved {
+            return Err(self.fail(format!("resolving {tx} ({outcome:?}) failed: {e}")));
+        }
+        self.note(format!("coordinator: {tx} {outcome:?}"));
+        let client = &mut self.clients[index];
+        match outcome {
+            Outcome::Commit => {
+                client.done += 1;
+                client.transfer = None;
+                client.pending = None;
+                self.committed.push(Committed {
+                    transfer: transfer.id,
+                    lsn: commit_lsn,
+                    epoch,
+                    state,
+                });
+                self.report.transfers_committed += 1;
+            }
+            Outcome::Abort => Self::restart_transfer(client, now, Duration::from_millis(1)),
+        }
+        Ok(())
+    }
+
+    /// Runs the probe transactions: begin, read the key, abort.
+    fn step_probes(&mut self) {
+        let now = self.now();
+        let primary = self.primary;
+        let Some(script) = self.script.as_mut() else {
+            return;
+        };
+        for probe in &mut script.probes {
+            let mut replies = Vec::new();
+            while let Some(e) = probe.transport.try_next_event() {
+                match e {
+                    Event::Response { id, payload, .. }
+                        if probe.pending.as_ref().is_some_and(|(p, _)| *p == Some(id)) =>
+                    {
+                        replies
+                            .push(ClientReply::decode(&payload).unwrap_or_else(ClientReply::Error));
+                    }
+                    Event::RequestFailed { id, .. } => {
+                        if let Some((p, _)) = probe.pending.as_mut()
+                            && *p == Some(id)
+                        {
+                            *p = None;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            for reply in replies {
+                probe.pending = None;
+                match (probe.stage, &reply) {
+                    (_, ClientReply::Error(OpError::NotPrimary { .. })) => {}
+                    (0, ClientReply::Began(tx)) => {
+                        probe.tx = Some(*tx);
+                        probe.stage = 1;
+                    }
+                    (1, _) => {
+                        probe.report.answered_at = Some(now);
+                        probe.report.reply = Some(reply.clone());
+                        probe.stage = if matches!(reply, ClientReply::Value(_)) {
+                            2
+                        } else {
+                            3
+                        };
+                    }
+                    _ => probe.stage = 3,
+                }
+            }
+            if probe.pending.is_none() && probe.stage < 3 {
+                let op = match probe.stage {
+                    0 => Op::Begin,
+                    1 => Op::Get {
+                        volume: probe.volume.clone(),
+                        key: account_key(probe.account),
+                    },
+                    _ => Op::Abort,
+                };
+                let seq = probe.next_seq;
+                probe.next_seq += 1;
+                probe.pending = Some((
+                    None,
+                    ClientRequest {
+                        client: probe.id,
+                        seq: RequestSeq(seq),
+                        seen_below: RequestSeq(seq),
+                        tx: probe.tx,
+                        op,
+                    },
+                ));
+            }
+            if let (Some((None, request)), Some(p)) = (&probe.pending, primary) {
+                let request = request.clone();
+                let sent = request.encode().ok().and_then(|bytes| {
+                    probe
+                        .transport
+                        .request(p, Bytes::from(bytes), Duration::from_secs(2))
+                        .ok()
+                });
+                if let Some(id) = sent {
+                    if probe.stage == 1 && probe.report.read_sent_at.is_none() {
+                        probe.report.read_sent_at = Some(now);
+                    }
+                    probe.pending = Some((Some(id), request));
+                }
+            }
+        }
+    }
+
+    fn script_done(&self) -> bool {
+        self.script.as_ref().is_none_or(|s| {
+            s.steps.is_empty()
+                && s.stopped.is_none()
+                && s.prepared.is_none()
+                && s.probes.iter().all(|p| p.stage == 3)
+        })
+    }
+
+    /// Commit records of `tx` in the durable trail of `owner`, from its first retained record.
+    fn commit_records(owner: &Owner, tx: TxId) -> usize {
+        let audit = owner.lsg().audit();
+        let Ok(reader) = audit.reader(audit.first_lsn()) else {
+            return 0;
+        };
+        reader
+            .filter_map(Result::ok)
+            .filter(|r| r.record_type == RecordType::Commit)
+            .filter(|r| {
+                matches!(AuditBody::decode(r.lsn, r.record_type, &r.payload),
+                    Ok(AuditBody::Commit(end)) if end.tx == tx)
+            })
+            .count()
     }
 }
 
@@ -646,6 +1364,11 @@ impl World {
         let Some(cpu) = self.cpus.get_mut(&id) else {
             return Ok(());
         };
+        if cpu.stopped {
+            // SIGSTOP: nothing runs; frames for it wait in its transport's queue.
+            return Ok(());
+        }
+        let resumed = cpu.resumed;
         let mut events = Vec::new();
         while let Some(e) = cpu.transport.try_next_event() {
             events.push(e);
@@ -716,6 +1439,36 @@ impl World {
                 while let Some(action) = owner.poll_action() {
                     match action {
                         OwnerAction::Reply { to, reply } => {
+                            if resumed {
+                                self.report
+                                    .replies_after_resume
+                                    .push((now, id, reply.clone()));
+                            }
+                            if let ClientReply::Outcome(Reply::Committed(receipt)) = &reply
+                                && let Some(script) = self.script.as_mut()
+                                && script.lose_next_commit_reply
+                                && to.0.node == 3
+                                && let Some(client) = self.clients.get(usize::from(to.0.cpu))
+                                && let Some((Some(rid), request)) = &client.pending
+                                && *rid == to.1
+                                && let Some(tx) = request.tx
+                            {
+                                // Lost on the wire: the client hears nothing and resends.
+                                script.lose_next_commit_reply = false;
+                                self.report.lost_reply = Some(LostReply {
+                                    at: now,
+                                    by: id,
+                                    client: client.id,
+                                    seq: request.seq,
+                                    tx,
+                                    receipt: *receipt,
+                                });
+                                notes.push(format!(
+                                    "the commit reply of {tx} to client {} is lost",
+                                    client.id.0
+                                ));
+                                continue;
+                            }
                             let bytes = reply.encode().unwrap_or_default();
                             let _ = cpu.transport.respond(to.0, to.1, Bytes::from(bytes));
                         }
@@ -757,6 +1510,11 @@ impl World {
                 if let Some(reason) = stopped {
                     for n in notes {
                         self.note(n);
+                    }
+                    if resumed {
+                        self.report
+                            .resumed_owner_stopped
+                            .push((now, id, reason.clone()));
                     }
                     self.kill(id, &format!("owner stopped: {reason}"));
                     return Ok(());
@@ -945,7 +1703,34 @@ impl World {
             backup_node,
             memory_lost_everywhere: self.memory_lost_everywhere,
         };
-        match take_over::<SimStore, ReplyTo>(g.lsg, taker, own, g.chains, owner_config, now) {
+        let mut attempt = SimTakeover {
+            at: now,
+            taker: id,
+            epoch: g.lsg.owner_epoch(),
+            trail_end: Lsn(g.lsg.audit().next_lsn().0 - 1),
+            own: own.as_ref().map(|c| CopySummary::of(id, c)),
+            gathered: g
+                .chains
+                .iter()
+                .map(|(from, c)| CopySummary::of(*from, c))
+                .collect(),
+            crash_armed: self.script.as_mut().and_then(|s| s.crash_next_taker.take()),
+            outcome: Err(String::new()),
+            acked_beyond_trail_end: Vec::new(),
+        };
+        if let Some(n) = attempt.crash_armed {
+            cpu.store.crash_after_writes(n);
+        }
+        let result = take_over::<SimStore, ReplyTo>(g.lsg, taker, own, g.chains, owner_config, now);
+        match &result {
+            Ok((_, report)) => attempt.outcome = Ok(report.clone()),
+            Err(TakeoverError::CopyMissing { .. }) => {}
+            Err(e) => attempt.outcome = Err(e.to_string()),
+        }
+        if !matches!(result, Err(TakeoverError::CopyMissing { .. })) {
+            self.report.takeovers.push(attempt);
+        }
+        match result {
             Ok((owner, report)) => {
                 match report.start {
                     StartKind::Warm => self.report.takeovers_warm += 1,
@@ -1194,6 +1979,7 @@ impl World {
 
     fn on_client_reply(&mut self, index: usize, reply: ClientReply) -> Result<(), SimFailure> {
         let now = self.now();
+        self.note_resent_answer(index, &reply);
         let client = &mut self.clients[index];
         let Some(transfer) = client.transfer.clone() else {
             return Ok(());
@@ -1293,9 +2079,41 @@ impl World {
                     },
                 );
             }
+            (ClientReply::Written, 5) if client.prepare_next => {
+                client.step = 7;
+                client.prepare_next = false;
+                Self::issue(
+                    client,
+                    Op::Prepare {
+                        coordinator: COORDINATOR,
+                    },
+                );
+            }
             (ClientReply::Written, 5) => {
                 client.step = 6;
                 Self::issue(client, Op::Commit);
+            }
+            (ClientReply::Prepared, 7) => {
+                // In doubt as far as this LSG goes: the client waits for the coordinator.
+                client.pending = None;
+                let Some(tx) = client.tx else {
+                    return Err(self.fail("a prepared transfer without a transaction".into()));
+                };
+                if let Some(script) = self.script.as_mut() {
+                    script.prepared = Some((index, tx, transfer.clone()));
+                }
+                self.report.prepared = Some(PreparedReport {
+                    tx,
+                    transfer: transfer.id,
+                    accounts: (transfer.from, transfer.to),
+                    prepared_at: now,
+                    in_doubt_at_resolve: Vec::new(),
+                    resolved: None,
+                });
+                self.note(format!(
+                    "client {index} transfer {} prepared as {tx}",
+                    transfer.id
+                ));
             }
             (ClientReply::Outcome(Reply::Committed(receipt)), 6) => {
                 client.done += 1;
@@ -1326,6 +2144,32 @@ impl World {
         Ok(())
     }
 
+    /// The answer to a resent request whose first reply was lost.
+    fn note_resent_answer(&mut self, index: usize, reply: &ClientReply) {
+        let (Some(lost), ClientReply::Outcome(outcome)) = (&self.report.lost_reply, reply) else {
+            return;
+        };
+        let client = &self.clients[index];
+        let resent = client.id == lost.client
+            && client
+                .pending
+                .as_ref()
+                .is_some_and(|(_, r)| r.seq == lost.seq);
+        if !resent || self.report.resent_answer.is_some() {
+            return;
+        }
+        let tx = lost.tx;
+        let owner = self.current_owner();
+        let answer = ResentAnswer {
+            at: self.now(),
+            owner: owner.map(|(id, _)| id),
+            owner_epoch: owner.map(|(_, o)| o.epoch()),
+            reply: *outcome,
+            commit_records_in_trail: owner.map_or(0, |(_, o)| Self::commit_records(o, tx)),
+        };
+        self.report.resent_answer = Some(answer);
+    }
+
     fn clients_done(&self) -> bool {
         self.clients
             .iter()
@@ -1336,11 +2180,7 @@ impl World {
 
     /// The bank after the run: totals, balances against markers, acknowledged transfers.
     fn check_bank(&mut self) -> Result<(), SimFailure> {
-        let owner = self.cpus.values().find_map(|c| match &c.role {
-            Role::Owner { owner, .. } => Some(owner),
-            _ => None,
-        });
-        let Some(owner) = owner else {
+        let Some((_, owner)) = self.current_owner() else {
             return Err(self.fail("no owner at the end".into()));
         };
         if owner.active_transactions() != 0 {
@@ -1350,7 +2190,9 @@ impl World {
             )));
         }
         let lsg = std::sync::Arc::clone(owner.lsg());
-        let read_all = |name: &str| -> Result<Vec<duplex_volume_pair::KeyValue>, String> {
+        self.check_trail(&lsg)
+            .map_err(|e| self.fail(format!("the final trail does not recover: {e}")))?;
+        let read_all = |name: &str| -> Result<Rows, String> {
             let v = lsg.volume(name).map_err(|e| e.to_string())?;
             duplex_volume_pair::VolumeAccess::scan(
                 v.as_ref(),
@@ -1426,7 +2268,7 @@ impl World {
             if !present.contains(&c.transfer) {
                 let excused = c.state == CommitState::Normal
                     && self
-                        .power_losses
+                        .memory_losses
                         .iter()
                         .any(|(epoch, durable)| c.epoch == *epoch && c.lsn > *durable);
                 if excused {
@@ -1442,16 +2284,101 @@ impl World {
         self.report.transfers_lost_to_power_loss = lost;
         Ok(())
     }
+
+    /// Reads the owner's retained durable trail as a cold recovery would: it must plan
+    /// without error (dense LSNs, no transaction ended twice, no update undone twice, every
+    /// checkpoint agreeing with the records before it).
+    fn check_trail(&self, lsg: &LogStorageGroup<SimStore>) -> Result<(), String> {
+        let audit = lsg.audit();
+        let mut records = Vec::new();
+        for r in audit.reader(audit.first_lsn()).map_err(|e| e.to_string())? {
+            let r = r.map_err(|e| e.to_string())?;
+            let body =
+                AuditBody::decode(r.lsn, r.record_type, &r.payload).map_err(|e| e.to_string())?;
+            records.push(TrailRecord {
+                lsn: r.lsn,
+                flags: r.flags,
+                body,
+            });
+        }
+        let volumes: BTreeMap<String, Lsn> = lsg
+            .volume_names()
+            .into_iter()
+            .filter_map(|name| {
+                let lsn = lsg.volume(&name).ok()?.checkpoint_lsn();
+                Some((name, lsn))
+            })
+            .collect();
+        plan_recovery(records, &volumes, MessageTableLimits::default())
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    /// What the report says about the whole run, once it ended.
+    fn finish_report(&mut self) {
+        self.report.acknowledged = self
+            .committed
+            .iter()
+            .map(|c| Acknowledged {
+                transfer: c.transfer,
+                commit_lsn: c.lsn,
+                epoch: c.epoch,
+                state: c.state,
+            })
+            .collect();
+        for t in &mut self.report.takeovers {
+            t.acked_beyond_trail_end = self
+                .committed
+                .iter()
+                .filter(|c| c.epoch < t.epoch && c.lsn > t.trail_end)
+                .map(|c| c.lsn)
+                .collect();
+        }
+        if let Some(script) = &self.script {
+            self.report.probes = script.probes.iter().map(|p| p.report.clone()).collect();
+        }
+    }
 }
 
-/// Runs one seeded history and checks it. See the module docs.
+/// Runs one seeded history with random faults and checks it. See the module docs.
 pub fn run(options: SimOptions) -> Result<SimReport, SimFailure> {
+    run_world(options, None)
+}
+
+/// Runs one seeded history with the faults of `script` (and no random ones; messages are
+/// still lost with `options.loss_probability`) and checks it like [`run`]. The run ends once
+/// every step ran, no CPU is stopped, nothing prepared waits for its decision, every probe
+/// finished and the clients are done.
+///
+/// A stopped owner ([`Fault::StopPrimary`]) keeps the LSG's lock: the takeover waits for a
+/// [`Fault::StealLock`], the node service's decision that the owner is gone. See there for the
+/// model; once the stopped CPU resumes, whatever it sends to clients is in
+/// [`SimReport::replies_after_resume`].
+pub fn run_script(options: SimOptions, script: Script) -> Result<SimReport, SimFailure> {
+    run_world(options, Some(script))
+}
+
+fn run_world(options: SimOptions, script: Option<Script>) -> Result<SimReport, SimFailure> {
     let mut w = World::new(options).map_err(|e| SimFailure {
         seed: options.seed,
         at: Duration::ZERO,
         reason: e,
         log: String::new(),
     })?;
+    w.script = script.map(|steps| {
+        Box::new(Scripted {
+            steps: steps.into(),
+            last_step_at: Duration::ZERO,
+            takeovers_at_last_step: 0,
+            committed_at_last_step: 0,
+            held: BTreeSet::new(),
+            crash_next_taker: None,
+            lose_next_commit_reply: false,
+            stopped: None,
+            prepared: None,
+            probes: Vec::new(),
+        })
+    });
     w.create()
         .map_err(|e| w.fail(format!("creating the LSG: {e}")))?;
     let rounds = (options.time_limit.as_micros() / QUANTUM.as_micros()) as u64;
@@ -1459,7 +2386,12 @@ pub fn run(options: SimOptions) -> Result<SimReport, SimFailure> {
     for _ in 0..rounds {
         let next = w.now() + QUANTUM;
         w.net.run_until(next);
-        w.inject_faults();
+        if w.script.is_some() {
+            w.step_script()?;
+            w.step_probes();
+        } else {
+            w.inject_faults();
+        }
         w.node_services();
         for id in CPUS {
             w.step_cpu(id)?;
@@ -1472,6 +2404,7 @@ pub fn run(options: SimOptions) -> Result<SimReport, SimFailure> {
             && w.pending_node_kill.is_none()
             && w.primary.is_some()
             && w.clients_done()
+            && w.script_done()
         {
             finished = true;
             break;
@@ -1479,12 +2412,14 @@ pub fn run(options: SimOptions) -> Result<SimReport, SimFailure> {
     }
     if !finished {
         let progress: Vec<usize> = w.clients.iter().map(|c| c.done).collect();
+        let script_left = w.script.as_ref().map(|s| s.steps.front().cloned());
         return Err(w.fail(format!(
-            "clients did not finish within {:?} of virtual time (transfers done per client: {progress:?}, primary {:?})",
+            "clients did not finish within {:?} of virtual time (transfers done per client: {progress:?}, primary {:?}, next scripted step {script_left:?})",
             options.time_limit, w.primary
         )));
     }
     w.check_bank()?;
+    w.finish_report();
     w.report.virtual_time = w.now();
     Ok(w.report)
 }
