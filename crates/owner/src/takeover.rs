@@ -301,15 +301,12 @@ pub fn take_over<S: Store, C: Clone + std::fmt::Debug>(
         }
         lsg.audit().flush()?;
     }
-    let in_communication = last_record
-        .as_ref()
-        .is_none_or(|r| !r.flags.contains(RecordFlags::OUT_OF_COMMUNICATION));
-    let warm = own_valid
-        && in_communication
-        && own
-            .as_ref()
-            .and_then(Chain::last)
-            .is_some_and(|l| l >= trail_end);
+    // The trail says it was in communication (seed 000) when its last record is not flagged or
+    // is the return to normal (the last flagged record before unflagged ones).
+    let in_communication = last_record.as_ref().is_none_or(|r| {
+        !r.flags.contains(RecordFlags::OUT_OF_COMMUNICATION) || is_state_change_to_normal(r)
+    });
+    let warm = own_valid && in_communication;
     let volumes: BTreeMap<String, Lsn> = lsg
         .volume_names()
         .into_iter()
@@ -346,6 +343,24 @@ pub fn take_over<S: Store, C: Clone + std::fmt::Debug>(
                 .filter(|r| r.lsn <= trail_end)
                 .cloned()
                 .collect();
+            // A same-node half a few records behind (they were on their way) takes them from
+            // the trail: its copy was checked to be a prefix of it.
+            if let Some(last) = own.last()
+                && last < trail_end
+            {
+                for r in lsg.audit().reader(Lsn(last.0 + 1))? {
+                    let r = r?;
+                    if r.lsn > trail_end {
+                        break;
+                    }
+                    records.push(StreamRecord {
+                        lsn: r.lsn,
+                        record_type: r.record_type as u8,
+                        flags: r.flags.bits(),
+                        payload: r.payload,
+                    });
+                }
+            }
             if let Some(tail) = tail {
                 records.extend(tail.records.iter().filter(|r| r.lsn > trail_end).cloned());
             }
