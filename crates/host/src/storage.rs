@@ -1,0 +1,143 @@
+//! The owner's storage threads. The event loop never waits on a disk: it hands each job to a
+//! thread and hears the completion as an event.
+//!
+//! - The flush thread makes the trail durable (`AuditTrail::wait_durable`). Requests that
+//!   queued while a flush ran are merged into one (the highest LSN), which is the group commit
+//!   at this level; the trail groups concurrent flushes again below.
+//! - The checkpoint thread flushes the volumes (which makes the trail durable first) and
+//!   truncates the trail, so a slow volume flush never holds a commit's trail flush back.
+//!
+//! A failed job is reported once and ends its thread: the owner stops on the first storage
+//! failure, and nothing may be written after it.
+
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use duplex_lsg::{FileStore, LogStorageGroup, Lsn};
+use tokio::sync::mpsc::UnboundedSender;
+use tracing::debug_span;
+
+/// What a storage thread reports back to the event loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageDone {
+    /// The trail is durable through this LSN.
+    TrailDurable(Lsn),
+    /// Every volume was flushed with this checkpoint LSN.
+    VolumesFlushed(Lsn),
+    /// A flush, volume flush or truncation failed.
+    Failed(String),
+}
+
+#[derive(Debug)]
+enum CheckpointJob {
+    FlushVolumes(Lsn),
+    Truncate(Lsn),
+}
+
+/// The two storage threads of one owner. Dropping it ends them once their queues are empty.
+#[derive(Debug)]
+pub struct StorageWorkers {
+    flush: mpsc::Sender<Lsn>,
+    checkpoint: mpsc::Sender<CheckpointJob>,
+}
+
+impl StorageWorkers {
+    /// Starts the threads for `lsg`; completions go to `done`, wrapped by `wrap`.
+    pub fn start<E: Send + 'static>(
+        lsg: Arc<LogStorageGroup<FileStore>>,
+        done: UnboundedSender<E>,
+        wrap: fn(StorageDone) -> E,
+    ) -> Result<Self, std::io::Error> {
+        let (flush, flush_rx) = mpsc::channel::<Lsn>();
+        let (checkpoint, checkpoint_rx) = mpsc::channel::<CheckpointJob>();
+        {
+            let lsg = Arc::clone(&lsg);
+            let done = done.clone();
+            std::thread::Builder::new()
+                .name("trail-flush".into())
+                .spawn(move || flush_loop(&lsg, &flush_rx, &done, wrap))?;
+        }
+        std::thread::Builder::new()
+            .name("checkpoint".into())
+            .spawn(move || checkpoint_loop(&lsg, &checkpoint_rx, &done, wrap))?;
+        Ok(StorageWorkers { flush, checkpoint })
+    }
+
+    /// Make the trail durable through `through`.
+    pub fn flush_trail(&self, through: Lsn) {
+        // A send fails only after the thread ended on a failure it already reported.
+        let _ = self.flush.send(through);
+    }
+
+    pub fn flush_volumes(&self, checkpoint_lsn: Lsn) {
+        let _ = self
+            .checkpoint
+            .send(CheckpointJob::FlushVolumes(checkpoint_lsn));
+    }
+
+    pub fn truncate_trail(&self, below: Lsn) {
+        let _ = self.checkpoint.send(CheckpointJob::Truncate(below));
+    }
+}
+
+fn flush_loop<E>(
+    lsg: &LogStorageGroup<FileStore>,
+    jobs: &mpsc::Receiver<Lsn>,
+    done: &UnboundedSender<E>,
+    wrap: fn(StorageDone) -> E,
+) {
+    while let Ok(mut through) = jobs.recv() {
+        while let Ok(more) = jobs.try_recv() {
+            through = through.max(more);
+        }
+        let _span = debug_span!("trail_flush", through = through.0).entered();
+        let result = match lsg.audit().wait_durable(through) {
+            Ok(()) => StorageDone::TrailDurable(lsg.audit().durable_lsn()),
+            Err(e) => StorageDone::Failed(format!("flushing the trail through {through}: {e}")),
+        };
+        let failed = matches!(result, StorageDone::Failed(_));
+        if done.send(wrap(result)).is_err() || failed {
+            return;
+        }
+    }
+}
+
+fn checkpoint_loop<E>(
+    lsg: &LogStorageGroup<FileStore>,
+    jobs: &mpsc::Receiver<CheckpointJob>,
+    done: &UnboundedSender<E>,
+    wrap: fn(StorageDone) -> E,
+) {
+    while let Ok(job) = jobs.recv() {
+        let result = match job {
+            CheckpointJob::FlushVolumes(lsn) => {
+                let _span = debug_span!("volume_flush", checkpoint_lsn = lsn.0).entered();
+                let mut failed = None;
+                for name in lsg.volume_names() {
+                    if let Err(e) = lsg.volume(&name).and_then(|v| v.flush(lsn)) {
+                        failed = Some(format!("flushing volume {name} at checkpoint {lsn}: {e}"));
+                        break;
+                    }
+                }
+                match failed {
+                    None => Some(StorageDone::VolumesFlushed(lsn)),
+                    Some(e) => Some(StorageDone::Failed(e)),
+                }
+            }
+            CheckpointJob::Truncate(below) => {
+                let _span = debug_span!("trail_truncate", below = below.0).entered();
+                match lsg.audit().truncate_below(below) {
+                    Ok(_) => None,
+                    Err(e) => Some(StorageDone::Failed(format!(
+                        "truncating the trail below {below}: {e}"
+                    ))),
+                }
+            }
+        };
+        let Some(result) = result else { continue };
+        let failed = matches!(result, StorageDone::Failed(_));
+        if done.send(wrap(result)).is_err() || failed {
+            return;
+        }
+    }
+}
