@@ -4,6 +4,7 @@
 //! processes, and the benchmarks that compare Duplex with the machine's own limit in one run.
 
 pub mod bank;
+pub mod cluster;
 
 use serde::Serialize;
 
