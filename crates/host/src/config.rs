@@ -18,8 +18,11 @@ pub const PAIR_STREAM: StreamId = StreamId(1);
 /// The driver's clocks. Defaults suit loopback and the 300 ms failure detector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timing {
-    /// How often the owner or backup is ticked (group flushes, lock timeouts, checkpoints).
-    pub tick: Duration,
+    /// How often the owner is ticked (group flushes, lock timeouts, checkpoints): at most this
+    /// much later than `flush_interval` a group flush starts.
+    pub owner_tick: Duration,
+    /// How often a backup is ticked (rejoining a silent primary, fence resends, lock tries).
+    pub backup_tick: Duration,
     /// A backup that hears nothing from its primary for this long asks for the stream again.
     pub rejoin_interval: Duration,
     /// A taker resends its `Fence` to the backups that have not answered this often ...
@@ -33,6 +36,9 @@ pub struct Timing {
     pub copy_missing_retry: Duration,
     /// A backup that holds records it has not acknowledged for this long stops counting.
     pub ack_timeout: Duration,
+    /// Records nothing waits for (updates) are held at most this long before they go to the
+    /// backups, so a transaction's records travel together.
+    pub pair_delay: Duration,
     /// Group flush in normal state: the oldest unflushed record waits at most this long.
     pub flush_interval: Duration,
     pub checkpoint_interval: Duration,
@@ -43,13 +49,15 @@ pub struct Timing {
 impl Default for Timing {
     fn default() -> Self {
         Timing {
-            tick: Duration::from_millis(1),
+            owner_tick: Duration::from_millis(2),
+            backup_tick: Duration::from_millis(5),
             rejoin_interval: Duration::from_millis(100),
             fence_resend: Duration::from_millis(20),
             fence_deadline: Duration::from_millis(200),
             acquire_poll: Duration::from_millis(10),
             copy_missing_retry: Duration::from_millis(50),
             ack_timeout: Duration::from_millis(250),
+            pair_delay: Duration::from_millis(2),
             flush_interval: Duration::from_millis(5),
             checkpoint_interval: Duration::from_millis(500),
             lock_timeout: Duration::from_millis(500),

@@ -2,8 +2,8 @@
 //!
 //! [`Host`] owns the one core this CPU runs, an [`LsgOwner`] or an [`AuditBackup`], and feeds
 //! it everything with `now` (the time since the process started): transport events, storage
-//! completions, lock acquisitions, the finished takeover, and a tick every
-//! [`Timing::tick`](crate::Timing). After each event it drains the core's actions: replies and
+//! completions, lock acquisitions, the finished takeover, and ticks ([`Timing`](crate::Timing)).
+//! After the events that are ready (up to 64) it drains the core's actions: replies and
 //! pair messages go out on the transport at once; trail flushes, volume flushes and truncations
 //! go to the storage threads (`storage`); nothing on this thread waits on a disk. The transport
 //! runs on the same current-thread runtime, so a request's hops (socket, decoder, owner, reply)
@@ -34,10 +34,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use duplex_audit_pair::{AuditBackup, BackupAction};
-use duplex_lsg::{FileStore, LogStorageGroup, LsgError, Lsn, OpenMode, OwnerEpoch};
+use duplex_lsg::{FileStore, LogStorageGroup, LsgError, Lsn, OpenMode, OwnerEpoch, RecordType};
 use duplex_owner::takeover::{Chain, StartKind, TakeoverError, TakeoverReport, Taker, take_over};
 use duplex_owner::{ClientReply, ClientRequest, LsgOwner, OpError, OwnerAction, OwnerStart};
-use duplex_pair::{MessageTableLimits, PairMessage, PairTag};
+use duplex_pair::{MessageTableLimits, PairMessage, PairTag, StreamRecord};
 use duplex_transport::{
     EndpointId, Event, PeerEvent, QuicTransport, RequestId, Transport, TransportError,
 };
@@ -59,6 +59,8 @@ type Owner = LsgOwner<FileStore, ReplyTo>;
 /// Pair messages kept while a takeover runs, for the owner it makes (a backup's `Join` that
 /// arrived meanwhile is then answered at once instead of after the backup's rejoin interval).
 const MAX_BUFFERED_MESSAGES: usize = 4096;
+/// Events handled before the actions they caused are run, at most.
+const MAX_EVENTS_PER_TURN: usize = 64;
 
 /// What the driver reports, one line each in `lsg-cpu`'s output.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -155,10 +157,94 @@ struct BackupState {
     gathering: Option<Box<Gathering>>,
 }
 
+/// Pair messages held back for a moment (see [`Outbox::hold`]).
+#[derive(Debug, Default)]
+struct Outbox {
+    held: BTreeMap<EndpointId, Vec<PairMessage>>,
+    /// When the oldest held message was held.
+    since: Option<Duration>,
+}
+
+/// The largest message the outbox makes by merging held ones.
+const MAX_MERGED_BYTES: usize = 256 << 10;
+
+/// Whether the primary waits for a backup to hold this message's records: commits and
+/// prepares wait for the rule, a state change back to normal waits for the backup node.
+fn awaited(message: &PairMessage) -> bool {
+    match message {
+        PairMessage::Records { records, .. } => records.iter().any(|r| {
+            matches!(
+                RecordType::try_from(r.record_type),
+                Ok(RecordType::Commit | RecordType::Prepare | RecordType::StateChange) | Err(_)
+            )
+        }),
+        _ => true,
+    }
+}
+
+impl Outbox {
+    /// Records nothing waits for (a transaction's updates) are held until something that is
+    /// waited for goes to the same backup, the trail is flushed, or `pair_delay` passes: a
+    /// transaction's records then reach each backup in one message with one acknowledgement,
+    /// not one per request. Order per backup is kept: a message is sent only after what is
+    /// held for its backup.
+    fn hold(&mut self, now: Duration, to: EndpointId, message: PairMessage) -> Option<PairMessage> {
+        if awaited(&message) {
+            return Some(message);
+        }
+        let queue = self.held.entry(to).or_default();
+        match (queue.last_mut(), message) {
+            (
+                Some(PairMessage::Records {
+                    tag,
+                    records,
+                    retain_from,
+                }),
+                PairMessage::Records {
+                    tag: next_tag,
+                    records: next,
+                    retain_from: next_retain,
+                },
+            ) if *tag == next_tag
+                && records.last().map(|r| r.lsn.0 + 1) == next.first().map(|r| r.lsn.0)
+                && records
+                    .iter()
+                    .chain(&next)
+                    .map(StreamRecord::size_bytes)
+                    .sum::<usize>()
+                    <= MAX_MERGED_BYTES =>
+            {
+                records.extend(next);
+                *retain_from = next_retain;
+            }
+            (_, message) => queue.push(message),
+        }
+        self.since.get_or_insert(now);
+        None
+    }
+
+    fn take(&mut self, to: EndpointId) -> Vec<PairMessage> {
+        let held = self.held.remove(&to).unwrap_or_default();
+        if self.held.is_empty() {
+            self.since = None;
+        }
+        held
+    }
+
+    fn take_all(&mut self) -> Vec<(EndpointId, PairMessage)> {
+        self.since = None;
+        std::mem::take(&mut self.held)
+            .into_iter()
+            .flat_map(|(to, messages)| messages.into_iter().map(move |m| (to, m)))
+            .collect()
+    }
+}
+
 #[derive(Debug)]
 struct OwnerState {
     owner: Box<Owner>,
     storage: StorageWorkers,
+    outbox: Outbox,
     /// The commit state and counting of the same-node half last reported.
     reported: Option<(duplex_pair::CommitState, bool)>,
 }
@@ -332,6 +418,7 @@ impl Host {
         self.role = Role::Owner(OwnerState {
             owner,
             storage,
+            outbox: Outbox::default(),
             reported: None,
         });
         let peers: Vec<EndpointId> = self.peers_up.keys().copied().collect();
@@ -374,8 +461,8 @@ impl Host {
             incarnation: self.transport.incarnation(),
         });
         let transport = self.transport.clone();
-        let mut tick = tokio::time::interval(self.config.timing.tick);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let tick = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(tick);
         loop {
             tokio::select! {
                 biased;
@@ -384,7 +471,25 @@ impl Host {
                     Some(event) => self.on_event(event),
                     None => return Ok(Exit::Closed),
                 },
-                _ = tick.tick() => self.on_tick(),
+                () = &mut tick => {
+                    self.on_tick();
+                    let every = match self.role {
+                        Role::Owner(_) => self.config.timing.owner_tick,
+                        _ => self.config.timing.backup_tick,
+                    };
+                    tick.as_mut().reset(tokio::time::Instant::now() + every);
+                }
+            }
+            // Take what else is ready before acting: the records of several requests then go
+            // to the backups in one message, and one acknowledgement answers several.
+            for _ in 0..MAX_EVENTS_PER_TURN {
+                if let Ok(internal) = self.internal_rx.try_recv() {
+                    self.on_internal(internal);
+                } else if let Some(event) = transport.try_next_event() {
+                    self.on_event(event);
+                } else {
+                    break;
+                }
             }
             self.drain();
             if let Some(exit) = self.exit.take() {
@@ -492,6 +597,8 @@ impl Host {
                                 records: records.clone(),
                             },
                         ));
+                        // The last copy in: take over now, not at the next tick.
+                        self.gather(now);
                     }
                     return;
                 }
@@ -606,6 +713,8 @@ impl Host {
     // ---- actions ---------------------------------------------------------------------
 
     fn drain(&mut self) {
+        let now = self.now();
+        let pair_delay = self.config.timing.pair_delay;
         match &mut self.role {
             Role::Owner(o) => {
                 let mut stopped = None;
@@ -619,9 +728,21 @@ impl Host {
                             }
                         }
                         OwnerAction::Send { to, message } => {
-                            send_pair(&self.transport, to, &message)
+                            if let Some(message) = o.outbox.hold(now, to, message) {
+                                for held in o.outbox.take(to) {
+                                    send_pair(&self.transport, to, &held);
+                                }
+                                send_pair(&self.transport, to, &message);
+                            }
                         }
-                        OwnerAction::FlushTrail { through } => o.storage.flush_trail(through),
+                        OwnerAction::FlushTrail { through } => {
+                            // The backups get the records before the trail is durable with
+                            // them, so a takeover finds its copy reaching the trail's end.
+                            for (to, held) in o.outbox.take_all() {
+                                send_pair(&self.transport, to, &held);
+                            }
+                            o.storage.flush_trail(through);
+                        }
                         OwnerAction::FlushVolumes { checkpoint_lsn } => {
                             o.storage.flush_volumes(checkpoint_lsn);
                         }
@@ -630,6 +751,14 @@ impl Host {
                             debug!(?state, home_counts, "commit state changed");
                         }
                         OwnerAction::Stopped { reason } => stopped = Some(reason),
+                    }
+                }
+                if o.outbox
+                    .since
+                    .is_some_and(|at| now.saturating_sub(at) >= pair_delay)
+                {
+                    for (to, held) in o.outbox.take_all() {
+                        send_pair(&self.transport, to, &held);
                     }
                 }
                 // The same-node half starting to count is no state change of the primary's, so
@@ -651,8 +780,29 @@ impl Host {
                 }
             }
             Role::Backup(b) | Role::TakingOver(b) => {
+                let mut sends = Vec::new();
                 while let Some(BackupAction::Send { to, message }) = b.backup.poll_action() {
-                    send_pair(&self.transport, to, &message);
+                    sends.push((to, message));
+                }
+                // An acknowledgement says "I hold everything up to here": of several to one
+                // primary in one turn, the last says all the earlier ones do.
+                let mut last_ack: BTreeMap<EndpointId, usize> = BTreeMap::new();
+                for (i, (to, message)) in sends.iter().enumerate() {
+                    if matches!(message, PairMessage::Ack { .. }) {
+                        last_ack.insert(*to, i);
+                    }
+                }
+                for (i, (to, message)) in sends.iter().enumerate() {
+                    let superseded = matches!(message, PairMessage::Ack { .. })
+                        && last_ack.get(to).is_some_and(|last| {
+                            *last != i && {
+                                let later = &sends[*last].1;
+                                later.tag() == message.tag()
+                            }
+                        });
+                    if !superseded {
+                        send_pair(&self.transport, *to, message);
+                    }
                 }
             }
             Role::Stopped => {}

@@ -394,7 +394,7 @@ impl Bench {
             cpus: cpus.clone(),
             accounts: 0,
             paranoid: false,
-            echo: false,
+            echo: std::env::var_os("BENCH_ECHO").is_some(),
         })?;
         c.spawn(HOME, "create-and-own")?;
         for id in cpus.iter().filter(|c| **c != HOME) {
