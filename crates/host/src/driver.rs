@@ -87,6 +87,8 @@ pub enum Report {
         undone: usize,
         in_doubt: usize,
         copies: usize,
+        /// In `take_over` (checking the copies, recovery, the new owner's start).
+        recovery_ms: f64,
         /// From holding the lock to owning.
         takeover_ms: f64,
     },
@@ -109,6 +111,9 @@ pub enum Exit {
     Closed,
 }
 
+/// A finished takeover: the owner, its report, the copies gathered, the time `take_over` took.
+type TakenOver = (Owner, TakeoverReport, usize, Duration);
+
 enum Internal {
     Storage(StorageDone),
     /// An attempt to open the LSG for writing ended.
@@ -116,7 +121,7 @@ enum Internal {
         result: Box<Result<LogStorageGroup<FileStore>, LsgError>>,
         waited: Duration,
     },
-    TakeoverDone(Box<Result<(Owner, TakeoverReport, usize), TakeoverError>>),
+    TakeoverDone(Box<Result<TakenOver, TakeoverError>>),
 }
 
 impl std::fmt::Debug for Internal {
@@ -1015,6 +1020,7 @@ impl Host {
         self.role = Role::TakingOver(b);
         let started = self.started;
         tokio::task::spawn_blocking(move || {
+            let t0 = Instant::now();
             let result = take_over::<FileStore, ReplyTo>(
                 g.lsg,
                 taker,
@@ -1023,12 +1029,12 @@ impl Host {
                 owner_config,
                 started.elapsed(),
             )
-            .map(|(owner, report)| (owner, report, copies));
+            .map(|(owner, report)| (owner, report, copies, t0.elapsed()));
             let _ = done.send(Internal::TakeoverDone(Box::new(result)));
         });
     }
 
-    fn on_takeover_done(&mut self, result: Result<(Owner, TakeoverReport, usize), TakeoverError>) {
+    fn on_takeover_done(&mut self, result: Result<TakenOver, TakeoverError>) {
         let now = self.now();
         let role = std::mem::replace(&mut self.role, Role::Stopped);
         let Role::TakingOver(mut b) = role else {
@@ -1036,7 +1042,7 @@ impl Host {
             return;
         };
         match result {
-            Ok((owner, report, copies)) => {
+            Ok((owner, report, copies, recovery)) => {
                 let start = match report.start {
                     StartKind::Warm => "warm",
                     StartKind::Cold => "cold",
@@ -1061,6 +1067,7 @@ impl Host {
                     undone: report.undone,
                     in_doubt: report.in_doubt,
                     copies,
+                    recovery_ms: recovery.as_secs_f64() * 1e3,
                     takeover_ms: self
                         .acquired_at
                         .take()

@@ -4,8 +4,9 @@
 //! - The flush thread makes the trail durable (`AuditTrail::wait_durable`). Requests that
 //!   queued while a flush ran are merged into one (the highest LSN), which is the group commit
 //!   at this level; the trail groups concurrent flushes again below.
-//! - The checkpoint thread flushes the volumes (which makes the trail durable first) and
-//!   truncates the trail, so a slow volume flush never holds a commit's trail flush back.
+//! - The checkpoint thread flushes the volumes (which makes the trail durable first), compacts
+//!   a volume that is mostly overwritten records, and truncates the trail, so a slow volume
+//!   flush never holds a commit's trail flush back.
 //!
 //! A failed job is reported once and ends its thread: the owner stops on the first storage
 //! failure, and nothing may be written after it.
@@ -15,7 +16,7 @@ use std::sync::mpsc;
 
 use duplex_lsg::{FileStore, LogStorageGroup, Lsn};
 use tokio::sync::mpsc::UnboundedSender;
-use tracing::debug_span;
+use tracing::{debug, debug_span};
 
 /// What a storage thread reports back to the event loop.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +103,29 @@ fn flush_loop<E>(
     }
 }
 
+/// A volume is compacted when at least two segments' worth of records were written and three
+/// quarters of them are overwritten: a log-structured volume otherwise grows with every update,
+/// and with it the time a new owner takes to open it (it reads every segment to build its index).
+/// Compaction holds the volume's lock while it copies the live records and syncs them, so it
+/// runs rarely, after a checkpoint, on this thread.
+fn compact_if_due(lsg: &LogStorageGroup<FileStore>) -> Result<(), String> {
+    let segment_bytes = lsg.config().volume_segment_bytes;
+    for name in lsg.volume_names() {
+        let volume = lsg
+            .volume(&name)
+            .map_err(|e| format!("volume {name}: {e}"))?;
+        let stats = volume.stats();
+        if stats.written_bytes >= 2 * segment_bytes && stats.written_bytes >= 4 * stats.live_bytes {
+            let _span = debug_span!("volume_compaction", volume = %name).entered();
+            let done = volume
+                .compact()
+                .map_err(|e| format!("compacting volume {name}: {e}"))?;
+            debug!(volume = %name, ?done, "volume compacted");
+        }
+    }
+    Ok(())
+}
+
 fn checkpoint_loop<E>(
     lsg: &LogStorageGroup<FileStore>,
     jobs: &mpsc::Receiver<CheckpointJob>,
@@ -118,6 +142,9 @@ fn checkpoint_loop<E>(
                         failed = Some(format!("flushing volume {name} at checkpoint {lsn}: {e}"));
                         break;
                     }
+                }
+                if failed.is_none() {
+                    failed = compact_if_due(lsg).err();
                 }
                 match failed {
                     None => Some(StorageDone::VolumesFlushed(lsn)),

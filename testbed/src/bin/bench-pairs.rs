@@ -487,6 +487,12 @@ impl Bench {
         run.samples
             .recv_timeout(WAIT)
             .context("no commit before the first kill")?;
+        // Two checkpoint intervals of this load first, so what the backups retain (and a
+        // takeover replays) is this workload's, not the heavier runs' before it.
+        let settle = Instant::now() + Duration::from_millis(1200);
+        while Instant::now() < settle {
+            let _ = run.samples.recv_timeout(Duration::from_millis(100));
+        }
         let (mut ours, mut detector) = (Vec::new(), Vec::new());
         let mut primary = HOME;
         for round in 0..self.sizes.takeover_rounds {
@@ -534,6 +540,19 @@ impl Bench {
                 .wait_for("normal state with the same-node half", WAIT, |v| {
                     is_state(v, "Normal", true)
                 })?;
+            // And the client connected to the restarted CPU again, as a client that has run
+            // for a while is: the next owner tells it so at once.
+            let deadline = Instant::now() + WAIT;
+            while !endpoint
+                .transport()
+                .peer_status(primary)
+                .is_some_and(|s| s.up)
+            {
+                if Instant::now() > deadline {
+                    bail!("round {round}: the client never reconnected to {primary}");
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
             primary = taker;
         }
         drop(run.finish()?);
