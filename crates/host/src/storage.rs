@@ -168,3 +168,47 @@ fn checkpoint_loop<E>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use duplex_lsg::{LsgConfig, LsgId, RecordFlags, RecordType};
+
+    #[test]
+    fn a_mostly_overwritten_volume_is_compacted_and_a_live_one_is_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = LsgConfig {
+            audit_segment_bytes: 1 << 20,
+            volume_segment_bytes: 64 << 10,
+            max_batch_bytes: 64 << 10,
+            max_record_bytes: 16 << 10,
+            max_key_bytes: 64,
+            max_value_bytes: 1 << 10,
+        };
+        let mut lsg = LogStorageGroup::create(dir.path(), LsgId(1), config).expect("create");
+        let hot = lsg.create_volume("hot").expect("volume");
+        let cold = lsg.create_volume("cold").expect("volume");
+        let value = vec![5u8; 200];
+        for i in 0..1200u32 {
+            let lsn = lsg
+                .audit()
+                .append(RecordType::Update, RecordFlags::NONE, b"change")
+                .expect("append");
+            hot.put(b"the-key", &value, lsn).expect("put");
+            cold.put(&i.to_be_bytes(), &value, lsn).expect("put");
+        }
+        let through = Lsn(lsg.audit().next_lsn().0 - 1);
+        lsg.audit().wait_durable(through).expect("durable");
+        let (hot_before, cold_before) = (hot.stats(), cold.stats());
+        assert!(hot_before.written_bytes >= 2 * config.volume_segment_bytes);
+        compact_if_due(&lsg).expect("compaction");
+        let (hot_after, cold_after) = (hot.stats(), cold.stats());
+        assert!(
+            hot_after.written_bytes < hot_before.written_bytes / 10,
+            "{hot_before:?} -> {hot_after:?}"
+        );
+        assert_eq!(cold_after.written_bytes, cold_before.written_bytes);
+        let read = hot.get(b"the-key").expect("read").map(|r| r.value);
+        assert_eq!(read, Some(value));
+    }
+}
