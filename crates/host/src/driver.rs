@@ -1121,3 +1121,83 @@ pub fn message_limits(config: &HostConfig) -> MessageTableLimits {
         .owner_config(OwnerEpoch(0), 0, config.lsg_config.max_record_bytes)
         .messages
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use duplex_lsg::LsgId;
+
+    fn records(tag: PairTag, from: u64, types: &[RecordType]) -> PairMessage {
+        PairMessage::Records {
+            tag,
+            records: types
+                .iter()
+                .enumerate()
+                .map(|(i, t)| StreamRecord {
+                    lsn: Lsn(from + i as u64),
+                    record_type: *t as u8,
+                    flags: 0,
+                    payload: vec![1, 2, 3],
+                })
+                .collect(),
+            retain_from: Lsn(from),
+        }
+    }
+
+    fn lsns(m: &PairMessage) -> Vec<u64> {
+        match m {
+            PairMessage::Records { records, .. } => records.iter().map(|r| r.lsn.0).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_outbox_holds_updates_until_something_awaited_and_keeps_their_order() {
+        let tag = PairTag {
+            lsg: LsgId(1),
+            epoch: OwnerEpoch(2),
+            incarnation: 7,
+        };
+        let (a, b) = (EndpointId::new(1, 1), EndpointId::new(2, 0));
+        let mut out = Outbox::default();
+        let now = Duration::from_millis(10);
+        // Two requests' updates to two backups: held, and merged per backup.
+        for to in [a, b] {
+            assert!(
+                out.hold(now, to, records(tag, 5, &[RecordType::Update]))
+                    .is_none()
+            );
+            assert!(
+                out.hold(now, to, records(tag, 6, &[RecordType::Update]))
+                    .is_none()
+            );
+        }
+        assert_eq!(out.since, Some(now));
+        // A commit is awaited: it goes at once, after what is held for its backup.
+        let commit = records(tag, 7, &[RecordType::Commit]);
+        let passed = out.hold(now, a, commit.clone());
+        assert_eq!(passed, Some(commit));
+        let held = out.take(a);
+        assert_eq!(held.len(), 1, "contiguous updates merge into one message");
+        assert_eq!(lsns(&held[0]), vec![5, 6]);
+        // The other backup's records stay held until a flush or the delay takes them.
+        assert!(out.since.is_some());
+        let rest = out.take_all();
+        assert_eq!(rest.len(), 1);
+        assert_eq!((rest[0].0, lsns(&rest[0].1)), (b, vec![5, 6]));
+        assert_eq!(out.since, None);
+        // Anything but records (a resync) is never held.
+        let resync = PairMessage::Resync { tag, from: Lsn(1) };
+        assert_eq!(out.hold(now, a, resync.clone()), Some(resync));
+        // Records that do not continue the held ones are not merged with them.
+        assert!(
+            out.hold(now, a, records(tag, 9, &[RecordType::Update]))
+                .is_none()
+        );
+        assert!(
+            out.hold(now, a, records(tag, 12, &[RecordType::Update]))
+                .is_none()
+        );
+        assert_eq!(out.take(a).len(), 2);
+    }
+}
