@@ -247,10 +247,20 @@ impl Session {
 
     /// Sends one request (a new sequence number) until it is answered by the primary.
     pub async fn request(&mut self, tx: Option<TxId>, op: Op) -> Result<Answer, ClientError> {
-        let shared = Arc::clone(&self.endpoint.shared);
-        let options = shared.options;
         let seq = self.next_seq;
         self.next_seq += 1;
+        let span = debug_span!("session_request", client = self.id.0, seq);
+        self.send_until_answered(seq, tx, op).instrument(span).await
+    }
+
+    async fn send_until_answered(
+        &self,
+        seq: u64,
+        tx: Option<TxId>,
+        op: Op,
+    ) -> Result<Answer, ClientError> {
+        let shared = Arc::clone(&self.endpoint.shared);
+        let options = shared.options;
         let request = ClientRequest {
             client: self.id,
             seq: RequestSeq(seq),

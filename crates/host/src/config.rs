@@ -81,8 +81,6 @@ pub struct HostConfig {
     pub paranoid: bool,
     /// Every CPU that may own or back up the LSG (this one included).
     pub cpus: Vec<EndpointId>,
-    /// Client endpoints: told who the primary is when they come up.
-    pub clients: Vec<EndpointId>,
     pub timing: Timing,
 }
 

@@ -148,7 +148,6 @@ async fn run(args: Args) -> Result<Exit> {
         lsg_config: HostConfig::small_lsg_config(),
         paranoid: args.paranoid,
         cpus,
-        clients,
         timing: Timing::default(),
     };
     print(&serde_json::json!({"event": "bound", "main": transport.local_addrs()?.main}));
