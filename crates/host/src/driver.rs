@@ -37,7 +37,7 @@ use duplex_audit_pair::{AuditBackup, BackupAction};
 use duplex_lsg::{FileStore, LogStorageGroup, LsgError, Lsn, OpenMode, OwnerEpoch, RecordType};
 use duplex_owner::takeover::{Chain, StartKind, TakeoverError, TakeoverReport, Taker, take_over};
 use duplex_owner::{ClientReply, ClientRequest, LsgOwner, OpError, OwnerAction, OwnerStart};
-use duplex_pair::{MessageTableLimits, PairMessage, PairTag, StreamRecord};
+use duplex_pair::{PairMessage, PairTag, StreamRecord};
 use duplex_transport::{
     EndpointId, Event, PeerEvent, QuicTransport, RequestId, Transport, TransportError,
 };
@@ -1113,13 +1113,6 @@ fn send_pair(transport: &QuicTransport, to: EndpointId, message: &PairMessage) {
         },
         Err(e) => warn!(%to, error = %e, "cannot encode a pair message"),
     }
-}
-
-/// The message-table limits the owner uses (for [`crate::create_lsg`] callers).
-pub fn message_limits(config: &HostConfig) -> MessageTableLimits {
-    config
-        .owner_config(OwnerEpoch(0), 0, config.lsg_config.max_record_bytes)
-        .messages
 }
 
 #[cfg(test)]
