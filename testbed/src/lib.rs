@@ -3,6 +3,9 @@
 //! The testbed runs Duplex as real processes: crash children that get `kill -9`, peers in other
 //! processes, and the benchmarks that compare Duplex with the machine's own limit in one run.
 
+pub mod bank;
+pub mod cluster;
+
 use serde::Serialize;
 
 /// Whether a larger figure is better (throughput) or a smaller one (latency).
