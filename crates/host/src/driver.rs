@@ -37,7 +37,7 @@ use duplex_audit_pair::{AuditBackup, BackupAction};
 use duplex_lsg::{FileStore, LogStorageGroup, LsgError, Lsn, OpenMode, OwnerEpoch, RecordType};
 use duplex_owner::takeover::{Chain, StartKind, TakeoverError, TakeoverReport, Taker, take_over};
 use duplex_owner::{ClientReply, ClientRequest, LsgOwner, OpError, OwnerAction, OwnerStart};
-use duplex_pair::{PairMessage, PairTag, StreamRecord};
+use duplex_pair::{Clock, MonotonicClock, PairMessage, PairTag, StreamRecord};
 use duplex_transport::{
     EndpointId, Event, PeerEvent, QuicTransport, RequestId, Transport, TransportError,
 };
@@ -267,7 +267,9 @@ enum Role {
 pub struct Host {
     config: HostConfig,
     transport: QuicTransport,
-    started: Instant,
+    /// The cores' time: monotonic, since this process started (the `Clock` boundary; the
+    /// simulation uses a virtual one).
+    clock: MonotonicClock,
     role: Role,
     internal_tx: UnboundedSender<Internal>,
     internal_rx: UnboundedReceiver<Internal>,
@@ -320,7 +322,7 @@ impl Host {
         Host {
             config,
             transport,
-            started: Instant::now(),
+            clock: MonotonicClock::new(),
             role,
             internal_tx,
             internal_rx,
@@ -435,7 +437,7 @@ impl Host {
 
     /// The time since this process started: the cores' `now`.
     fn now(&self) -> Duration {
-        self.started.elapsed()
+        self.clock.now()
     }
 
     pub fn transport(&self) -> &QuicTransport {
@@ -1034,7 +1036,7 @@ impl Host {
         self.acquired_at = Some(g.acquired_at);
         debug!(?taker, copies, own = own.is_some(), "taking over");
         self.role = Role::TakingOver(b);
-        let started = self.started;
+        let clock = self.clock;
         tokio::task::spawn_blocking(move || {
             let t0 = Instant::now();
             let result = take_over::<FileStore, ReplyTo>(
@@ -1043,7 +1045,7 @@ impl Host {
                 own,
                 g.chains,
                 owner_config,
-                started.elapsed(),
+                clock.now(),
             )
             .map(|(owner, report)| (owner, report, copies, t0.elapsed()));
             let _ = done.send(Internal::TakeoverDone(Box::new(result)));

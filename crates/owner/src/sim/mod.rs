@@ -52,6 +52,7 @@ use duplex_lsg::{
 use duplex_pair::records::AuditBody;
 use duplex_pair::stream::{PairMessage, PairTag};
 use duplex_pair::{ClientId, CommitState, MessageTableLimits, Receipt, Reply, RequestSeq, TxId};
+use duplex_pair::{Clock, VirtualClock};
 use duplex_transport::{
     EndpointId, Event, Path, PeerEvent, RequestId, SimConfig, SimNetwork, SimTransport, StreamId,
     Transport,
@@ -242,6 +243,7 @@ struct Committed {
 }
 
 struct World {
+    clock: VirtualClock,
     options: SimOptions,
     rng: ChaCha8Rng,
     net: SimNetwork,
@@ -369,6 +371,7 @@ fn run_world(options: SimOptions, script: Option<Script>) -> Result<SimReport, S
     for _ in 0..rounds {
         let next = w.now() + QUANTUM;
         w.net.run_until(next);
+        w.clock.advance_to(w.net.now());
         if w.script.is_some() {
             w.step_script()?;
             w.step_probes();

@@ -58,6 +58,7 @@ impl World {
             });
         }
         Ok(World {
+            clock: VirtualClock::new(),
             faults_left: options.max_faults,
             options,
             rng,
@@ -85,8 +86,10 @@ impl World {
         })
     }
 
+    /// The one virtual time every component of the world reads: the network's, which the
+    /// scheduler advances round by round.
     pub(super) fn now(&self) -> Duration {
-        self.net.now()
+        self.clock.now()
     }
 
     pub(super) fn note(&mut self, what: String) {
