@@ -32,7 +32,10 @@ pub use lsg::{LogStorageGroup, OpenMode};
 pub use record::{RecordFlags, RecordType};
 pub use sim_store::{SimFile, SimFileImage, SimLock, SimStore};
 pub use store::{FileLock, FileStore, RealFile, Store, StoreFile};
-pub use volume::{Compaction, DataVolume, VolumeRecord, VolumeScanStats, VolumeStats};
+pub use volume::{
+    Compaction, DataVolume, VolumeRecord, VolumeScanStats, VolumeStats,
+    validate_name as validate_volume_name,
+};
 
 /// The on-disk format version this build writes; it reads this one and older ones.
 pub const FORMAT_VERSION: u32 = 1;

@@ -407,8 +407,9 @@ pub(crate) fn is_complete<S: Store>(store: &S, name: &str) -> Result<bool> {
     store.exists(&format!("{VOLUMES_DIR}/{name}/{CHECKPOINT_NAME}"))
 }
 
-/// Volume names become directory names: keep them plain.
-pub(crate) fn validate_name(name: &str) -> Result<()> {
+/// Volume names become directory names: keep them plain. Public so a cluster configuration
+/// refuses at load time the names the storage layer would refuse at creation.
+pub fn validate_name(name: &str) -> Result<()> {
     let why = if name.is_empty() || name.len() > 64 {
         Some("must be 1 to 64 characters")
     } else if !name
