@@ -198,7 +198,11 @@ fn a_duplicate_lsg_id_is_refused() {
 
 #[test]
 fn an_lsg_backed_up_on_its_home_node_is_refused() {
-    assert_refused(&with_line(18, "backup = 1"), 18, "must differ");
+    let e = assert_refused(&with_line(18, "backup = 1"), 18, "must differ");
+    assert_eq!(
+        e.to_string(),
+        "line 18, column 10: LSG 1's backup node is its home node 1: they must differ"
+    );
 }
 
 #[test]
@@ -275,7 +279,7 @@ fn a_volume_name_used_twice_is_refused() {
 
 #[test]
 fn a_duplicate_address_is_refused() {
-    assert_refused(
+    let e = assert_refused(
         &with_line(
             13,
             "cpus = [{ id = 0, main = \"127.0.0.1:7200\", failsafe = \"127.0.0.1:7101\" }]",
@@ -283,6 +287,7 @@ fn a_duplicate_address_is_refused() {
         13,
         "address 127.0.0.1:7101, already used at line 8",
     );
+    assert_eq!(e.column, 55, "points at the failsafe address: {e}");
 }
 
 #[test]
