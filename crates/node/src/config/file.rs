@@ -17,6 +17,9 @@ use super::{
     Timing, Volume,
 };
 
+/// A checked LSG with the spans of its volumes' starts.
+type LsgWithSpans = (Lsg, Vec<Range<usize>>);
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
@@ -253,12 +256,11 @@ impl Checker<'_> {
 
     /// The checked LSGs, each with the spans of its volumes (the start bound, or the volume's
     /// name when the start is implicit) for the overlap check.
-    #[allow(clippy::type_complexity)]
     fn lsgs(
         &self,
         lsgs: Spanned<Vec<FileLsg>>,
         nodes: &[Node],
-    ) -> Result<Vec<(Lsg, Vec<Range<usize>>)>, ConfigError> {
+    ) -> Result<Vec<LsgWithSpans>, ConfigError> {
         let span = lsgs.span();
         let lsgs = lsgs.into_inner();
         self.count(span, lsgs.len(), MAX_LSGS, || {
