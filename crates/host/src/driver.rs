@@ -35,7 +35,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use duplex_audit_pair::{AuditBackup, BackupAction};
 use duplex_lsg::{FileStore, LogStorageGroup, LsgError, Lsn, OpenMode, OwnerEpoch, RecordType};
-use duplex_owner::takeover::{Chain, StartKind, TakeoverError, TakeoverReport, Taker, take_over};
+use duplex_owner::takeover::{
+    Chain, Copies, StartKind, TakeoverError, TakeoverReport, Taker, take_over,
+};
 use duplex_owner::{ClientReply, ClientRequest, LsgOwner, OpError, OwnerAction, OwnerStart};
 use duplex_pair::{Clock, MonotonicClock, PairMessage, PairTag, StreamRecord};
 use duplex_transport::{
@@ -146,8 +148,7 @@ enum Acquire {
 #[derive(Debug)]
 struct Gathering {
     lsg: LogStorageGroup<FileStore>,
-    chains: Vec<(EndpointId, Chain)>,
-    waiting_for: BTreeSet<EndpointId>,
+    copies: Copies,
     fence: Bytes,
     resend_at: Duration,
     deadline: Duration,
@@ -602,23 +603,9 @@ impl Host {
                     },
                 ) = (b.gathering.as_mut(), &message)
                 {
-                    if g.waiting_for.contains(&from) {
-                        // A copy larger than one frame comes in parts, the last `complete`.
-                        match g.chains.iter_mut().find(|(f, _)| *f == from) {
-                            Some((_, chain)) => chain.records.extend(records.iter().cloned()),
-                            None => g.chains.push((
-                                from,
-                                Chain {
-                                    epoch: tag.epoch,
-                                    records: records.clone(),
-                                },
-                            )),
-                        }
-                        if *complete {
-                            g.waiting_for.remove(&from);
-                            // The last copy in: take over now, not at the next tick.
-                            self.gather(now);
-                        }
+                    if g.copies.on_part(from, tag.epoch, records, *complete) {
+                        // A copy complete: take over as soon as the last is in.
+                        self.gather(now);
                     }
                     return;
                 }
@@ -672,7 +659,7 @@ impl Host {
             Role::Owner(o) => o.owner.on_peer_down(now, peer, incarnation),
             Role::Backup(b) => {
                 if let Some(g) = b.gathering.as_mut() {
-                    g.waiting_for.remove(&peer);
+                    g.copies.give_up_on(peer);
                 }
                 let local = self.config.local;
                 if b.acquire == Acquire::Waiting
@@ -963,8 +950,7 @@ impl Host {
         });
         b.gathering = Some(Box::new(Gathering {
             lsg,
-            chains: Vec::new(),
-            waiting_for,
+            copies: Copies::new(waiting_for),
             fence,
             resend_at: now,
             deadline: now + self.config.timing.fence_deadline,
@@ -984,7 +970,7 @@ impl Host {
         };
         if now >= g.resend_at {
             g.resend_at = now + self.config.timing.fence_resend;
-            for other in &g.waiting_for {
+            for other in g.copies.waiting_for() {
                 if let Err(e) = self
                     .transport
                     .stream_send(*other, PAIR_STREAM, g.fence.clone())
@@ -993,7 +979,7 @@ impl Host {
                 }
             }
         }
-        if g.waiting_for.is_empty() || now >= g.deadline {
+        if g.copies.all_in() || now >= g.deadline {
             self.start_takeover();
         }
     }
@@ -1010,8 +996,7 @@ impl Host {
         };
         let mut g = *g;
         // A copy still arriving when the time ran out is incomplete: it cannot vouch.
-        let waiting_for = std::mem::take(&mut g.waiting_for);
-        g.chains.retain(|(from, _)| !waiting_for.contains(from));
+        let gathered = std::mem::take(&mut g.copies).into_complete();
         let own = Chain::of_backup(&b.backup);
         let own = (!own.records.is_empty()).then_some(own);
         let incarnation = self.transport.incarnation();
@@ -1031,7 +1016,7 @@ impl Host {
             backup_node,
             memory_lost_everywhere: self.recover,
         };
-        let copies = g.chains.len();
+        let copies = gathered.len();
         let done = self.internal_tx.clone();
         self.acquired_at = Some(g.acquired_at);
         debug!(?taker, copies, own = own.is_some(), "taking over");
@@ -1043,7 +1028,7 @@ impl Host {
                 g.lsg,
                 taker,
                 own,
-                g.chains,
+                gathered,
                 owner_config,
                 clock.now(),
             )

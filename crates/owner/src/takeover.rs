@@ -19,7 +19,7 @@
 //!    nor prepared (compensation records at new LSNs), and in-doubt transactions relocked.
 //! 4. The new owner starts backup-only (flush before acknowledging) until a backup catches up.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use duplex_audit_pair::AuditBackup;
@@ -71,6 +71,80 @@ impl Chain {
         let first = self.first()?;
         let index = usize::try_from(lsn.0.checked_sub(first.0)?).ok()?;
         self.records.get(index)
+    }
+}
+
+/// The copies a taker gathers after its `Fence`: each backup answers with one or more
+/// `FenceAck` parts, the last marked complete. Both drivers (the simulation and the real one)
+/// collect them here, so the rule "only a complete copy counts" lives once.
+#[derive(Debug, Default)]
+pub struct Copies {
+    waiting_for: BTreeSet<EndpointId>,
+    chains: Vec<(EndpointId, Chain)>,
+}
+
+impl Copies {
+    /// Waits for a copy from each of `from`.
+    pub fn new(from: impl IntoIterator<Item = EndpointId>) -> Self {
+        Copies {
+            waiting_for: from.into_iter().collect(),
+            chains: Vec::new(),
+        }
+    }
+
+    /// The backups whose copy is still missing or arriving.
+    pub fn waiting_for(&self) -> impl Iterator<Item = &EndpointId> {
+        self.waiting_for.iter()
+    }
+
+    /// Every copy asked for is in.
+    pub fn all_in(&self) -> bool {
+        self.waiting_for.is_empty()
+    }
+
+    /// Stops waiting for `peer` (it went down); what it sent so far is dropped.
+    pub fn give_up_on(&mut self, peer: EndpointId) {
+        self.waiting_for.remove(&peer);
+        self.chains.retain(|(from, _)| *from != peer);
+    }
+
+    /// One `FenceAck` part from `from`, whose stream was of `epoch`. Returns true when it
+    /// completed `from`'s copy. Parts from a backup not waited for are ignored.
+    pub fn on_part(
+        &mut self,
+        from: EndpointId,
+        epoch: OwnerEpoch,
+        records: &[StreamRecord],
+        complete: bool,
+    ) -> bool {
+        if !self.waiting_for.contains(&from) {
+            return false;
+        }
+        match self.chains.iter_mut().find(|(f, _)| *f == from) {
+            Some((_, chain)) => chain.records.extend(records.iter().cloned()),
+            None => self.chains.push((
+                from,
+                Chain {
+                    epoch,
+                    records: records.to_vec(),
+                },
+            )),
+        }
+        if complete {
+            self.waiting_for.remove(&from);
+        }
+        complete
+    }
+
+    /// The complete copies. One still arriving when the time ran out cannot vouch for
+    /// anything and is left out.
+    pub fn into_complete(self) -> Vec<(EndpointId, Chain)> {
+        let Copies {
+            waiting_for,
+            mut chains,
+        } = self;
+        chains.retain(|(from, _)| !waiting_for.contains(from));
+        chains
     }
 }
 
@@ -425,4 +499,45 @@ pub fn take_over<S: Store, C: Clone + std::fmt::Debug>(
         "took the LSG over"
     );
     Ok((owner, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(from: u64, to: u64) -> Vec<StreamRecord> {
+        (from..=to)
+            .map(|lsn| StreamRecord {
+                lsn: Lsn(lsn),
+                record_type: RecordType::Update as u8,
+                flags: 0,
+                payload: vec![lsn as u8],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn only_complete_copies_count_and_parts_join_in_order() {
+        let (a, b, c) = (
+            EndpointId::new(1, 1),
+            EndpointId::new(2, 0),
+            EndpointId::new(2, 1),
+        );
+        let mut copies = Copies::new([a, b, c]);
+        assert!(!copies.on_part(a, OwnerEpoch(3), &part(5, 6), false));
+        assert!(copies.on_part(a, OwnerEpoch(3), &part(7, 8), true));
+        assert!(!copies.on_part(b, OwnerEpoch(3), &part(5, 5), false));
+        assert!(
+            !copies.on_part(EndpointId::new(9, 9), OwnerEpoch(3), &part(1, 1), true),
+            "a copy nobody asked for is ignored"
+        );
+        copies.give_up_on(c);
+        assert!(!copies.all_in(), "b's copy is still arriving");
+        let complete = copies.into_complete();
+        assert_eq!(complete.len(), 1, "b's partial copy cannot vouch");
+        let (from, chain) = &complete[0];
+        assert_eq!(*from, a);
+        let lsns: Vec<u64> = chain.records.iter().map(|r| r.lsn.0).collect();
+        assert_eq!(lsns, vec![5, 6, 7, 8]);
+    }
 }

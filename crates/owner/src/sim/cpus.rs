@@ -183,23 +183,7 @@ impl World {
                                 },
                             ) = (gathering.as_mut(), &m)
                             {
-                                if g.waiting_for.contains(&from) {
-                                    match g.chains.iter_mut().find(|(f, _)| *f == from) {
-                                        Some((_, chain)) => {
-                                            chain.records.extend(records.iter().cloned())
-                                        }
-                                        None => g.chains.push((
-                                            from,
-                                            Chain {
-                                                epoch: tag.epoch,
-                                                records: records.clone(),
-                                            },
-                                        )),
-                                    }
-                                    if *complete {
-                                        g.waiting_for.remove(&from);
-                                    }
-                                }
+                                g.copies.on_part(from, tag.epoch, records, *complete);
                                 continue;
                             }
                             backup.on_message(now, from, m);
@@ -286,8 +270,7 @@ impl World {
         };
         *gathering = Some(Box::new(Gathering {
             lsg,
-            chains: Vec::new(),
-            waiting_for: others,
+            copies: Copies::new(others),
             fence,
             resend_at: now,
             deadline: now + Duration::from_millis(40),
@@ -311,7 +294,7 @@ impl World {
             && now >= g.resend_at
         {
             g.resend_at = now + Duration::from_millis(5);
-            for other in &g.waiting_for {
+            for other in g.copies.waiting_for() {
                 let _ = cpu
                     .transport
                     .stream_send(*other, PAIR_STREAM, g.fence.clone());
@@ -319,7 +302,7 @@ impl World {
         }
         let done = gathering
             .as_ref()
-            .is_some_and(|g| g.waiting_for.is_empty() || now >= g.deadline);
+            .is_some_and(|g| g.copies.all_in() || now >= g.deadline);
         if !done {
             return Ok(());
         }
@@ -328,8 +311,7 @@ impl World {
         };
         let mut g = *g;
         // A copy still arriving when the time ran out is incomplete: it cannot vouch.
-        let waiting_for = std::mem::take(&mut g.waiting_for);
-        g.chains.retain(|(from, _)| !waiting_for.contains(from));
+        let gathered = std::mem::take(&mut g.copies).into_complete();
         let own = Chain::of_backup(backup);
         let own = (!own.records.is_empty()).then_some(own);
         let config = {
@@ -356,8 +338,7 @@ impl World {
             epoch: g.lsg.owner_epoch(),
             trail_end: Lsn(g.lsg.audit().next_lsn().0 - 1),
             own: own.as_ref().map(|c| CopySummary::of(id, c)),
-            gathered: g
-                .chains
+            gathered: gathered
                 .iter()
                 .map(|(from, c)| CopySummary::of(*from, c))
                 .collect(),
@@ -368,7 +349,7 @@ impl World {
         if let Some(n) = attempt.crash_armed {
             cpu.store.crash_after_writes(n);
         }
-        let result = take_over::<SimStore, ReplyTo>(g.lsg, taker, own, g.chains, owner_config, now);
+        let result = take_over::<SimStore, ReplyTo>(g.lsg, taker, own, gathered, owner_config, now);
         match &result {
             Ok((_, report)) => attempt.outcome = Ok(report.clone()),
             Err(TakeoverError::CopyMissing { .. }) => {}

@@ -63,7 +63,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::owner::{LsgOwner, OwnerAction, OwnerConfig, OwnerStart};
 use crate::protocol::{ClientReply, ClientRequest, Op, OpError};
-use crate::takeover::{Chain, StartKind, TakeoverError, TakeoverReport, Taker, take_over};
+use crate::takeover::{Chain, Copies, StartKind, TakeoverError, TakeoverReport, Taker, take_over};
 
 const LSG: LsgId = LsgId(1);
 const ACCOUNTS: &str = "accounts";
@@ -172,8 +172,7 @@ enum StorageJob {
 #[derive(Debug)]
 struct Gathering {
     lsg: LogStorageGroup<SimStore>,
-    chains: Vec<(EndpointId, Chain)>,
-    waiting_for: BTreeSet<EndpointId>,
+    copies: Copies,
     /// The fence message, sent again until answered (a peer just restarted is not reachable
     /// until the detector hears it).
     fence: Bytes,
