@@ -29,7 +29,7 @@ use duplex_lsg::{
 };
 use duplex_pair::CommitState;
 use duplex_pair::records::{AuditBody, RecordError, StateChange};
-use duplex_pair::stream::StreamRecord;
+use duplex_pair::stream::{StreamError, StreamRecord};
 use duplex_transport::EndpointId;
 use thiserror::Error;
 use tracing::{info, warn};
@@ -179,8 +179,8 @@ pub enum TakeoverError {
     Record(#[from] RecordError),
     #[error("takeover: recovery: {0}")]
     Recovery(#[from] RecoveryError),
-    #[error("takeover: record {lsn} of a backup's copy has an unknown type {record_type}")]
-    UnknownType { lsn: Lsn, record_type: u8 },
+    #[error("takeover: a backup's copy: {0}")]
+    Copy(#[from] StreamError),
     #[error("takeover: finishing recovery: {0}")]
     Finish(#[from] OpError),
     #[error(
@@ -189,8 +189,34 @@ pub enum TakeoverError {
     CopyMissing { from: Option<EndpointId> },
 }
 
+/// Each volume of the LSG with its checkpoint LSN: every change at or below it is in the
+/// volume, so redo starts after it.
+pub fn volume_checkpoints<S: Store>(lsg: &LogStorageGroup<S>) -> BTreeMap<String, Lsn> {
+    lsg.volume_names()
+        .into_iter()
+        .filter_map(|name| {
+            let lsn = lsg.volume(&name).ok()?.checkpoint_lsn();
+            Some((name, lsn))
+        })
+        .collect()
+}
+
+/// Records (a copy's or the trail's) checked and decoded for recovery.
+pub fn trail_records(records: &[StreamRecord]) -> Result<Vec<TrailRecord>, TakeoverError> {
+    let mut decoded = Vec::with_capacity(records.len());
+    for r in records {
+        let (record_type, flags) = r.kind()?;
+        decoded.push(TrailRecord {
+            lsn: r.lsn,
+            flags,
+            body: AuditBody::decode(r.lsn, record_type, &r.payload)?,
+        });
+    }
+    Ok(decoded)
+}
+
 /// Every record of the retained trail, in order.
-fn read_trail<S: Store>(lsg: &LogStorageGroup<S>) -> Result<Vec<StreamRecord>, TakeoverError> {
+pub fn read_trail<S: Store>(lsg: &LogStorageGroup<S>) -> Result<Vec<StreamRecord>, TakeoverError> {
     let mut records = Vec::new();
     for r in lsg.audit().reader(lsg.audit().first_lsn())? {
         let r = r?;
@@ -359,16 +385,7 @@ pub fn take_over<S: Store, C: Clone + std::fmt::Debug>(
     let mut reappended = 0;
     if let Some(tail) = tail {
         for r in tail.records.iter().filter(|r| r.lsn > trail_end) {
-            let record_type =
-                RecordType::try_from(r.record_type).map_err(|_| TakeoverError::UnknownType {
-                    lsn: r.lsn,
-                    record_type: r.record_type,
-                })?;
-            let flags = if r.flags == 0 {
-                RecordFlags::NONE
-            } else {
-                RecordFlags::OUT_OF_COMMUNICATION
-            };
+            let (record_type, flags) = r.kind()?;
             lsg.audit()
                 .append_at(r.lsn, record_type, flags, &r.payload)?;
             reappended += 1;
@@ -381,33 +398,13 @@ pub fn take_over<S: Store, C: Clone + std::fmt::Debug>(
         !r.flags.contains(RecordFlags::OUT_OF_COMMUNICATION) || is_state_change_to_normal(r)
     });
     let warm = own_valid && in_communication;
-    let volumes: BTreeMap<String, Lsn> = lsg
-        .volume_names()
-        .into_iter()
-        .filter_map(|name| {
-            let lsn = lsg.volume(&name).ok()?.checkpoint_lsn();
-            Some((name, lsn))
-        })
-        .collect();
+    let volumes = volume_checkpoints(&lsg);
     let plan_over = |records: &[StreamRecord]| -> Result<RecoveryPlan, TakeoverError> {
-        let mut decoded = Vec::with_capacity(records.len());
-        for r in records {
-            let record_type =
-                RecordType::try_from(r.record_type).map_err(|_| TakeoverError::UnknownType {
-                    lsn: r.lsn,
-                    record_type: r.record_type,
-                })?;
-            decoded.push(TrailRecord {
-                lsn: r.lsn,
-                flags: if r.flags == 0 {
-                    RecordFlags::NONE
-                } else {
-                    RecordFlags::OUT_OF_COMMUNICATION
-                },
-                body: AuditBody::decode(r.lsn, record_type, &r.payload)?,
-            });
-        }
-        Ok(plan_recovery(decoded, &volumes, config.messages)?)
+        Ok(plan_recovery(
+            trail_records(records)?,
+            &volumes,
+            config.messages,
+        )?)
     };
     let (mut start_kind, mut records) = match (&own, warm) {
         (Some(own), true) => {

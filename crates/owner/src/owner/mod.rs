@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use duplex_audit_pair::recovery::{InDoubt, Outcome};
 use duplex_audit_pair::{AuditPrimary, PrimaryAction, PrimaryConfig};
-use duplex_lsg::{DataVolume, LogStorageGroup, Lsn, OwnerEpoch, RecordFlags, RecordType, Store};
+use duplex_lsg::{DataVolume, LogStorageGroup, Lsn, OwnerEpoch, Store};
 use duplex_pair::records::{ActiveTx, AuditBody, Checkpoint, Compensation, Prepare, TxEnd, Update};
 use duplex_pair::stream::{PairMessage, StreamRecord};
 use duplex_pair::{
@@ -381,19 +381,16 @@ impl<S: Store, C: Clone + std::fmt::Debug> LsgOwner<S, C> {
                     if self.stopped.is_some() {
                         continue;
                     }
-                    let appended = RecordType::try_from(record.record_type)
-                        .map_err(|e| e.to_string())
-                        .and_then(|t| {
-                            let flags = if record.flags == 0 {
-                                RecordFlags::NONE
-                            } else {
-                                RecordFlags::OUT_OF_COMMUNICATION
-                            };
-                            self.lsg
-                                .audit()
-                                .append_at(lsn, t, flags, &record.payload)
-                                .map_err(|e| e.to_string())
-                        });
+                    let appended =
+                        record
+                            .kind()
+                            .map_err(|e| e.to_string())
+                            .and_then(|(t, flags)| {
+                                self.lsg
+                                    .audit()
+                                    .append_at(lsn, t, flags, &record.payload)
+                                    .map_err(|e| e.to_string())
+                            });
                     if let Err(e) = appended {
                         self.stop(format!("appending record {lsn} to the trail failed: {e}"));
                     }

@@ -44,7 +44,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use bytes::Bytes;
-use duplex_audit_pair::recovery::{Outcome, TrailRecord, plan_recovery};
+use duplex_audit_pair::recovery::{Outcome, plan_recovery};
 use duplex_audit_pair::{AuditBackup, BackupAction, PrimaryConfig};
 use duplex_lsg::{
     LogStorageGroup, LsgConfig, LsgId, LsgOptions, Lsn, OpenMode, OwnerEpoch, RecordType, SimStore,
@@ -63,7 +63,10 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::owner::{LsgOwner, OwnerAction, OwnerConfig, OwnerStart};
 use crate::protocol::{ClientReply, ClientRequest, Op, OpError};
-use crate::takeover::{Chain, Copies, StartKind, TakeoverError, TakeoverReport, Taker, take_over};
+use crate::takeover::{
+    Chain, Copies, StartKind, TakeoverError, TakeoverReport, Taker, read_trail, take_over,
+    trail_records, volume_checkpoints,
+};
 
 const LSG: LsgId = LsgId(1);
 const ACCOUNTS: &str = "accounts";

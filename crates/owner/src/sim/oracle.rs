@@ -115,29 +115,15 @@ impl World {
     /// without error (dense LSNs, no transaction ended twice, no update undone twice, every
     /// checkpoint agreeing with the records before it).
     pub(super) fn check_trail(&self, lsg: &LogStorageGroup<SimStore>) -> Result<(), String> {
-        let audit = lsg.audit();
-        let mut records = Vec::new();
-        for r in audit.reader(audit.first_lsn()).map_err(|e| e.to_string())? {
-            let r = r.map_err(|e| e.to_string())?;
-            let body =
-                AuditBody::decode(r.lsn, r.record_type, &r.payload).map_err(|e| e.to_string())?;
-            records.push(TrailRecord {
-                lsn: r.lsn,
-                flags: r.flags,
-                body,
-            });
-        }
-        let volumes: BTreeMap<String, Lsn> = lsg
-            .volume_names()
-            .into_iter()
-            .filter_map(|name| {
-                let lsn = lsg.volume(&name).ok()?.checkpoint_lsn();
-                Some((name, lsn))
-            })
-            .collect();
-        plan_recovery(records, &volumes, MessageTableLimits::default())
-            .map(drop)
-            .map_err(|e| e.to_string())
+        let records = read_trail(lsg).map_err(|e| e.to_string())?;
+        let records = trail_records(&records).map_err(|e| e.to_string())?;
+        plan_recovery(
+            records,
+            &volume_checkpoints(lsg),
+            MessageTableLimits::default(),
+        )
+        .map(drop)
+        .map_err(|e| e.to_string())
     }
 
     /// What the report says about the whole run, once it ended.
