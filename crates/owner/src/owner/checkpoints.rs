@@ -2,6 +2,7 @@
 //! checkpoint record written after every volume was flushed up to the previous one.
 
 use super::*;
+use tracing::warn;
 
 impl<S: Store, C: Clone + std::fmt::Debug> LsgOwner<S, C> {
     /// Time passed: lock timeouts, deadlock victims, group flushes, checkpoints.
@@ -87,8 +88,15 @@ impl<S: Store, C: Clone + std::fmt::Debug> LsgOwner<S, C> {
             message_lows,
             previous: self.checkpoints.last,
         });
-        let Ok(lsn) = self.append(now, &body, false) else {
-            return;
+        let lsn = match self.append(now, &body, false) {
+            Ok(lsn) => lsn,
+            Err(e) => {
+                // Stopped, or a checkpoint larger than the LSG's record limit (a message
+                // table or an active list that outgrew `max_record_bytes`): the trail is not
+                // truncated until one fits, so say so every time.
+                warn!(lsg = %self.lsg.lsg_id(), error = %e, "checkpoint not written; the trail keeps growing until one is");
+                return;
+            }
         };
         self.checkpoints.penultimate = self.checkpoints.last;
         self.checkpoints.last = lsn;
