@@ -66,15 +66,11 @@ impl ClientRequest {
     }
 
     pub fn encode(&self) -> Result<Vec<u8>, OpError> {
-        postcard::to_stdvec(self).map_err(|e| OpError::Malformed {
-            reason: e.to_string(),
-        })
+        encode(self)
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, OpError> {
-        postcard::from_bytes(bytes).map_err(|e| OpError::Malformed {
-            reason: e.to_string(),
-        })
+        decode(bytes)
     }
 }
 
@@ -94,16 +90,31 @@ pub enum ClientReply {
 
 impl ClientReply {
     pub fn encode(&self) -> Result<Vec<u8>, OpError> {
-        postcard::to_stdvec(self).map_err(|e| OpError::Malformed {
-            reason: e.to_string(),
-        })
+        encode(self)
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, OpError> {
-        postcard::from_bytes(bytes).map_err(|e| OpError::Malformed {
-            reason: e.to_string(),
-        })
+        decode(bytes)
     }
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, OpError> {
+    postcard::to_stdvec(value).map_err(|e| OpError::Malformed {
+        reason: e.to_string(),
+    })
+}
+
+/// A whole message: bytes left over after it are refused, not ignored.
+fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, OpError> {
+    let (value, rest) = postcard::take_from_bytes(bytes).map_err(|e| OpError::Malformed {
+        reason: e.to_string(),
+    })?;
+    if !rest.is_empty() {
+        return Err(OpError::Malformed {
+            reason: format!("{} bytes after the message", rest.len()),
+        });
+    }
+    Ok(value)
 }
 
 /// Why a request was refused. Nothing was changed by a refused request unless it says so.
@@ -143,4 +154,31 @@ pub enum OpError {
     NotPrimary { reason: String },
     #[error("storage failed: {reason}")]
     Storage { reason: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_reads_back_and_garbage_or_trailing_bytes_are_refused() {
+        let request = ClientRequest {
+            client: ClientId(1),
+            seq: RequestSeq(2),
+            seen_below: RequestSeq(1),
+            tx: None,
+            op: Op::Begin,
+        };
+        let mut bytes = request.encode().expect("encodes");
+        assert_eq!(ClientRequest::decode(&bytes), Ok(request));
+        bytes.push(0);
+        assert!(matches!(
+            ClientRequest::decode(&bytes),
+            Err(OpError::Malformed { .. })
+        ));
+        assert!(matches!(
+            ClientReply::decode(&[0xff; 3]),
+            Err(OpError::Malformed { .. })
+        ));
+    }
 }
