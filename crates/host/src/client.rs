@@ -1,19 +1,21 @@
-//! A client of one LSG: an endpoint on the cluster transport and sessions on it.
+//! A client endpoint on the cluster transport and sessions on it.
 //!
-//! The endpoint learns who the primary is from the owners' [`Notice`]s (an owner tells every
-//! peer that comes up, and a new owner every peer at once), and forgets it when the detector
-//! reports it down or it answers `NotPrimary`; without a known primary, requests go to the
-//! CPUs in turn, whose backups answer `NotPrimary` at once.
+//! The endpoint learns who each LSG's primary is from the owners' [`Notice`]s (an owner tells
+//! every peer that comes up, and a new owner every peer at once: the "ready" signal after a
+//! takeover), from redirects ([`CpuReply::Redirect`]), and forgets it when the detector
+//! reports it down; without a known primary, requests go to the LSG's CPUs in turn, whose
+//! backups redirect at once.
 //!
-//! A [`Session`] is one client id with numbered requests, one at a time. A request is sent
-//! again, unchanged (same sequence number), when its answer did not come: the transport failed
-//! it, its primary answered `NotPrimary`, or a new primary was announced while it waited (so a
+//! A [`Session`] is one client id in one LSG with numbered requests, any number in flight. A
+//! request is sent again, unchanged (same sequence number), when its answer did not come: the
+//! transport failed it, it was redirected, or a new primary was announced while it waited (so a
 //! request to a dead or stopped primary is resent as soon as its successor is ready, without
 //! waiting for a timeout). The owner's message table answers a resent commit or abort with its
 //! first outcome, so a commit is never applied twice and its receipt is read back after a
 //! takeover.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,6 +31,7 @@ use tokio::sync::watch;
 use tracing::{Instrument, debug, debug_span};
 
 use crate::notice::Notice;
+use crate::wire::{CpuReply, CpuRequest, CpuStatus};
 
 #[derive(Debug, Error)]
 pub enum ClientError {
@@ -42,6 +45,12 @@ pub enum ClientError {
         after_ms: u64,
         resends: u32,
     },
+    #[error("LSG {lsg} is not known to this client")]
+    UnknownLsg { lsg: LsgId },
+    #[error("CPU {cpu} refused the request: {reason}")]
+    Refused { cpu: EndpointId, reason: String },
+    #[error("CPU {cpu} did not answer: {reason}")]
+    Unanswered { cpu: EndpointId, reason: String },
 }
 
 /// How patient a client is.
@@ -71,13 +80,18 @@ struct Hint {
     epoch: OwnerEpoch,
 }
 
+/// What the endpoint knows of one LSG.
 #[derive(Debug)]
-struct Shared {
-    transport: QuicTransport,
-    lsg: LsgId,
+struct LsgRoute {
     cpus: Vec<EndpointId>,
     hint: watch::Sender<Hint>,
     next: AtomicUsize,
+}
+
+#[derive(Debug)]
+struct Shared {
+    transport: QuicTransport,
+    lsgs: BTreeMap<LsgId, LsgRoute>,
     downs: Mutex<Vec<(Instant, EndpointId)>>,
     options: ClientOptions,
 }
@@ -99,11 +113,23 @@ pub struct Answer {
 }
 
 impl ClientEndpoint {
-    /// Binds the endpoint and lists the LSG's CPUs (the endpoint's id must be lower than
+    /// Binds the endpoint for one LSG served by `cpus` (the endpoint's id must be lower than
     /// theirs: it dials them).
     pub async fn bind(
         config: QuicConfig,
         lsg: LsgId,
+        cpus: &[(EndpointId, PeerAddrs)],
+        options: ClientOptions,
+    ) -> Result<Self, ClientError> {
+        let lsgs = vec![(lsg, cpus.iter().map(|(id, _)| *id).collect())];
+        Self::bind_cluster(config, lsgs, cpus, options).await
+    }
+
+    /// Binds the endpoint for a cluster: every CPU with its addresses, and each LSG with the
+    /// CPUs that may be its primary, in the order to try them.
+    pub async fn bind_cluster(
+        config: QuicConfig,
+        lsgs: Vec<(LsgId, Vec<EndpointId>)>,
         cpus: &[(EndpointId, PeerAddrs)],
         options: ClientOptions,
     ) -> Result<Self, ClientError> {
@@ -112,15 +138,23 @@ impl ClientEndpoint {
         for (id, addrs) in cpus {
             transport.add_peer(*id, *addrs);
         }
+        let lsgs = lsgs
+            .into_iter()
+            .map(|(lsg, cpus)| {
+                let route = LsgRoute {
+                    cpus,
+                    hint: watch::Sender::new(Hint {
+                        primary: None,
+                        epoch: OwnerEpoch(0),
+                    }),
+                    next: AtomicUsize::new(0),
+                };
+                (lsg, route)
+            })
+            .collect();
         let shared = Arc::new(Shared {
             transport,
-            lsg,
-            cpus: cpus.iter().map(|(id, _)| *id).collect(),
-            hint: watch::Sender::new(Hint {
-                primary: None,
-                epoch: OwnerEpoch(0),
-            }),
-            next: AtomicUsize::new(0),
+            lsgs,
             downs: Mutex::new(Vec::new()),
             options,
         });
@@ -132,27 +166,80 @@ impl ClientEndpoint {
         &self.shared.transport
     }
 
-    /// A session for client `id`, numbering its requests from 1.
+    /// A session for client `id` in the endpoint's first LSG, numbering its requests from 1.
     pub fn session(&self, id: ClientId) -> Session {
+        let lsg = self.shared.lsgs.keys().next().copied().unwrap_or(LsgId(0));
+        self.session_in(lsg, id)
+    }
+
+    /// A session for client `id` in LSG `lsg`, numbering its requests from 1.
+    pub fn session_in(&self, lsg: LsgId, id: ClientId) -> Session {
         Session {
             endpoint: self.clone(),
+            lsg,
             id,
-            next_seq: 1,
+            next_seq: AtomicU64::new(1),
+            outstanding: Mutex::new(BTreeSet::new()),
         }
     }
 
-    /// The primary last announced, if it is not known to be gone.
+    /// The primary of the first LSG last announced, if it is not known to be gone.
     pub fn primary(&self) -> Option<EndpointId> {
-        self.shared.hint.borrow().primary
+        self.shared
+            .lsgs
+            .values()
+            .next()
+            .and_then(|r| r.hint.borrow().primary)
     }
 
-    /// Waits until a primary is announced, at most `limit`.
+    /// The primary of `lsg` last announced, if it is not known to be gone.
+    pub fn primary_of(&self, lsg: LsgId) -> Option<EndpointId> {
+        self.shared
+            .lsgs
+            .get(&lsg)
+            .and_then(|r| r.hint.borrow().primary)
+    }
+
+    /// Waits until the first LSG's primary is announced, at most `limit`.
     pub async fn wait_for_primary(&self, limit: Duration) -> Option<EndpointId> {
-        let mut rx = self.shared.hint.subscribe();
+        let lsg = self.shared.lsgs.keys().next().copied()?;
+        self.wait_for_primary_of(lsg, limit).await
+    }
+
+    /// Waits until `lsg`'s primary is announced, at most `limit`.
+    pub async fn wait_for_primary_of(&self, lsg: LsgId, limit: Duration) -> Option<EndpointId> {
+        let mut rx = self.shared.lsgs.get(&lsg)?.hint.subscribe();
         let found = tokio::time::timeout(limit, rx.wait_for(|h| h.primary.is_some())).await;
         match found {
             Ok(Ok(h)) => h.primary,
             _ => None,
+        }
+    }
+
+    /// Asks CPU `cpu` for the state of its roles.
+    pub async fn status(&self, cpu: EndpointId, limit: Duration) -> Result<CpuStatus, ClientError> {
+        let payload = CpuRequest::Status
+            .encode()
+            .map_err(|e| ClientError::Encode {
+                seq: 0,
+                reason: e.to_string(),
+            })?;
+        let bytes = self
+            .shared
+            .transport
+            .call(cpu, Bytes::from(payload), limit)
+            .await
+            .map_err(|e| ClientError::Unanswered {
+                cpu,
+                reason: e.to_string(),
+            })?;
+        match CpuReply::decode(&bytes) {
+            Ok(CpuReply::Status(status)) => Ok(status),
+            Ok(other) => Err(ClientError::Refused {
+                cpu,
+                reason: format!("answered a status request with {other:?}"),
+            }),
+            Err(reason) => Err(ClientError::Refused { cpu, reason }),
         }
     }
 
@@ -170,22 +257,20 @@ impl ClientEndpoint {
     }
 }
 
-impl Shared {
-    fn target(&self, hint: &Hint) -> EndpointId {
+impl LsgRoute {
+    fn target(&self, transport: &QuicTransport, hint: &Hint) -> Option<EndpointId> {
         if let Some(p) = hint.primary {
-            return p;
+            return Some(p);
         }
         let up: Vec<EndpointId> = self
             .cpus
             .iter()
             .copied()
-            .filter(|c| self.transport.peer_status(*c).is_some_and(|s| s.up))
+            .filter(|c| transport.peer_status(*c).is_some_and(|s| s.up))
             .collect();
         let from = if up.is_empty() { &self.cpus } else { &up };
         let i = self.next.fetch_add(1, Ordering::Relaxed);
-        from.get(i % from.len().max(1))
-            .copied()
-            .unwrap_or(EndpointId::new(0, 0))
+        from.get(i % from.len().max(1)).copied()
     }
 
     /// `cpu` is not (or no longer) the primary.
@@ -199,14 +284,29 @@ impl Shared {
             }
         });
     }
+
+    /// A CPU said the primary is `cpu` (a redirect: no epoch of its own).
+    fn redirect(&self, cpu: EndpointId) {
+        self.hint.send_if_modified(|h| {
+            if h.primary.is_none() {
+                h.primary = Some(cpu);
+                true
+            } else {
+                false
+            }
+        });
+    }
 }
 
 async fn pump(shared: Arc<Shared>) {
     while let Some(event) = shared.transport.next_event().await {
         match event {
             Event::Message { from, payload, .. } => match Notice::decode(&payload) {
-                Ok(Notice::Primary { lsg, epoch }) if lsg == shared.lsg => {
-                    shared.hint.send_if_modified(|h| {
+                Ok(Notice::Primary { lsg, epoch }) => {
+                    let Some(route) = shared.lsgs.get(&lsg) else {
+                        continue;
+                    };
+                    route.hint.send_if_modified(|h| {
                         if epoch >= h.epoch && (h.primary != Some(from) || epoch != h.epoch) {
                             *h = Hint {
                                 primary: Some(from),
@@ -218,26 +318,30 @@ async fn pump(shared: Arc<Shared>) {
                         }
                     });
                 }
-                Ok(_) => {}
                 Err(e) => debug!(%from, error = %e, "malformed notice"),
             },
             Event::Peer(PeerEvent::Down { peer, .. }) => {
                 if let Ok(mut downs) = shared.downs.lock() {
                     downs.push((Instant::now(), peer));
                 }
-                shared.forget(peer);
+                for route in shared.lsgs.values() {
+                    route.forget(peer);
+                }
             }
             _ => {}
         }
     }
 }
 
-/// One client id's requests, one at a time (see the module docs).
+/// One client id's requests in one LSG, any number in flight (see the module docs).
 #[derive(Debug)]
 pub struct Session {
     endpoint: ClientEndpoint,
+    lsg: LsgId,
     id: ClientId,
-    next_seq: u64,
+    next_seq: AtomicU64,
+    /// Requests sent and not answered yet: the lowest is the `seen_below` of the next.
+    outstanding: Mutex<BTreeSet<u64>>,
 }
 
 impl Session {
@@ -245,29 +349,53 @@ impl Session {
         self.id
     }
 
+    pub fn lsg(&self) -> LsgId {
+        self.lsg
+    }
+
     /// Sends one request (a new sequence number) until it is answered by the primary.
-    pub async fn request(&mut self, tx: Option<TxId>, op: Op) -> Result<Answer, ClientError> {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        let span = debug_span!("session_request", client = self.id.0, seq);
-        self.send_until_answered(seq, tx, op).instrument(span).await
+    pub async fn request(&self, tx: Option<TxId>, op: Op) -> Result<Answer, ClientError> {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let seen_below = match self.outstanding.lock() {
+            Ok(mut out) => {
+                out.insert(seq);
+                out.first().copied().unwrap_or(seq)
+            }
+            Err(_) => seq.min(1),
+        };
+        let span = debug_span!("session_request", lsg = %self.lsg, client = self.id.0, seq);
+        let result = self
+            .send_until_answered(seq, seen_below, tx, op)
+            .instrument(span)
+            .await;
+        if let Ok(mut out) = self.outstanding.lock() {
+            out.remove(&seq);
+        }
+        result
     }
 
     async fn send_until_answered(
         &self,
         seq: u64,
+        seen_below: u64,
         tx: Option<TxId>,
         op: Op,
     ) -> Result<Answer, ClientError> {
         let shared = Arc::clone(&self.endpoint.shared);
+        let route = shared
+            .lsgs
+            .get(&self.lsg)
+            .ok_or(ClientError::UnknownLsg { lsg: self.lsg })?;
         let options = shared.options;
-        let request = ClientRequest {
-            client: self.id,
-            seq: RequestSeq(seq),
-            // Requests are one at a time: every earlier one was answered.
-            seen_below: RequestSeq(seq),
-            tx,
-            op,
+        let request = CpuRequest::Lsg {
+            lsg: self.lsg,
+            request: ClientRequest {
+                client: self.id,
+                seq: RequestSeq(seq),
+                seen_below: RequestSeq(seen_below),
+                tx,
+                op,
+            },
         };
         let payload = Bytes::from(request.encode().map_err(|e| ClientError::Encode {
             seq,
@@ -275,10 +403,18 @@ impl Session {
         })?);
         let started = Instant::now();
         let deadline = tokio::time::Instant::from_std(started + options.request_timeout);
+        let timeout = |resends| ClientError::Timeout {
+            seq,
+            after_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            resends,
+        };
         let mut resends = 0;
         loop {
-            let mut hint = shared.hint.subscribe();
-            let target = shared.target(&hint.borrow_and_update());
+            let mut hint = route.hint.subscribe();
+            let target = route.target(&shared.transport, &hint.borrow_and_update());
+            let Some(target) = target else {
+                return Err(ClientError::UnknownLsg { lsg: self.lsg });
+            };
             let call = shared
                 .transport
                 .call(target, payload.clone(), options.attempt_timeout);
@@ -290,26 +426,45 @@ impl Session {
                     }
                     None
                 }
-                _ = tokio::time::sleep_until(deadline) => {
-                    return Err(ClientError::Timeout {
-                        seq,
-                        after_ms: started.elapsed().as_millis() as u64,
-                        resends,
-                    });
-                }
+                _ = tokio::time::sleep_until(deadline) => return Err(timeout(resends)),
             };
             let retry_now = match outcome {
-                Some(Ok(bytes)) => match ClientReply::decode(&bytes) {
-                    Ok(ClientReply::Error(OpError::NotPrimary { reason })) => {
-                        debug!(%target, %reason, seq, "not the primary");
-                        shared.forget(target);
+                Some(Ok(bytes)) => match CpuReply::decode(&bytes) {
+                    Ok(CpuReply::Lsg(ClientReply::Error(OpError::NotPrimary { reason }))) => {
+                        debug!(%target, %reason, seq, "the owner stopped");
+                        route.forget(target);
                         false
                     }
-                    Ok(reply) => {
+                    Ok(CpuReply::Lsg(reply)) => {
                         return Ok(Answer {
                             reply,
                             from: target,
                             resends,
+                        });
+                    }
+                    Ok(CpuReply::Redirect {
+                        primary, reason, ..
+                    }) => {
+                        debug!(%target, ?primary, %reason, seq, "redirected");
+                        route.forget(target);
+                        match primary {
+                            Some(p) if p != target => {
+                                route.redirect(p);
+                                true
+                            }
+                            _ => false,
+                        }
+                    }
+                    Ok(CpuReply::Malformed { reason }) => {
+                        return Err(ClientError::Refused {
+                            cpu: target,
+                            reason,
+                        });
+                    }
+                    Ok(CpuReply::Status(_)) => {
+                        return Err(ClientError::Refused {
+                            cpu: target,
+                            reason: "answered a request with a status".into(),
                         });
                     }
                     Err(e) => {
@@ -319,7 +474,7 @@ impl Session {
                 },
                 Some(Err(e)) => {
                     debug!(%target, error = %e, seq, "request failed");
-                    shared.forget(target);
+                    route.forget(target);
                     false
                 }
                 // A new primary was announced (or the old one declared down): resend at once.
@@ -327,7 +482,7 @@ impl Session {
             };
             resends += 1;
             if !retry_now {
-                let mut hint = shared.hint.subscribe();
+                let mut hint = route.hint.subscribe();
                 hint.borrow_and_update();
                 tokio::select! {
                     _ = hint.changed() => {}
@@ -335,11 +490,7 @@ impl Session {
                 }
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(ClientError::Timeout {
-                    seq,
-                    after_ms: started.elapsed().as_millis() as u64,
-                    resends,
-                });
+                return Err(timeout(resends));
             }
         }
     }

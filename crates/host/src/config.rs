@@ -44,6 +44,9 @@ pub struct Timing {
     pub checkpoint_interval: Duration,
     pub lock_timeout: Duration,
     pub tx_idle_timeout: Duration,
+    /// At a cold start (no primary announced), the first CPU of an LSG's list tries to recover
+    /// it after this long, the second after twice as long, and so on.
+    pub cold_start_wait: Duration,
 }
 
 impl Default for Timing {
@@ -62,6 +65,7 @@ impl Default for Timing {
             checkpoint_interval: Duration::from_millis(500),
             lock_timeout: Duration::from_millis(500),
             tx_idle_timeout: Duration::from_secs(5),
+            cold_start_wait: Duration::from_millis(500),
         }
     }
 }
@@ -79,7 +83,9 @@ pub struct HostConfig {
     pub lsg_config: LsgConfig,
     /// Flush before every acknowledgement in every state.
     pub paranoid: bool,
-    /// Every CPU that may own or back up the LSG (this one included).
+    /// Every CPU that may own or back up the LSG (this one included), in order of preference:
+    /// the same-node half of a primary is the first other CPU of its node in this list, the
+    /// backup node's pair the first CPU of another node.
     pub cpus: Vec<EndpointId>,
     pub timing: Timing,
 }
@@ -99,22 +105,17 @@ impl HostConfig {
         }
     }
 
-    /// The same-node backup half of a primary on `cpu`: the lowest other CPU of its node.
+    /// The same-node backup half of a primary on `cpu`: the first other CPU of its node.
     pub fn home_backup_of(&self, cpu: EndpointId) -> Option<EndpointId> {
         self.cpus
             .iter()
             .copied()
-            .filter(|c| c.node == cpu.node && *c != cpu)
-            .min()
+            .find(|c| c.node == cpu.node && *c != cpu)
     }
 
-    /// The backup node's pairs of a primary on `cpu`: the lowest CPU of the lowest other node.
+    /// The backup node's pairs of a primary on `cpu`: the first CPU of another node.
     pub fn backup_node_of(&self, cpu: EndpointId) -> Option<EndpointId> {
-        self.cpus
-            .iter()
-            .copied()
-            .filter(|c| c.node != cpu.node)
-            .min()
+        self.cpus.iter().copied().find(|c| c.node != cpu.node)
     }
 
     /// The owner's settings when this CPU owns the LSG at `epoch`.

@@ -1,13 +1,14 @@
-//! The event loop of one CPU for one LSG.
+//! One LSG's role on one CPU.
 //!
-//! [`Host`] owns the one core this CPU runs, an [`LsgOwner`] or an [`AuditBackup`], and feeds
-//! it everything with `now` (the time since the process started): transport events, storage
-//! completions, lock acquisitions, the finished takeover, and ticks ([`Timing`](crate::Timing)).
-//! After the events that are ready (up to 64) it drains the core's actions: replies and
-//! pair messages go out on the transport at once; trail flushes, volume flushes and truncations
-//! go to the storage threads (`storage`); nothing on this thread waits on a disk. The transport
-//! runs on the same current-thread runtime, so a request's hops (socket, decoder, owner, reply)
-//! stay on one thread.
+//! [`Host`] owns the one core this CPU runs for its LSG, an [`LsgOwner`] or an
+//! [`AuditBackup`], and feeds it everything with `now` (the time since the process started):
+//! transport events, storage completions, lock acquisitions, the finished takeover, and ticks
+//! ([`Timing`](crate::Timing)). The CPU's event loop ([`Cpu`](crate::Cpu)) decodes what
+//! arrives and hands each LSG's events to its `Host`; after the events that are ready it drains
+//! every core's actions: replies and pair messages go out on the transport at once; trail
+//! flushes, volume flushes and truncations go to the storage threads (`storage`); nothing on
+//! that thread waits on a disk. The transport runs on the same current-thread runtime, so a
+//! request's hops (socket, decoder, owner, reply) stay on one thread.
 //!
 //! How a CPU becomes the owner (the decisions of `duplex_owner::sim`'s node services, made by
 //! each CPU for itself):
@@ -18,9 +19,13 @@
 //!   the detector declares down while it still holds the lock (stopped or hung) is ended first
 //!   (`node`), then the same path runs.
 //! - A backup whose primary runs on another node tries the lock (`OpenMode::Write`, not
-//!   waiting) every [`Timing::acquire_poll`](crate::Timing) once the detector reports every CPU
-//!   of that node down; on one host the lock also keeps it out while the home node lives behind
-//!   a partition.
+//!   waiting) every [`Timing::acquire_poll`](crate::Timing) once that node is dead: its
+//!   liveness file was released by the kernel (`node::NodeWatch`; the backup node's designated
+//!   CPU only) or the detector reports every CPU of that node down. On one host the LSG's lock
+//!   also keeps it out while the home node lives behind a partition.
+//! - At a cold start of the cluster nobody announces a primary: after
+//!   [`Timing::cold_start_wait`](crate::Timing), times its rank in the LSG's CPU list, a backup
+//!   tries the lock and, if nobody holds it, recovers the LSG from its trail.
 //! - Holding the lock (the epoch is raised: the old owner's flushes now fail and the backups
 //!   refuse its stream), the taker fences the other backups that are up and gathers their
 //!   copies of the stream (`Fence` / `FenceAck`), then runs [`take_over`] on a blocking thread
@@ -30,21 +35,22 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use duplex_audit_pair::BackupRole;
 use duplex_audit_pair::{AuditBackup, BackupAction};
-use duplex_lsg::{FileStore, LogStorageGroup, LsgError, Lsn, OpenMode, OwnerEpoch, RecordType};
+use duplex_lsg::{
+    FileStore, LogStorageGroup, LsgError, LsgId, Lsn, OpenMode, OwnerEpoch, RecordType,
+};
 use duplex_owner::takeover::{
     Chain, Copies, StartKind, TakeoverError, TakeoverReport, Taker, take_over,
 };
-use duplex_owner::{ClientReply, ClientRequest, LsgOwner, OpError, OwnerAction, OwnerStart};
+use duplex_owner::{ClientRequest, LsgOwner, OwnerAction, OwnerStart};
 use duplex_pair::{Clock, MonotonicClock, PairMessage, PairTag, StreamRecord};
-use duplex_transport::{
-    EndpointId, Event, PeerEvent, QuicTransport, RequestId, Transport, TransportError,
-};
+use duplex_transport::{EndpointId, QuicTransport, RequestId, Transport, TransportError};
 use serde::Serialize;
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, debug_span, info, warn};
 
 use crate::HostError;
@@ -53,6 +59,7 @@ use crate::create::{Row, create_lsg};
 use crate::node::{self, Ended};
 use crate::notice::Notice;
 use crate::storage::{StorageDone, StorageWorkers};
+use crate::wire::{CpuReply, LsgStatus, Timeline};
 
 /// Where a client's reply goes: the requester and its request.
 pub type ReplyTo = (EndpointId, RequestId);
@@ -61,10 +68,10 @@ type Owner = LsgOwner<FileStore, ReplyTo>;
 /// Pair messages kept while a takeover runs, for the owner it makes (a backup's `Join` that
 /// arrived meanwhile is then answered at once instead of after the backup's rejoin interval).
 const MAX_BUFFERED_MESSAGES: usize = 4096;
-/// Events handled before the actions they caused are run, at most.
-const MAX_EVENTS_PER_TURN: usize = 64;
+/// Takeover timelines kept for status, per LSG.
+const MAX_TIMELINES: usize = 16;
 
-/// What the driver reports, one line each in `lsg-cpu`'s output.
+/// What the driver reports, one line each in `duplexd`'s and `lsg-cpu`'s output.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Report {
@@ -104,7 +111,7 @@ pub enum Report {
     Stopped { reason: String },
 }
 
-/// Why [`Host::run`] returned.
+/// Why [`Cpu::run`](crate::Cpu::run) returned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Exit {
     /// The owner stopped, or a takeover failed: end the process so another CPU takes over.
@@ -116,7 +123,7 @@ pub enum Exit {
 /// A finished takeover: the owner, its report, the copies gathered, the time `take_over` took.
 type TakenOver = (Owner, TakeoverReport, usize, Duration);
 
-enum Internal {
+pub(crate) enum Internal {
     Storage(StorageDone),
     /// An attempt to open the LSG for writing ended.
     Acquired {
@@ -264,7 +271,28 @@ enum Role {
     Stopped,
 }
 
-/// One CPU's driver. See the module docs.
+/// Where a `Host`'s storage threads and lock attempts report: the CPU's event loop, tagged
+/// with the LSG.
+#[derive(Debug, Clone)]
+pub(crate) struct Inbox {
+    pub(crate) lsg: LsgId,
+    pub(crate) tx: UnboundedSender<(LsgId, Internal)>,
+}
+
+impl Inbox {
+    fn send(&self, internal: Internal) {
+        // The loop is gone only when the process ends.
+        let _ = self.tx.send((self.lsg, internal));
+    }
+}
+
+/// Wall-clock milliseconds since the Unix epoch, for status only (the cores never see it).
+fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// One LSG's role on one CPU. See the module docs.
 pub struct Host {
     config: HostConfig,
     transport: QuicTransport,
@@ -272,8 +300,7 @@ pub struct Host {
     /// simulation uses a virtual one).
     clock: MonotonicClock,
     role: Role,
-    internal_tx: UnboundedSender<Internal>,
-    internal_rx: UnboundedReceiver<Internal>,
+    inbox: Inbox,
     report: Box<dyn FnMut(Report)>,
     /// The primary this CPU follows (or is).
     primary: Option<EndpointId>,
@@ -286,6 +313,15 @@ pub struct Host {
     /// When the running takeover's lock was taken.
     acquired_at: Option<Duration>,
     exit: Option<Exit>,
+    /// When the primary in `primary` was learned: a node death signalled before is stale.
+    primary_since: Duration,
+    /// Nodes whose liveness file the kernel released, with when: every CPU of them died.
+    nodes_dead: BTreeMap<u16, Duration>,
+    /// With no primary announced by then, try to recover the LSG (a cold start).
+    cold_start_at: Option<Duration>,
+    /// When the failure that the running takeover answers was first known (wall clock).
+    detected: Option<SystemTime>,
+    timelines: VecDeque<Timeline>,
 }
 
 impl std::fmt::Debug for Host {
@@ -302,7 +338,7 @@ fn state_name(state: duplex_pair::CommitState) -> String {
     format!("{state:?}")
 }
 
-fn encode_reply(reply: &ClientReply) -> Bytes {
+fn encode_reply(reply: &CpuReply) -> Bytes {
     match reply.encode() {
         Ok(bytes) => Bytes::from(bytes),
         // Replies hold only what a request carried in: encoding cannot fail in practice; the
@@ -315,18 +351,17 @@ impl Host {
     fn new(
         config: HostConfig,
         transport: QuicTransport,
+        inbox: Inbox,
         role: Role,
         recover: bool,
         report: Box<dyn FnMut(Report)>,
     ) -> Self {
-        let (internal_tx, internal_rx) = unbounded_channel();
         Host {
             config,
             transport,
             clock: MonotonicClock::new(),
             role,
-            internal_tx,
-            internal_rx,
+            inbox,
             report,
             primary: None,
             epoch_seen: OwnerEpoch(0),
@@ -335,6 +370,11 @@ impl Host {
             buffered: VecDeque::new(),
             acquired_at: None,
             exit: None,
+            primary_since: Duration::ZERO,
+            nodes_dead: BTreeMap::new(),
+            cold_start_at: None,
+            detected: None,
+            timelines: VecDeque::new(),
         }
     }
 
@@ -351,31 +391,47 @@ impl Host {
         })
     }
 
-    /// A backup: it joins whichever owner announces itself.
-    pub fn backup(
+    /// A backup: it joins whichever owner announces itself. With `cold_start`, a backup that
+    /// hears of no primary for `Timing::cold_start_wait` times its rank in the LSG's CPU list
+    /// recovers the LSG itself if nobody holds it (the whole cluster was down).
+    pub(crate) fn backup(
         config: HostConfig,
         transport: QuicTransport,
+        inbox: Inbox,
+        cold_start: bool,
         report: Box<dyn FnMut(Report)>,
     ) -> Self {
         let role = Role::Backup(Self::new_backup(&config, &transport));
-        Self::new(config, transport, role, false, report)
+        let rank = config
+            .cpus
+            .iter()
+            .position(|c| *c == config.local)
+            .unwrap_or(config.cpus.len());
+        let wait = config.timing.cold_start_wait * (u32::try_from(rank).unwrap_or(u32::MAX) + 1);
+        let mut host = Self::new(config, transport, inbox, role, false, report);
+        if cold_start {
+            host.cold_start_at = Some(host.now() + wait);
+        }
+        host
     }
 
     /// Fresh pairs after every CPU that held the LSG was lost: takes the LSG over at once and
     /// recovers from the trail (no copy of the stream survives anywhere).
-    pub fn recover(
+    pub(crate) fn recover(
         config: HostConfig,
         transport: QuicTransport,
+        inbox: Inbox,
         report: Box<dyn FnMut(Report)>,
     ) -> Self {
         let role = Role::Backup(Self::new_backup(&config, &transport));
-        Self::new(config, transport, role, true, report)
+        Self::new(config, transport, inbox, role, true, report)
     }
 
     /// Creates the LSG with `volumes` and `rows` and owns it.
-    pub async fn create_and_own(
+    pub(crate) async fn create_and_own(
         config: HostConfig,
         transport: QuicTransport,
+        inbox: Inbox,
         volumes: Vec<String>,
         rows: Vec<Row>,
         report: Box<dyn FnMut(Report)>,
@@ -391,7 +447,7 @@ impl Host {
         })
         .await
         .map_err(|e| HostError::Task(e.to_string()))??;
-        let mut host = Self::new(config, transport, Role::Stopped, false, report);
+        let mut host = Self::new(config, transport, inbox, Role::Stopped, false, report);
         let (lsg, start) = created;
         host.become_owner_of(lsg, start)?;
         Ok(host)
@@ -416,10 +472,11 @@ impl Host {
     }
 
     fn start_owner(&mut self, owner: Box<Owner>) -> Result<(), std::io::Error> {
+        let lsg = self.inbox.lsg;
         let storage = StorageWorkers::start(
             Arc::clone(owner.lsg()),
-            self.internal_tx.clone(),
-            Internal::Storage,
+            self.inbox.tx.clone(),
+            move |done| (lsg, Internal::Storage(done)),
         )?;
         self.epoch_seen = self.epoch_seen.max(owner.epoch());
         self.primary = Some(self.config.local);
@@ -454,110 +511,122 @@ impl Host {
         }
     }
 
-    /// Runs the CPU until its owner stops or the transport closes.
-    pub async fn run(mut self) -> Result<Exit, HostError> {
-        node::write_pid_file(&self.config.run_dir, self.config.local).map_err(|source| {
-            HostError::Io {
-                what: format!("writing the pid file in {}", self.config.run_dir.display()),
-                source,
-            }
-        })?;
+    /// Reports that this CPU runs its role (once, when the CPU's loop starts).
+    pub(crate) fn report_ready(&mut self) {
         let role = self.role_name().to_string();
         (self.report)(Report::Ready {
             endpoint: self.config.local.to_string(),
             role,
             incarnation: self.transport.incarnation(),
         });
-        let transport = self.transport.clone();
-        let tick = tokio::time::sleep(Duration::ZERO);
-        tokio::pin!(tick);
-        loop {
-            tokio::select! {
-                biased;
-                Some(internal) = self.internal_rx.recv() => self.on_internal(internal),
-                event = transport.next_event() => match event {
-                    Some(event) => self.on_event(event),
-                    None => return Ok(Exit::Closed),
-                },
-                () = &mut tick => {
-                    self.on_tick();
-                    let every = match self.role {
-                        Role::Owner(_) => self.config.timing.owner_tick,
-                        _ => self.config.timing.backup_tick,
-                    };
-                    tick.as_mut().reset(tokio::time::Instant::now() + every);
-                }
-            }
-            // Take what else is ready before acting: the records of several requests then go
-            // to the backups in one message, and one acknowledgement answers several.
-            for _ in 0..MAX_EVENTS_PER_TURN {
-                if let Ok(internal) = self.internal_rx.try_recv() {
-                    self.on_internal(internal);
-                } else if let Some(event) = transport.try_next_event() {
-                    self.on_event(event);
-                } else {
-                    break;
-                }
-            }
-            self.drain();
-            if let Some(exit) = self.exit.take() {
-                return Ok(exit);
-            }
+    }
+
+    pub(crate) fn lsg_id(&self) -> LsgId {
+        self.config.lsg_id
+    }
+
+    /// How often this role wants a tick.
+    pub(crate) fn tick_every(&self) -> Duration {
+        match self.role {
+            Role::Owner(_) => self.config.timing.owner_tick,
+            _ => self.config.timing.backup_tick,
         }
+    }
+
+    /// Why the CPU must end, once: the owner stopped or a takeover failed.
+    pub(crate) fn take_exit(&mut self) -> Option<Exit> {
+        self.exit.take()
     }
 
     // ---- events ----------------------------------------------------------------------
 
-    fn on_event(&mut self, event: Event) {
-        let now = self.now();
-        match event {
-            Event::Request {
-                from, id, payload, ..
-            } => self.on_client_request(now, from, id, &payload),
-            Event::Stream { from, payload, .. } => match PairMessage::decode(&payload) {
-                Ok(message) => self.on_pair_message(now, from, message),
-                Err(e) => warn!(%from, error = %e, "malformed pair message dropped"),
-            },
-            Event::Message { from, payload, .. } => match Notice::decode(&payload) {
-                Ok(notice) => self.on_notice(from, notice),
-                Err(e) => warn!(%from, error = %e, "malformed notice dropped"),
-            },
-            Event::Peer(PeerEvent::Up { peer, incarnation }) => {
-                self.peers_up.insert(peer, incarnation);
-                if matches!(self.role, Role::Owner(_)) {
-                    self.announce(peer);
-                }
-            }
-            Event::Peer(PeerEvent::Down { peer, incarnation }) => {
-                if self.peers_up.get(&peer) == Some(&incarnation) {
-                    self.peers_up.remove(&peer);
-                }
-                self.on_peer_down(now, peer, incarnation);
-            }
-            Event::Peer(_) => {}
-            Event::LocalStall { stalled_ms } => {
-                warn!(stalled_ms, "this CPU did not run for a while");
-            }
-            Event::Response { .. } | Event::RequestFailed { .. } => {}
+    pub(crate) fn on_peer_up(&mut self, peer: EndpointId, incarnation: u64) {
+        self.peers_up.insert(peer, incarnation);
+        if peer.node != 0 {
+            self.nodes_dead.remove(&peer.node);
+        }
+        if matches!(self.role, Role::Owner(_)) {
+            self.announce(peer);
         }
     }
 
-    fn on_client_request(
+    pub(crate) fn on_peer_down_event(&mut self, peer: EndpointId, incarnation: u64) {
+        let now = self.now();
+        if self.peers_up.get(&peer) == Some(&incarnation) {
+            self.peers_up.remove(&peer);
+        }
+        if self.primary == Some(peer) && self.detected.is_none() {
+            self.detected = Some(SystemTime::now());
+        }
+        self.on_peer_down(now, peer, incarnation);
+    }
+
+    /// Every CPU of `node` died: the kernel released its liveness file.
+    pub(crate) fn on_node_dead(&mut self, node: u16) {
+        let now = self.now();
+        self.nodes_dead.insert(node, now);
+        if self.primary.is_some_and(|p| p.node == node) && self.detected.is_none() {
+            self.detected = Some(SystemTime::now());
+        }
+        if let Role::Backup(b) = &mut self.role
+            && let Some(g) = b.gathering.as_mut()
+        {
+            for cpu in self.config.cpus.iter().filter(|c| c.node == node) {
+                g.copies.give_up_on(*cpu);
+            }
+        }
+        self.maybe_acquire(now);
+    }
+
+    /// The state of this role, for `duplex status`.
+    pub(crate) fn status(&self) -> LsgStatus {
+        let mut status = LsgStatus {
+            lsg: self.config.lsg_id,
+            role: self.role_name().to_string(),
+            primary: self.primary,
+            epoch: self.epoch_seen,
+            state: None,
+            home_counts: false,
+            lsn: 0,
+            durable_lsn: 0,
+            lag_records: None,
+            last_checkpoint_lsn: 0,
+            active_transactions: 0,
+            in_doubt: 0,
+            takeovers: self.timelines.iter().cloned().collect(),
+        };
+        match &self.role {
+            Role::Owner(o) => {
+                let p = o.owner.primary().status();
+                status.epoch = o.owner.epoch();
+                status.state = Some(state_name(p.state));
+                status.home_counts = p.home_counts;
+                status.lsn = p.next_lsn.0;
+                status.durable_lsn = p.durable.0;
+                status.lag_records = p
+                    .held
+                    .get(&BackupRole::Remote)
+                    .map(|held| p.next_lsn.0.saturating_sub(held.0 + 1));
+                status.last_checkpoint_lsn = o.owner.last_checkpoint().0;
+                status.active_transactions = o.owner.active_transactions();
+                status.in_doubt = o.owner.in_doubt().count();
+            }
+            Role::Backup(b) | Role::TakingOver(b) => status.lsn = b.backup.held().0,
+            Role::Stopped => {}
+        }
+        status
+    }
+
+    pub(crate) fn on_client_request(
         &mut self,
-        now: Duration,
         from: EndpointId,
         id: RequestId,
-        payload: &[u8],
+        request: ClientRequest,
     ) {
-        let request = match ClientRequest::decode(payload) {
-            Ok(r) => r,
-            Err(e) => {
-                self.respond(from, id, &ClientReply::Error(e));
-                return;
-            }
-        };
+        let now = self.now();
         let span = debug_span!(
             "client_request",
+            lsg = %self.config.lsg_id,
             %from,
             client = request.client.0,
             seq = request.seq.0,
@@ -566,28 +635,30 @@ impl Host {
         match &mut self.role {
             Role::Owner(o) => o.owner.on_request(now, (from, id), request),
             _ => {
-                let reason = match self.primary {
-                    Some(p) if p != self.config.local => {
-                        format!("{} is a backup; the primary is {p}", self.config.local)
-                    }
-                    _ => format!("{} is a backup and knows no primary", self.config.local),
+                let local = self.config.local;
+                let primary = self.primary.filter(|p| *p != local);
+                let reason = match primary {
+                    Some(p) => format!("{local} is a backup; the primary is {p}"),
+                    None => format!("{local} is a backup and knows no primary yet"),
                 };
-                self.respond(
-                    from,
-                    id,
-                    &ClientReply::Error(OpError::NotPrimary { reason }),
-                );
+                let reply = CpuReply::Redirect {
+                    lsg: self.config.lsg_id,
+                    primary,
+                    reason,
+                };
+                self.respond(from, id, &reply);
             }
         }
     }
 
-    fn respond(&self, to: EndpointId, id: RequestId, reply: &ClientReply) {
+    fn respond(&self, to: EndpointId, id: RequestId, reply: &CpuReply) {
         if let Err(e) = self.transport.respond(to, id, encode_reply(reply)) {
             debug!(%to, error = %e, "reply not sent");
         }
     }
 
-    fn on_pair_message(&mut self, now: Duration, from: EndpointId, message: PairMessage) {
+    pub(crate) fn on_pair_message(&mut self, from: EndpointId, message: PairMessage) {
+        let now = self.now();
         if message.tag().lsg != self.config.lsg_id {
             return;
         }
@@ -615,7 +686,12 @@ impl Host {
                 {
                     // A new owner: follow it.
                     self.epoch_seen = tag.epoch;
-                    self.primary = Some(from);
+                    if self.primary != Some(from) {
+                        self.primary = Some(from);
+                        self.primary_since = now;
+                        self.detected = None;
+                    }
+                    self.cold_start_at = None;
                 }
                 b.backup.on_message(now, from, message);
             }
@@ -628,7 +704,7 @@ impl Host {
         }
     }
 
-    fn on_notice(&mut self, from: EndpointId, notice: Notice) {
+    pub(crate) fn on_notice(&mut self, from: EndpointId, notice: Notice) {
         let Notice::Primary { lsg, epoch } = notice;
         if lsg != self.config.lsg_id || epoch < self.epoch_seen || from == self.config.local {
             return;
@@ -636,8 +712,11 @@ impl Host {
         match &mut self.role {
             Role::Backup(b) if b.gathering.is_none() => {
                 self.epoch_seen = epoch;
+                self.cold_start_at = None;
                 if self.primary != Some(from) || b.backup.primary() != Some(from) {
                     self.primary = Some(from);
+                    self.primary_since = self.clock.now();
+                    self.detected = None;
                     b.backup.join(from);
                     info!(primary = %from, %epoch, "joining the primary");
                     (self.report)(Report::Joined {
@@ -686,7 +765,7 @@ impl Host {
         }
     }
 
-    fn on_internal(&mut self, internal: Internal) {
+    pub(crate) fn on_internal(&mut self, internal: Internal) {
         let now = self.now();
         match internal {
             Internal::Storage(done) => {
@@ -704,7 +783,7 @@ impl Host {
         }
     }
 
-    fn on_tick(&mut self) {
+    pub(crate) fn on_tick(&mut self) {
         let now = self.now();
         match &mut self.role {
             Role::Owner(o) => o.owner.tick(now),
@@ -719,7 +798,7 @@ impl Host {
 
     // ---- actions ---------------------------------------------------------------------
 
-    fn drain(&mut self) {
+    pub(crate) fn drain(&mut self) {
         let now = self.now();
         let pair_delay = self.config.timing.pair_delay;
         match &mut self.role {
@@ -729,8 +808,8 @@ impl Host {
                     match action {
                         OwnerAction::Reply { to, reply } => {
                             let _span = debug_span!("reply", to = %to.0).entered();
-                            if let Err(e) = self.transport.respond(to.0, to.1, encode_reply(&reply))
-                            {
+                            let reply = encode_reply(&CpuReply::Lsg(reply));
+                            if let Err(e) = self.transport.respond(to.0, to.1, reply) {
                                 debug!(to = %to.0, error = %e, "reply not sent");
                             }
                         }
@@ -839,20 +918,35 @@ impl Host {
         if self.recover {
             return Some(OpenMode::WriteWaiting);
         }
-        let primary = self.primary?;
+        let Some(primary) = self.primary else {
+            // A cold start: nobody announced a primary in time; whoever holds no lock may
+            // recover (the lock says whether anybody owns the LSG).
+            return self
+                .cold_start_at
+                .is_some_and(|at| now >= at)
+                .then_some(OpenMode::Write);
+        };
         if primary == self.config.local {
             return None;
         }
         if primary.node == self.config.local.node {
             return Some(OpenMode::WriteWaiting);
         }
+        // The kernel's release of the node's liveness file is the fast signal; the backup
+        // node's designated CPU (the one the primary streams to) acts on it, the others wait
+        // for the detector, so the CPU with the copy of the stream normally takes over.
+        let released = self.config.backup_node_of(primary) == Some(self.config.local)
+            && self
+                .nodes_dead
+                .get(&primary.node)
+                .is_some_and(|at| *at >= self.primary_since);
         let node_down = self
             .config
             .cpus
             .iter()
             .filter(|c| c.node == primary.node)
             .all(|c| !self.peers_up.contains_key(c));
-        node_down.then_some(OpenMode::Write)
+        (released || node_down).then_some(OpenMode::Write)
     }
 
     fn maybe_acquire(&mut self, now: Duration) {
@@ -861,7 +955,7 @@ impl Host {
             return;
         };
         let (dir, lsg_config) = (self.config.lsg_dir.clone(), self.config.lsg_config);
-        let done = self.internal_tx.clone();
+        let done = self.inbox.clone();
         // A thread of its own: a `WriteWaiting` open may wait for as long as the owner lives,
         // and must not hold a runtime thread (or the runtime's shutdown) meanwhile.
         let spawned = std::thread::Builder::new()
@@ -869,7 +963,7 @@ impl Host {
             .spawn(move || {
                 let started = Instant::now();
                 let result = LogStorageGroup::open(&dir, lsg_config, mode);
-                let _ = done.send(Internal::Acquired {
+                done.send(Internal::Acquired {
                     result: Box::new(result),
                     waited: started.elapsed(),
                 });
@@ -904,8 +998,14 @@ impl Host {
             return;
         };
         b.acquire = Acquire::Idle;
+        let cold_start = self.primary.is_none() && self.cold_start_at.is_some();
         let lsg = match result {
             Ok(lsg) => lsg,
+            Err(LsgError::OwnedBy { .. }) if cold_start => {
+                // A live owner holds the LSG: it announces itself to us; no cold start.
+                self.cold_start_at = None;
+                return;
+            }
             Err(LsgError::OwnedBy { .. }) => {
                 b.next_try_at = now + retry;
                 return;
@@ -916,9 +1016,30 @@ impl Host {
                 return;
             }
         };
+        if cold_start {
+            // Nobody held the LSG and nobody announced a primary: every CPU that held it is
+            // gone, and with it every copy of the stream.
+            info!("no primary and nobody holds the LSG: recovering it from the trail");
+            self.cold_start_at = None;
+            self.recover = true;
+        }
         let epoch = lsg.owner_epoch();
         self.epoch_seen = self.epoch_seen.max(epoch);
         b.backup.take_over(epoch);
+        let fenced_at = SystemTime::now();
+        let detected = self.detected.take().unwrap_or(fenced_at).min(fenced_at);
+        self.timelines.push_back(Timeline {
+            detected_unix_ms: unix_ms(detected),
+            fenced_unix_ms: unix_ms(fenced_at),
+            recovered_unix_ms: None,
+            ready_unix_ms: None,
+            epoch,
+            from: self.primary.filter(|p| *p != self.config.local),
+            start: None,
+        });
+        if self.timelines.len() > MAX_TIMELINES {
+            self.timelines.pop_front();
+        }
         let from = Lsn(lsg.audit().next_lsn().0.saturating_sub(1).max(1));
         let tag = PairTag {
             lsg: self.config.lsg_id,
@@ -941,7 +1062,12 @@ impl Host {
             .cpus
             .iter()
             .copied()
-            .filter(|c| *c != local && Some(*c) != previous && self.peers_up.contains_key(c))
+            .filter(|c| {
+                *c != local
+                    && Some(*c) != previous
+                    && self.peers_up.contains_key(c)
+                    && !self.nodes_dead.contains_key(&c.node)
+            })
             .collect();
         info!(%epoch, waited_ms = waited.as_secs_f64() * 1e3, ?waiting_for, "holding the LSG: gathering the backups' copies");
         (self.report)(Report::Acquired {
@@ -1017,7 +1143,7 @@ impl Host {
             memory_lost_everywhere: self.recover,
         };
         let copies = gathered.len();
-        let done = self.internal_tx.clone();
+        let done = self.inbox.clone();
         self.acquired_at = Some(g.acquired_at);
         debug!(?taker, copies, own = own.is_some(), "taking over");
         self.role = Role::TakingOver(b);
@@ -1033,7 +1159,7 @@ impl Host {
                 clock.now(),
             )
             .map(|(owner, report)| (owner, report, copies, t0.elapsed()));
-            let _ = done.send(Internal::TakeoverDone(Box::new(result)));
+            done.send(Internal::TakeoverDone(Box::new(result)));
         });
     }
 
@@ -1046,6 +1172,7 @@ impl Host {
         };
         match result {
             Ok((owner, report, copies, recovery)) => {
+                let recovered_at = SystemTime::now();
                 let start = match report.start {
                     StartKind::Warm => "warm",
                     StartKind::Cold => "cold",
@@ -1060,6 +1187,11 @@ impl Host {
                     return;
                 }
                 self.recover = false;
+                if let Some(t) = self.timelines.back_mut() {
+                    t.recovered_unix_ms = Some(unix_ms(recovered_at));
+                    t.ready_unix_ms = Some(unix_ms(SystemTime::now()));
+                    t.start = Some(start.to_string());
+                }
                 (self.report)(Report::Owner {
                     epoch: report.epoch.0,
                     start: start.into(),

@@ -16,14 +16,117 @@
 //!
 //! The pid file holds the pid and the process's start time (field 22 of `/proc/PID/stat`), and
 //! both are checked before the kill, so a pid reused by another process is never killed.
+//!
+//! Node death. Every live CPU of a node holds a shared `flock` on the node's liveness file
+//! ([`hold_liveness`]) for as long as its process lives. A CPU of the backup node watches the
+//! home node's file ([`watch_node`]): once it has seen the file held, it waits for it
+//! exclusively, and the kernel grants that the moment the last CPU of the node dies. That is
+//! the node-takeover signal on one host, as immediate as the LSG lock is for one CPU, and it is
+//! never given while any CPU of the node lives, behind a partition or not.
 
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use duplex_transport::EndpointId;
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use tracing::warn;
+
+/// The liveness file of the node whose run directory is `run_dir`.
+pub fn liveness_file(run_dir: &Path) -> PathBuf {
+    run_dir.join("node.alive")
+}
+
+fn open_liveness(run_dir: &Path) -> std::io::Result<fs::File> {
+    fs::create_dir_all(run_dir)?;
+    fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(liveness_file(run_dir))
+}
+
+/// A shared lock on this node's liveness file, held until the process ends.
+#[derive(Debug)]
+pub struct Liveness {
+    _lock: Flock<fs::File>,
+}
+
+/// Takes this CPU's shared lock on its node's liveness file (waiting while a watcher holds it
+/// exclusively for an instant).
+pub fn hold_liveness(run_dir: &Path) -> std::io::Result<Liveness> {
+    let file = open_liveness(run_dir)?;
+    let lock = Flock::lock(file, FlockArg::LockShared).map_err(|(_, e)| {
+        std::io::Error::other(format!(
+            "locking {} shared: {e}",
+            liveness_file(run_dir).display()
+        ))
+    })?;
+    Ok(Liveness { _lock: lock })
+}
+
+/// How often a watcher looks whether a dead (or not yet started) node's file is held again.
+const LIVENESS_POLL: Duration = Duration::from_millis(20);
+
+/// Watches node `node`'s liveness file in `run_dir` on a thread of its own and calls `on_dead`
+/// each time every CPU of the node has died (see the module docs). The first call comes only
+/// after the file was seen held, so a node that has not started is not reported dead.
+pub fn watch_node(
+    node: u16,
+    run_dir: PathBuf,
+    on_dead: impl Fn(u16) + Send + 'static,
+) -> std::io::Result<()> {
+    let file = open_liveness(&run_dir)?;
+    std::thread::Builder::new()
+        .name(format!("watch-node-{node}"))
+        .spawn(move || {
+            let mut file = file;
+            loop {
+                // Wait until some CPU of the node holds the file.
+                loop {
+                    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                        Ok(lock) => match lock.unlock() {
+                            Ok(f) => file = f,
+                            Err((_, e)) => {
+                                warn!(node, error = %e, "liveness watch ended");
+                                return;
+                            }
+                        },
+                        Err((f, Errno::EWOULDBLOCK)) => {
+                            file = f;
+                            break;
+                        }
+                        Err((_, e)) => {
+                            warn!(node, error = %e, "liveness watch ended");
+                            return;
+                        }
+                    }
+                    std::thread::sleep(LIVENESS_POLL);
+                }
+                // The kernel grants this once the last holder died.
+                match Flock::lock(file, FlockArg::LockExclusive) {
+                    Ok(lock) => match lock.unlock() {
+                        Ok(f) => file = f,
+                        Err((_, e)) => {
+                            warn!(node, error = %e, "liveness watch ended");
+                            return;
+                        }
+                    },
+                    Err((_, e)) => {
+                        warn!(node, error = %e, "liveness watch ended");
+                        return;
+                    }
+                }
+                on_dead(node);
+            }
+        })?;
+    Ok(())
+}
 
 fn pid_file(run_dir: &Path, cpu: EndpointId) -> PathBuf {
     run_dir.join(format!("cpu-{}.{}.pid", cpu.node, cpu.cpu))
@@ -100,6 +203,29 @@ pub fn end_local_cpu(run_dir: &Path, cpu: EndpointId) -> Result<Ended, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_is_reported_dead_only_after_it_was_alive_and_every_holder_let_go() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (tx, rx) = std::sync::mpsc::channel();
+        watch_node(3, dir.path().to_path_buf(), move |n| {
+            let _ = tx.send(n);
+        })
+        .expect("watch");
+        // Not started: never reported.
+        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
+        let first = hold_liveness(dir.path()).expect("hold");
+        let second = hold_liveness(dir.path()).expect("hold");
+        // Let the watcher see the file held and wait on it.
+        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
+        drop(first);
+        assert!(
+            rx.recv_timeout(Duration::from_millis(100)).is_err(),
+            "one CPU still lives"
+        );
+        drop(second);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(3));
+    }
 
     #[test]
     fn a_pid_file_names_this_process_and_is_never_used_to_kill_it() {

@@ -44,16 +44,17 @@ pub struct StorageWorkers {
 
 impl StorageWorkers {
     /// Starts the threads for `lsg`; completions go to `done`, wrapped by `wrap`.
-    pub fn start<E: Send + 'static>(
+    pub fn start<E: Send + 'static, W: Fn(StorageDone) -> E + Send + Clone + 'static>(
         lsg: Arc<LogStorageGroup<FileStore>>,
         done: UnboundedSender<E>,
-        wrap: fn(StorageDone) -> E,
+        wrap: W,
     ) -> Result<Self, std::io::Error> {
         let (flush, flush_rx) = mpsc::channel::<Lsn>();
         let (checkpoint, checkpoint_rx) = mpsc::channel::<CheckpointJob>();
         {
             let lsg = Arc::clone(&lsg);
             let done = done.clone();
+            let wrap = wrap.clone();
             std::thread::Builder::new()
                 .name("trail-flush".into())
                 .spawn(move || flush_loop(&lsg, &flush_rx, &done, wrap))?;
@@ -85,7 +86,7 @@ fn flush_loop<E>(
     lsg: &LogStorageGroup<FileStore>,
     jobs: &mpsc::Receiver<Lsn>,
     done: &UnboundedSender<E>,
-    wrap: fn(StorageDone) -> E,
+    wrap: impl Fn(StorageDone) -> E,
 ) {
     while let Ok(mut through) = jobs.recv() {
         while let Ok(more) = jobs.try_recv() {
@@ -130,7 +131,7 @@ fn checkpoint_loop<E>(
     lsg: &LogStorageGroup<FileStore>,
     jobs: &mpsc::Receiver<CheckpointJob>,
     done: &UnboundedSender<E>,
-    wrap: fn(StorageDone) -> E,
+    wrap: impl Fn(StorageDone) -> E,
 ) {
     while let Ok(job) = jobs.recv() {
         let result = match job {

@@ -202,7 +202,7 @@ async fn run_load(
 }
 
 async fn pair_session(
-    mut session: Session,
+    session: Session,
     stop: Arc<AtomicBool>,
     samples: mpsc::Sender<Sample>,
 ) -> Result<Vec<Sample>> {

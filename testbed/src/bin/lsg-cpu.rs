@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
-use duplex_host::{Exit, Host, HostConfig, Report, Timing};
+use duplex_host::{Cpu, Exit, HostConfig, Report, Timing};
 use duplex_testbed::bank;
 use duplex_transport::certs::NodeCredentials;
 use duplex_transport::{DetectorConfig, EndpointId, Path, PeerAddrs, QuicConfig, QuicTransport};
@@ -172,15 +172,16 @@ async fn run(args: Args) -> Result<Exit> {
         });
     }
     let report: Box<dyn FnMut(Report)> = Box::new(|r: Report| print(&r));
-    let host = match args.role {
+    let mut cpu = Cpu::new(transport, &config.run_dir)?;
+    match args.role {
         Role::CreateAndOwn => {
             let (volumes, rows) = bank::initial_rows(args.accounts);
-            Host::create_and_own(config, transport, volumes, rows, report).await?
+            cpu.add_created(config, volumes, rows, report).await?;
         }
-        Role::Backup => Host::backup(config, transport, report),
-        Role::Recover => Host::recover(config, transport, report),
-    };
-    let exit = host.run().await?;
+        Role::Backup => cpu.add_backup(config, false, report)?,
+        Role::Recover => cpu.add_recover(config, report)?,
+    }
+    let exit = cpu.run().await?;
     // Let the last lines and replies leave before the process ends.
     tokio::time::sleep(Duration::from_millis(1)).await;
     Ok(exit)

@@ -275,6 +275,11 @@ impl<S: Store, C: Clone + std::fmt::Debug> LsgOwner<S, C> {
         self.stopped.is_some()
     }
 
+    /// The LSN of the last fuzzy checkpoint.
+    pub fn last_checkpoint(&self) -> Lsn {
+        self.checkpoints.last
+    }
+
     pub fn active_transactions(&self) -> usize {
         self.txs.len()
     }
