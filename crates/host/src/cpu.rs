@@ -33,6 +33,8 @@ use crate::wire::{CpuReply, CpuRequest, CpuStatus};
 
 /// Events handled before the actions they caused are run, at most.
 const MAX_EVENTS_PER_TURN: usize = 64;
+/// How often the status gauges (`duplex_lsg_*`) are brought up to date.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// One CPU's event loop and its LSG roles. See the module docs.
 pub struct Cpu {
@@ -193,6 +195,8 @@ impl Cpu {
         let transport = self.transport.clone();
         let tick = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(tick);
+        let mut gauges = tokio::time::interval(GAUGE_INTERVAL);
+        gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
@@ -208,6 +212,7 @@ impl Cpu {
                     }
                     tick.as_mut().reset(tokio::time::Instant::now() + self.tick_every());
                 }
+                _ = gauges.tick() => self.record_gauges(),
             }
             // Take what else is ready before acting: the records of several requests then go
             // to the backups in one message, and one acknowledgement answers several.
@@ -229,6 +234,34 @@ impl Cpu {
             }
             if let Some(exit) = exit {
                 return Ok(exit);
+            }
+        }
+    }
+
+    /// Sets the per-LSG gauges from the roles' status (metrics in docs/operations.md).
+    fn record_gauges(&self) {
+        for status in self.hosts.values().map(Host::status) {
+            let lsg = status.lsg.to_string();
+            let owner = if status.role == "owner" { 1.0 } else { 0.0 };
+            metrics::gauge!("duplex_lsg_owner", "lsg" => lsg.clone()).set(owner);
+            metrics::gauge!("duplex_lsg_epoch", "lsg" => lsg.clone()).set(status.epoch.0 as f64);
+            if owner == 0.0 {
+                continue;
+            }
+            for state in ["Normal", "PrimaryOnly", "BackupOnly"] {
+                let on = status.state.as_deref() == Some(state);
+                metrics::gauge!("duplex_lsg_state", "lsg" => lsg.clone(), "state" => state)
+                    .set(if on { 1.0 } else { 0.0 });
+            }
+            metrics::gauge!("duplex_lsg_next_lsn", "lsg" => lsg.clone()).set(status.lsn as f64);
+            metrics::gauge!("duplex_lsg_durable_lsn", "lsg" => lsg.clone())
+                .set(status.durable_lsn as f64);
+            metrics::gauge!("duplex_lsg_last_checkpoint_lsn", "lsg" => lsg.clone())
+                .set(status.last_checkpoint_lsn as f64);
+            metrics::gauge!("duplex_lsg_active_transactions", "lsg" => lsg.clone())
+                .set(status.active_transactions as f64);
+            if let Some(lag) = status.lag_records {
+                metrics::gauge!("duplex_lsg_lag_records", "lsg" => lsg).set(lag as f64);
             }
         }
     }
@@ -293,6 +326,7 @@ impl Cpu {
         let request = match CpuRequest::decode(payload) {
             Ok(r) => r,
             Err(reason) => {
+                metrics::counter!("duplex_malformed_requests_total").increment(1);
                 debug!(%from, %reason, "malformed request");
                 self.respond(from, id, &CpuReply::Malformed { reason });
                 return;
@@ -314,6 +348,7 @@ impl Cpu {
         lsg: LsgId,
         request: ClientRequest,
     ) {
+        metrics::counter!("duplex_client_requests_total", "lsg" => lsg.to_string()).increment(1);
         match self.hosts.get_mut(&lsg) {
             Some(host) => host.on_client_request(from, id, request),
             None => {

@@ -46,8 +46,8 @@ use duplex_lsg::{
 use duplex_owner::takeover::{
     Chain, Copies, StartKind, TakeoverError, TakeoverReport, Taker, take_over,
 };
-use duplex_owner::{ClientRequest, LsgOwner, OwnerAction, OwnerStart};
-use duplex_pair::{Clock, MonotonicClock, PairMessage, PairTag, StreamRecord};
+use duplex_owner::{ClientReply, ClientRequest, LsgOwner, OwnerAction, OwnerStart};
+use duplex_pair::{Clock, MonotonicClock, PairMessage, PairTag, Reply, StreamRecord};
 use duplex_transport::{EndpointId, QuicTransport, RequestId, Transport, TransportError};
 use serde::Serialize;
 use tokio::sync::mpsc::UnboundedSender;
@@ -808,6 +808,10 @@ impl Host {
                     match action {
                         OwnerAction::Reply { to, reply } => {
                             let _span = debug_span!("reply", to = %to.0).entered();
+                            if let ClientReply::Outcome(Reply::Committed(_)) = &reply {
+                                metrics::counter!("duplex_commits_total", "lsg" => self.config.lsg_id.to_string())
+                                    .increment(1);
+                            }
                             let reply = encode_reply(&CpuReply::Lsg(reply));
                             if let Err(e) = self.transport.respond(to.0, to.1, reply) {
                                 debug!(to = %to.0, error = %e, "reply not sent");
@@ -1187,6 +1191,13 @@ impl Host {
                     return;
                 }
                 self.recover = false;
+                let lsg = self.config.lsg_id.to_string();
+                metrics::counter!("duplex_takeovers_total", "lsg" => lsg.clone(), "start" => start)
+                    .increment(1);
+                if let Some(at) = self.acquired_at {
+                    metrics::histogram!("duplex_takeover_seconds", "lsg" => lsg)
+                        .record(now.saturating_sub(at).as_secs_f64());
+                }
                 if let Some(t) = self.timelines.back_mut() {
                     t.recovered_unix_ms = Some(unix_ms(recovered_at));
                     t.ready_unix_ms = Some(unix_ms(SystemTime::now()));

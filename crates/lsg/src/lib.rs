@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 pub use audit::{AuditReader, AuditRecord, AuditStats, AuditTrail};
 pub use error::{Corruption, LsgError, Result};
 pub use lsg::{LogStorageGroup, OpenMode};
+pub use manifest::MANIFEST_NAME;
 pub use record::{RecordFlags, RecordType};
 pub use sim_store::{SimFile, SimFileImage, SimLock, SimStore};
 pub use store::{FileLock, FileStore, RealFile, Store, StoreFile};

@@ -17,6 +17,15 @@ fn example_path() -> PathBuf {
 }
 
 #[test]
+fn node_zero_is_reserved_for_clients() {
+    let text = std::fs::read_to_string(example_path())
+        .expect("example")
+        .replacen("id = 1\ndata_dir", "id = 0\ndata_dir", 1);
+    let err = ClusterConfig::parse(&text).expect_err("node 0 refused");
+    assert!(err.to_string().contains("reserved for clients"), "{err}");
+}
+
+#[test]
 fn the_documented_example_parses_and_routes_as_its_comments_say() {
     let config = ClusterConfig::load(&example_path()).expect("docs/examples/cluster.toml");
     assert_eq!(config.durability(), Durability::Normal);
@@ -61,6 +70,13 @@ fn the_documented_example_parses_and_routes_as_its_comments_say() {
         host.backup_node_of(EndpointId::new(1, 0)),
         Some(EndpointId::new(2, 0))
     );
+    // The second LSG's lists are rotated, so its halves land on other CPUs than the first's.
+    let second: Vec<String> = config
+        .lsg_cpus(LsgId(2))
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
+    assert_eq!(second, ["2.1", "2.0", "3.1", "3.0"]);
     assert!(
         config
             .host_config(LsgId(1), EndpointId::new(3, 0))
@@ -383,6 +399,7 @@ fn doc(
                             main: SocketAddr::from(([127, 0, 0, 1], port)),
                             failsafe: (c % 2 == 0)
                                 .then(|| SocketAddr::from(([127, 0, 0, 2], port))),
+                            metrics: None,
                         }
                     })
                     .collect(),

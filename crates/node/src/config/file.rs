@@ -61,6 +61,7 @@ struct FileCpu {
     id: Spanned<u16>,
     main: Spanned<SocketAddr>,
     failsafe: Option<Spanned<SocketAddr>>,
+    metrics: Option<Spanned<SocketAddr>>,
 }
 
 #[derive(Deserialize)]
@@ -206,6 +207,12 @@ impl Checker<'_> {
         let mut out = Vec::with_capacity(nodes.len());
         for node in nodes {
             let id = *node.id.get_ref();
+            if id == 0 {
+                return Err(self.err(
+                    node.id.span(),
+                    "node id 0 is reserved for clients: number nodes from 1".to_string(),
+                ));
+            }
             self.unique(&mut ids, id, node.id.span(), || format!("node id {id}"))?;
             let data_dir = node.data_dir.get_ref().clone();
             if data_dir.as_os_str().is_empty() {
@@ -229,7 +236,10 @@ impl Checker<'_> {
                 self.unique(&mut cpu_ids, cpu_id, cpu.id.span(), || {
                     format!("CPU id {cpu_id} of node {id}")
                 })?;
-                for addr in std::iter::once(&cpu.main).chain(cpu.failsafe.as_ref()) {
+                for addr in std::iter::once(&cpu.main)
+                    .chain(cpu.failsafe.as_ref())
+                    .chain(cpu.metrics.as_ref())
+                {
                     let a = *addr.get_ref();
                     if a.port() == 0 {
                         return Err(self.err(
@@ -243,6 +253,7 @@ impl Checker<'_> {
                     id: cpu_id,
                     main: cpu.main.into_inner(),
                     failsafe: cpu.failsafe.map(Spanned::into_inner),
+                    metrics: cpu.metrics.map(Spanned::into_inner),
                 });
             }
             out.push(Node {

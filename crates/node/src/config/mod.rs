@@ -110,6 +110,9 @@ pub struct Cpu {
     pub main: SocketAddr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failsafe: Option<SocketAddr>,
+    /// Where the CPU serves its metrics (Prometheus text format over HTTP), if anywhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Cpu {
@@ -289,11 +292,38 @@ impl ClusterConfig {
         }
     }
 
+    /// The CPUs that run LSG `lsg`'s roles, in order of preference (`HostConfig::cpus`): the
+    /// home node's, then the backup node's, each list rotated by the LSG's place in the file,
+    /// so the primaries and backup halves of several LSGs spread over a node's CPUs. The first
+    /// is where the LSG is created and its primary starts.
+    pub fn lsg_cpus(&self, lsg: LsgId) -> Vec<EndpointId> {
+        let Some(index) = self.lsgs.iter().position(|l| l.id == lsg) else {
+            return Vec::new();
+        };
+        let lsg = &self.lsgs[index];
+        [lsg.home, lsg.backup]
+            .iter()
+            .filter_map(|&n| self.node(n))
+            .flat_map(|node| {
+                let mut cpus: Vec<EndpointId> = node.endpoints().collect();
+                let len = cpus.len().max(1);
+                cpus.rotate_left(index % len);
+                cpus
+            })
+            .collect()
+    }
+
+    /// Every LSG with its CPUs (`lsg_cpus`), for clients.
+    pub fn lsg_routes(&self) -> Vec<(LsgId, Vec<EndpointId>)> {
+        self.lsgs.iter().map(|l| (l.id, self.lsg_cpus(l.id))).collect()
+    }
+
     /// What the driver (`duplex_host`) needs to run LSG `lsg` on CPU `cpu`: the CPUs of the
-    /// LSG's home and backup nodes, its directory under shared storage, the node's directory for
-    /// pid files, the durability mode and the timing knobs (the others keep the driver's
-    /// defaults). `None` when the LSG is unknown or `cpu` is not a CPU of its home or backup
-    /// node. The LSG's size limits are the storage defaults: the file does not set them yet.
+    /// LSG's home and backup nodes (`lsg_cpus`), its directory under shared storage, the node's
+    /// directory for pid files, the durability mode and the timing knobs (the others keep the
+    /// driver's defaults). `None` when the LSG is unknown or `cpu` is not a CPU of its home or
+    /// backup node. The LSG's size limits are the storage defaults: the file does not set them
+    /// yet.
     pub fn host_config(&self, lsg: LsgId, cpu: EndpointId) -> Option<HostConfig> {
         let lsg = self.lsg(lsg)?;
         if cpu.node != lsg.home && cpu.node != lsg.backup {
@@ -303,12 +333,7 @@ impl ClusterConfig {
         if !node.endpoints().any(|e| e == cpu) {
             return None;
         }
-        let mut cpus: Vec<EndpointId> = [lsg.home, lsg.backup]
-            .iter()
-            .filter_map(|&n| self.node(n))
-            .flat_map(Node::endpoints)
-            .collect();
-        cpus.sort();
+        let cpus = self.lsg_cpus(lsg.id);
         Some(HostConfig {
             local: cpu,
             lsg_id: lsg.id,
