@@ -123,11 +123,7 @@ async fn run(args: Args) -> Result<Exit> {
         .with_context(|| format!("node {} has no CPU {}", args.node, args.cpu))?;
     let certs = match &args.certs {
         Some(dir) => dir.clone(),
-        None => args
-            .config
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join("certs"),
+        None => args.config.parent().unwrap_or(Path::new(".")).join("certs"),
     };
     let credentials = NodeCredentials::load(&certs, args.node)
         .with_context(|| format!("loading node {}'s certificates", args.node))?;
@@ -214,7 +210,10 @@ async fn run(args: Args) -> Result<Exit> {
         }
     }
     if roles == 0 {
-        bail!("CPU {local} runs no role: node {} is no LSG's home or backup node", args.node);
+        bail!(
+            "CPU {local} runs no role: node {} is no LSG's home or backup node",
+            args.node
+        );
     }
     info!(cpu = %local, roles, "running");
     let exit = cpu_loop.run().await?;

@@ -315,7 +315,10 @@ impl ClusterConfig {
 
     /// Every LSG with its CPUs (`lsg_cpus`), for clients.
     pub fn lsg_routes(&self) -> Vec<(LsgId, Vec<EndpointId>)> {
-        self.lsgs.iter().map(|l| (l.id, self.lsg_cpus(l.id))).collect()
+        self.lsgs
+            .iter()
+            .map(|l| (l.id, self.lsg_cpus(l.id)))
+            .collect()
     }
 
     /// What the driver (`duplex_host`) needs to run LSG `lsg` on CPU `cpu`: the CPUs of the
