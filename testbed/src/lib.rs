@@ -5,6 +5,7 @@
 
 pub mod bank;
 pub mod cluster;
+pub mod local;
 
 use serde::Serialize;
 

@@ -88,6 +88,24 @@ pub struct HostConfig {
     /// backup node's pair the first CPU of another node.
     pub cpus: Vec<EndpointId>,
     pub timing: Timing,
+    /// The key range of each data volume, `[start, end)` (`end` `None`: unbounded). A request
+    /// whose key lies outside its volume's range is refused, so a misrouted key is never
+    /// stored where routed reads do not look. Empty: no check (tests and benchmarks).
+    pub key_ranges: Vec<KeyRange>,
+}
+
+/// One data volume's keys: `[start, end)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRange {
+    pub volume: String,
+    pub start: Vec<u8>,
+    pub end: Option<Vec<u8>>,
+}
+
+impl KeyRange {
+    pub fn holds(&self, key: &[u8]) -> bool {
+        key >= self.start.as_slice() && self.end.as_deref().is_none_or(|e| key < e)
+    }
 }
 
 impl HostConfig {

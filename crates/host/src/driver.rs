@@ -46,7 +46,7 @@ use duplex_lsg::{
 use duplex_owner::takeover::{
     Chain, Copies, StartKind, TakeoverError, TakeoverReport, Taker, take_over,
 };
-use duplex_owner::{ClientReply, ClientRequest, LsgOwner, OwnerAction, OwnerStart};
+use duplex_owner::{ClientReply, ClientRequest, LsgOwner, Op, OpError, OwnerAction, OwnerStart};
 use duplex_pair::{Clock, MonotonicClock, PairMessage, PairTag, Reply, StreamRecord};
 use duplex_transport::{EndpointId, QuicTransport, RequestId, Transport, TransportError};
 use serde::Serialize;
@@ -632,6 +632,11 @@ impl Host {
             seq = request.seq.0,
         );
         let _entered = span.enter();
+        if let Some(reason) = self.outside_range(&request.op) {
+            let reply = CpuReply::Lsg(ClientReply::Error(OpError::Malformed { reason }));
+            self.respond(from, id, &reply);
+            return;
+        }
         match &mut self.role {
             Role::Owner(o) => o.owner.on_request(now, (from, id), request),
             _ => {
@@ -649,6 +654,32 @@ impl Host {
                 self.respond(from, id, &reply);
             }
         }
+    }
+
+    /// Why `op`'s key is not its volume's (see `HostConfig::key_ranges`).
+    fn outside_range(&self, op: &Op) -> Option<String> {
+        let (volume, key) = match op {
+            Op::Get { volume, key } | Op::Put { volume, key, .. } | Op::Delete { volume, key } => {
+                (volume, key)
+            }
+            _ => return None,
+        };
+        let range = self
+            .config
+            .key_ranges
+            .iter()
+            .find(|r| &r.volume == volume)?;
+        (!range.holds(key)).then(|| {
+            format!(
+                "key {} is outside volume {volume}'s range [{}, {}): route it by the cluster config",
+                String::from_utf8_lossy(key),
+                String::from_utf8_lossy(&range.start),
+                range
+                    .end
+                    .as_deref()
+                    .map_or("end".into(), String::from_utf8_lossy)
+            )
+        })
     }
 
     fn respond(&self, to: EndpointId, id: RequestId, reply: &CpuReply) {

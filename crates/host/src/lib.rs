@@ -33,7 +33,7 @@ pub mod storage;
 pub mod wire;
 
 pub use client::{Answer, ClientEndpoint, ClientError, ClientOptions, Session};
-pub use config::{HostConfig, PAIR_STREAM, Timing};
+pub use config::{HostConfig, KeyRange, PAIR_STREAM, Timing};
 pub use cpu::Cpu;
 pub use create::{Row, create_lsg};
 pub use driver::{Exit, Host, Report};

@@ -149,6 +149,7 @@ async fn run(args: Args) -> Result<Exit> {
         paranoid: args.paranoid,
         cpus,
         timing: Timing::default(),
+        key_ranges: Vec::new(),
     };
     print(&serde_json::json!({"event": "bound", "main": transport.local_addrs()?.main}));
     {

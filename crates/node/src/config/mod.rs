@@ -350,6 +350,15 @@ impl ClusterConfig {
                 lock_timeout: Duration::from_millis(self.timing.lock_timeout_ms),
                 ..duplex_host::Timing::default()
             },
+            key_ranges: lsg
+                .volumes
+                .iter()
+                .map(|v| duplex_host::KeyRange {
+                    volume: v.name.clone(),
+                    start: v.start.as_bytes().to_vec(),
+                    end: v.end.as_ref().map(|e| e.as_bytes().to_vec()),
+                })
+                .collect(),
         })
     }
 }
