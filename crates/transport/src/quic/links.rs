@@ -297,6 +297,7 @@ impl Inner {
         let stale = match self.register_link(peer, path, link) {
             Ok(stale) => stale,
             Err(e) => {
+                self.forget_client_if_gone(peer);
                 self.close_for(&conn, Some(peer), path, &e);
                 return Err(e);
             }
