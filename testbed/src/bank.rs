@@ -19,7 +19,6 @@ use duplex_host::{ClientEndpoint, ClientOptions, Row, Session};
 use duplex_lsg::LsgId;
 use duplex_owner::{ClientReply, Op, OpError};
 use duplex_pair::{AbortReason, ClientId, Receipt, Reply, TxId};
-use duplex_transport::certs::NodeCredentials;
 use duplex_transport::{EndpointId, PeerAddrs, QuicConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -442,7 +441,7 @@ async fn run_clients(
     notify: mpsc::Sender<Committed>,
 ) -> Result<BankOutcome, String> {
     let creds =
-        NodeCredentials::load(&options.certs, options.endpoint.node).map_err(|e| e.to_string())?;
+        crate::cluster::credentials(&options.certs, options.endpoint).map_err(|e| e.to_string())?;
     let addr = "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?;
     let config = QuicConfig::new(options.endpoint, addr, creds);
     let endpoint = ClientEndpoint::bind(config, LSG, &options.cpus, ClientOptions::default())

@@ -12,7 +12,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use duplex_transport::certs::ensure_cluster_certs;
+use duplex_transport::certs::{
+    CertError, ClientName, Credentials, ensure_client_cert, ensure_cluster_certs,
+};
 use duplex_transport::{EndpointId, PeerAddrs};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -103,6 +105,23 @@ pub struct ClusterOptions {
     pub echo: bool,
 }
 
+/// The client certificate (`client-testbed.pem`) every client endpoint `0.k` of a test
+/// cluster presents.
+pub const CLIENT_CERT_NAME: &str = "testbed";
+
+/// The credentials of `endpoint` in a test cluster's cert directory: client `CLIENT_CERT_NAME`'s
+/// for a client endpoint `0.k`, else its node's.
+pub fn credentials(
+    certs: &std::path::Path,
+    endpoint: EndpointId,
+) -> Result<Credentials, CertError> {
+    if endpoint.is_client() {
+        Credentials::load_client(certs, &ClientName::new(CLIENT_CERT_NAME)?)
+    } else {
+        Credentials::load_node(certs, endpoint.node)
+    }
+}
+
 /// See the module docs.
 #[derive(Debug)]
 pub struct Cluster {
@@ -115,15 +134,17 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Certificates for nodes 0 (clients) to 2 and every CPU's node, and one port per CPU.
+    /// Certificates for nodes 1 and 2, every CPU's node and the clients (`CLIENT_CERT_NAME`),
+    /// and one port per CPU.
     pub fn new(options: ClusterOptions) -> Result<Cluster> {
         let dir = tempfile::tempdir()?;
         let certs = dir.path().join("certs");
-        let mut nodes = vec![0, 1, 2];
+        let mut nodes = vec![1, 2];
         nodes.extend(options.cpus.iter().map(|c| c.node));
         nodes.sort();
         nodes.dedup();
         ensure_cluster_certs(&certs, &nodes)?;
+        ensure_client_cert(&certs, &ClientName::new(CLIENT_CERT_NAME)?)?;
         let data = dir.path().join("data");
         let mut addrs = BTreeMap::new();
         for id in &options.cpus {

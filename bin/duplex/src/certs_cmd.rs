@@ -1,5 +1,6 @@
-//! `duplex certs …`: create a cluster's cert directory, show what is in it and when each
-//! certificate expires, and renew a node's certificate before it does.
+//! `duplex certs …`: create a cluster's cert directory, issue clients their certificates, show
+//! what is in it and when each certificate expires, and renew a node's or a client's
+//! certificate before it does.
 //!
 //! An operator's view of `duplex_transport::certs`: what a node checks when it loads its
 //! credentials (and warns about from `EXPIRY_WARNING_DAYS`, for the CA
@@ -10,9 +11,10 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use anyhow::{Context, Result, bail};
-use clap::Subcommand;
+use clap::{ArgGroup, Subcommand};
 use duplex_transport::certs::{
-    CertFileSummary, UtcTime, ValidityStatus, ensure_cluster_certs, read_cert_dir, renew_node_cert,
+    CertFileSummary, ClientName, UtcTime, ValidityStatus, ensure_client_cert, ensure_cluster_certs,
+    read_cert_dir, renew_client_cert, renew_node_cert,
 };
 
 const SECS_PER_DAY: u64 = 86_400;
@@ -24,9 +26,20 @@ pub enum CertsCommand {
     Ensure {
         #[arg(long)]
         dir: PathBuf,
-        /// Node numbers, comma-separated: `--nodes 1,2,3`.
+        /// Node numbers, comma-separated: `--nodes 1,2,3`. Nodes are numbered from 1; node 0 is
+        /// the clients' (see `client`).
         #[arg(long, value_delimiter = ',', required = true)]
         nodes: Vec<u16>,
+    },
+    /// Issue a client its certificate (client-NAME.pem, client-NAME.key) under the cluster CA
+    /// unless it exists, creating the CA if there is none. A client endpoint 0.k presents it;
+    /// it cannot claim a CPU.
+    Client {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The client's name: 1 to 32 of a-z, 0-9 and '-'.
+        #[arg(long)]
+        name: ClientName,
     },
     /// List the CA and node certificates with their validity and how long each has left, and
     /// the problems found (a file that does not parse, a node key that is missing, exposed or
@@ -35,12 +48,16 @@ pub enum CertsCommand {
         #[arg(long)]
         dir: PathBuf,
     },
-    /// Issue a node a new key and certificate under the existing CA, replacing its old ones.
+    /// Issue a node (`--node N`) or a client (`--client NAME`) a new key and certificate under
+    /// the existing CA, replacing its old ones.
+    #[command(group(ArgGroup::new("holder").required(true).args(["node", "client"])))]
     Renew {
         #[arg(long)]
         dir: PathBuf,
         #[arg(long)]
-        node: u16,
+        node: Option<u16>,
+        #[arg(long)]
+        client: Option<ClientName>,
     },
 }
 
@@ -58,10 +75,28 @@ pub fn run(command: CertsCommand) -> Result<()> {
             }
             Ok(())
         }
-        CertsCommand::Renew { dir, node } => {
-            renew_node_cert(&dir, node)
-                .with_context(|| format!("renewing node {node}'s certificate"))?;
-            println!("renewed node {node}; restart its processes to use the new certificate");
+        CertsCommand::Client { dir, name } => {
+            ensure_client_cert(&dir, &name).with_context(|| {
+                format!("issuing client {name}'s certificate in {}", dir.display())
+            })?;
+            show(&dir).map(|_| ())
+        }
+        CertsCommand::Renew { dir, node, client } => {
+            match (node, client) {
+                (Some(node), _) => {
+                    renew_node_cert(&dir, node)
+                        .with_context(|| format!("renewing node {node}'s certificate"))?;
+                    println!(
+                        "renewed node {node}; restart its processes to use the new certificate"
+                    );
+                }
+                (None, Some(name)) => {
+                    renew_client_cert(&dir, &name)
+                        .with_context(|| format!("renewing client {name}'s certificate"))?;
+                    println!("renewed client {name}; restart it to use the new certificate");
+                }
+                (None, None) => bail!("renew needs --node N or --client NAME"),
+            }
             show(&dir).map(|_| ())
         }
     }

@@ -91,7 +91,7 @@ enum Command {
         #[command(subcommand)]
         command: lsg_cmd::LsgCommand,
     },
-    /// Create, show and renew a cluster's certificates (CA and nodes) in a cert directory.
+    /// Create, show and renew a cluster's certificates (CA, nodes, clients) in a cert directory.
     Certs {
         #[command(subcommand)]
         command: certs_cmd::CertsCommand,

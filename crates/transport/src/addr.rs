@@ -7,7 +7,12 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-/// One CPU of the cluster: one OS process with its own transport endpoint.
+/// The node number of clients: an endpoint `0.k` is a client (it holds a client certificate,
+/// `certs::CLIENT_SERVER_NAME`), never a CPU; nodes are numbered from 1.
+pub const CLIENT_NODE: u16 = 0;
+
+/// One CPU of the cluster: one OS process with its own transport endpoint; or, with node
+/// `CLIENT_NODE`, a client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct EndpointId {
     pub node: u16,
@@ -17,6 +22,11 @@ pub struct EndpointId {
 impl EndpointId {
     pub const fn new(node: u16, cpu: u16) -> Self {
         EndpointId { node, cpu }
+    }
+
+    /// Whether this is a client endpoint (node `CLIENT_NODE`).
+    pub const fn is_client(&self) -> bool {
+        self.node == CLIENT_NODE
     }
 }
 

@@ -1,7 +1,7 @@
 //! The sans-IO core the QUIC transport and its simulated twin share, so the twin cannot drift
 //! from the real thing: the limits and what they refuse, request tracking and expiry (for
 //! `request` and `call` alike), ordered-stream numbering, the choice of path, the hello's terms
-//! (version, incarnation, cluster membership) and the endpoint's event queue with its byte
+//! (version, incarnation, cluster membership, the bound on clients) and the endpoint's event queue with its byte
 //! bounds. Plain data structures: `now` is passed in, nothing reads a clock, spawns a task or
 //! iterates a `HashMap`; the drivers add the waiting and the IO.
 
@@ -119,6 +119,33 @@ pub enum HelloRefusal {
     Version(#[from] VersionError),
     #[error("endpoint {peer} is not in the cluster list of {local}")]
     NotInCluster { local: EndpointId, peer: EndpointId },
+    #[error(
+        "client endpoint {peer} refused by {local}: it already serves {limit} clients \
+         (max_clients)"
+    )]
+    TooManyClients {
+        local: EndpointId,
+        peer: EndpointId,
+        limit: usize,
+    },
+}
+
+/// Admits one more client endpoint that was not in the cluster list, when `clients` such
+/// clients are known already and at most `max_clients` may be.
+pub fn admit_client(
+    local: EndpointId,
+    peer: EndpointId,
+    clients: usize,
+    max_clients: usize,
+) -> Result<(), HelloRefusal> {
+    if clients >= max_clients {
+        return Err(HelloRefusal::TooManyClients {
+            local,
+            peer,
+            limit: max_clients,
+        });
+    }
+    Ok(())
 }
 
 /// What a link speaks once both hellos are in.
@@ -170,6 +197,11 @@ impl StreamNumbers {
         queue(seq)?;
         self.next.insert((peer, stream), seq + 1);
         Ok(seq)
+    }
+
+    /// Forgets `peer`'s streams: numbering to it starts again at 0, as to a restarted peer.
+    pub fn forget_peer(&mut self, peer: EndpointId) {
+        self.next.retain(|(p, _), _| *p != peer);
     }
 }
 

@@ -8,7 +8,7 @@
 //!   hellos, the event queue), so the twin cannot drift from the real thing.
 //! - `sim`: the simulated twin, a seeded in-memory network with a virtual clock.
 //! - `quic`: the real implementation on quinn with mutual TLS, reconnects and fault injection.
-//! - `certs`: the cluster CA and node certificates.
+//! - `certs`: the cluster CA, node and client certificates, and who may claim which endpoint.
 
 pub mod addr;
 pub mod certs;
@@ -19,7 +19,7 @@ pub mod sim;
 pub mod transport;
 pub mod wire;
 
-pub use addr::{EndpointId, Path, PeerAddrs};
+pub use addr::{CLIENT_NODE, EndpointId, Path, PeerAddrs};
 pub use core::Limits;
 pub use detector::{DetectorConfig, FailureDetector, PeerEvent, PeerStatus};
 pub use quic::{FaultInjector, QuicConfig, QuicError, QuicTransport};

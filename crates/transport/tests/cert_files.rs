@@ -2,7 +2,7 @@
 //! to create it, a CA key never replaced, files replaced atomically, what a crash leaves
 //! finished by the next `ensure`, issuing only under a CA that matches its key and is valid,
 //! loading under a shared lock while a renewal runs, the documented validities, and what
-//! `NodeCredentials::load` refuses or warns about. Kills at every system call of the real
+//! `Credentials::load_node` refuses or warns about. Kills at every system call of the real
 //! binary are in `bin/duplex/tests/certs_cli.rs`.
 
 use std::fs::{self, File};
@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant, SystemTime};
 
 use duplex_transport::certs::{
-    CA_EXPIRY_WARNING_DAYS, CertError, ClusterCa, NodeCredentials, check_expiry,
-    ensure_cluster_certs, node_server_name, renew_node_cert,
+    CA_EXPIRY_WARNING_DAYS, CertError, ClusterCa, Credentials, check_expiry, ensure_cluster_certs,
+    node_server_name, renew_node_cert,
 };
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::client::danger::ServerCertVerifier as _;
@@ -131,7 +131,7 @@ fn a_half_issued_node_gets_a_new_key_file_and_its_old_one_is_never_rewritten() {
     assert_ne!(fs::read(&key_path).expect("key"), old_key, "a new key");
     assert_eq!(mode_of(&key_path), 0o600);
     assert_eq!(hidden_files(dir.path()), Vec::<String>::new());
-    NodeCredentials::load(dir.path(), 1).expect("the re-issued pair loads");
+    Credentials::load_node(dir.path(), 1).expect("the re-issued pair loads");
 }
 
 /// When set, the `racer` test is one of the processes racing to create a cert directory here.
@@ -155,7 +155,7 @@ fn racer() {
     let mut go = String::new();
     io::stdin().lock().read_line(&mut go).expect("wait for go");
     ensure_cluster_certs(Path::new(&dir), &RACE_NODES).expect("ensure");
-    let credentials = NodeCredentials::load(Path::new(&dir), 1).expect("load");
+    let credentials = Credentials::load_node(Path::new(&dir), 1).expect("load");
     let hex: String = credentials.ca.iter().map(|b| format!("{b:02x}")).collect();
     println!("racer-ca {hex}");
 }
@@ -278,7 +278,7 @@ fn race_once(round: usize, deadline: Instant) {
             &read_cert(&certs.join(format!("node-{node}.pem"))),
             node,
         );
-        NodeCredentials::load(&certs, node).expect("node credentials");
+        Credentials::load_node(&certs, node).expect("node credentials");
     }
     // ca.key is ca.pem's key: what it signs now chains to ca.pem.
     ensure_cluster_certs(&certs, &[4]).expect("issue node 4");
@@ -387,7 +387,7 @@ fn loading_refuses_a_certificate_outside_its_validity_naming_the_file_and_the_da
     ];
     for (case, ca, node, file, named_date) in cases {
         write_cert_dir(dir.path(), ca, node);
-        let err = NodeCredentials::load(dir.path(), 1)
+        let err = Credentials::load_node(dir.path(), 1)
             .err()
             .unwrap_or_else(|| panic!("{case}: loaded"));
         let message = err.to_string();
@@ -416,15 +416,15 @@ impl io::Write for Captured {
     }
 }
 
-/// `NodeCredentials::load` of node 1, and what it logged.
-fn load_logged(dir: &Path) -> (Result<NodeCredentials, CertError>, String) {
+/// `Credentials::load_node` of node 1, and what it logged.
+fn load_logged(dir: &Path) -> (Result<Credentials, CertError>, String) {
     let captured = Captured::default();
     let writer = captured.clone();
     let subscriber = tracing_subscriber::fmt()
         .with_writer(move || writer.clone())
         .with_ansi(false)
         .finish();
-    let result = tracing::subscriber::with_default(subscriber, || NodeCredentials::load(dir, 1));
+    let result = tracing::subscriber::with_default(subscriber, || Credentials::load_node(dir, 1));
     let log = String::from_utf8_lossy(&captured.0.lock().expect("capture")).into_owned();
     (result, log)
 }
@@ -470,7 +470,7 @@ fn keys_accessible_by_group_or_others_are_refused() {
     let key = dir.path().join("node-1.key");
     for mode in [0o640, 0o604, 0o644, 0o660, 0o602] {
         set_mode(&key, mode);
-        let err = NodeCredentials::load(dir.path(), 1)
+        let err = Credentials::load_node(dir.path(), 1)
             .err()
             .unwrap_or_else(|| panic!("a key with mode {mode:04o} loaded"));
         let message = err.to_string();
@@ -482,7 +482,7 @@ fn keys_accessible_by_group_or_others_are_refused() {
     }
     for mode in [0o600, 0o400] {
         set_mode(&key, mode);
-        NodeCredentials::load(dir.path(), 1).expect("an owner-only key loads");
+        Credentials::load_node(dir.path(), 1).expect("an owner-only key loads");
     }
 
     // The CA key too, when issuing needs it.
@@ -500,7 +500,7 @@ fn a_key_that_is_not_its_certificates_is_refused_at_load() {
     let dir = tempfile::tempdir().expect("tempdir");
     ensure_cluster_certs(dir.path(), &[1, 2]).expect("create");
     fs::copy(dir.path().join("node-2.key"), dir.path().join("node-1.key")).expect("swap key");
-    let err = NodeCredentials::load(dir.path(), 1)
+    let err = Credentials::load_node(dir.path(), 1)
         .expect_err("node 2's key with node 1's certificate is refused");
     let message = err.to_string();
     println!("{message}");
@@ -558,7 +558,7 @@ fn issuing_refuses_a_ca_pem_that_is_not_ca_keys_and_loading_refuses_a_foreign_ch
     mismatch(renew_node_cert(&ours, 1), "renewing");
     mismatch(ensure_cluster_certs(&ours, &[1, 2]), "issuing");
     assert!(!ours_file("node-2.pem").exists(), "nothing issued");
-    match NodeCredentials::load(&ours, 1) {
+    match Credentials::load_node(&ours, 1) {
         Err(e @ CertError::NotIssuedByCa { .. }) => {
             let message = e.to_string();
             println!("{message}");
@@ -596,7 +596,7 @@ fn loading_refuses_a_node_certificate_that_names_another_node() {
     ensure_cluster_certs(dir.path(), &[1, 2]).expect("create");
     fs::copy(dir.path().join("node-2.pem"), dir.path().join("node-1.pem")).expect("copy");
     fs::copy(dir.path().join("node-2.key"), dir.path().join("node-1.key")).expect("copy");
-    match NodeCredentials::load(dir.path(), 1) {
+    match Credentials::load_node(dir.path(), 1) {
         Err(CertError::NotIssuedByCa { name, .. }) => assert_eq!(name, "node-1.duplex"),
         other => panic!("node 2's pair loaded as node 1: {other:?}"),
     }
@@ -657,7 +657,7 @@ fn a_renewal_interrupted_between_its_two_renames_is_finished_by_ensure() {
     )
     .expect("temp");
     assert!(matches!(
-        NodeCredentials::load(dir.path(), 1),
+        Credentials::load_node(dir.path(), 1),
         Err(CertError::KeyMismatch { .. })
     ));
 
@@ -667,7 +667,7 @@ fn a_renewal_interrupted_between_its_two_renames_is_finished_by_ensure() {
         new.cert_pem
     );
     assert_eq!(hidden_files(dir.path()), Vec::<String>::new());
-    NodeCredentials::load(dir.path(), 1).expect("the finished pair loads");
+    Credentials::load_node(dir.path(), 1).expect("the finished pair loads");
 }
 
 #[test]
@@ -685,7 +685,7 @@ fn loading_while_a_node_is_renewed_always_finds_a_matching_pair() {
         });
         let mut loads = 0;
         while !renewed.load(Ordering::Acquire) && loads < LOADS_MAX {
-            if let Err(e) = NodeCredentials::load_at(dir.path(), 1, SystemTime::now()) {
+            if let Err(e) = Credentials::load_node_at(dir.path(), 1, SystemTime::now()) {
                 panic!("load {loads} during a renewal: {e}");
             }
             loads += 1;
@@ -709,7 +709,7 @@ fn issuing_respects_the_cas_validity_and_the_ca_warns_a_year_ahead() {
     let ca_not_after = validity_of(&dir.path().join("ca.pem")).1;
     assert_eq!(validity_of(&dir.path().join("node-1.pem")).1, ca_not_after);
 
-    let (_, warnings) = NodeCredentials::load_at(dir.path(), 1, now).expect("load");
+    let (_, warnings) = Credentials::load_node_at(dir.path(), 1, now).expect("load");
     let warned: Vec<_> = warnings
         .iter()
         .map(|w| (w.path.clone(), w.warning_days))
@@ -769,7 +769,7 @@ fn a_cert_dir_writable_by_others_a_key_of_another_user_and_a_fifo_are_refused() 
     for mode in [0o770, 0o702, 0o1777] {
         set_mode(dir.path(), mode);
         for (what, result) in [
-            ("load", NodeCredentials::load(dir.path(), 1).map(|_| ())),
+            ("load", Credentials::load_node(dir.path(), 1).map(|_| ())),
             ("ensure", ensure_cluster_certs(dir.path(), &[3])),
             ("renew", renew_node_cert(dir.path(), 1)),
         ] {
@@ -782,7 +782,7 @@ fn a_cert_dir_writable_by_others_a_key_of_another_user_and_a_fifo_are_refused() 
         }
     }
     set_mode(dir.path(), 0o750);
-    NodeCredentials::load(dir.path(), 1).expect("group may read and enter");
+    Credentials::load_node(dir.path(), 1).expect("group may read and enter");
 
     // A FIFO where the key should be: refused at once instead of blocking the open.
     let key = dir.path().join("node-1.key");
@@ -796,7 +796,7 @@ fn a_cert_dir_writable_by_others_a_key_of_another_user_and_a_fifo_are_refused() 
         let dir = dir.path().to_path_buf();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
-            let _ = tx.send(NodeCredentials::load(&dir, 1).map(|_| ()));
+            let _ = tx.send(Credentials::load_node(&dir, 1).map(|_| ()));
         });
         rx
     };
@@ -814,7 +814,7 @@ fn a_cert_dir_writable_by_others_a_key_of_another_user_and_a_fifo_are_refused() 
     if nix::unistd::geteuid().is_root() {
         let key = dir.path().join("node-2.key");
         std::os::unix::fs::chown(&key, Some(65534), None).expect("chown");
-        match NodeCredentials::load(dir.path(), 2) {
+        match Credentials::load_node(dir.path(), 2) {
             Err(CertError::KeyNotOwnedByUser { path, owner, user }) => {
                 assert_eq!((path, owner, user), (key, 65534, 0));
             }

@@ -10,7 +10,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use duplex_transport::certs::{NodeCredentials, ensure_cluster_certs};
+use duplex_transport::certs::{Credentials, ensure_cluster_certs};
 use duplex_transport::{
     DetectorConfig, EndpointId, Event, Limits, PROTOCOL_VERSION, Path, PeerEvent, QuicConfig,
     QuicTransport, SimConfig, SimNetwork, SimTransport, StreamId, Transport, TransportError,
@@ -107,7 +107,7 @@ async fn quic_endpoint(
     version: u16,
     incarnation: u64,
 ) -> QuicTransport {
-    let creds = NodeCredentials::load(certs, id.node).expect("credentials");
+    let creds = Credentials::load_node(certs, id.node).expect("credentials");
     let mut config = QuicConfig::new(id, "127.0.0.1:0".parse().expect("addr"), creds);
     config.detector = DetectorConfig::with_detection_time_ms(DETECTION_MS);
     config.limits = setup.limits;

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use duplex_transport::certs::{NodeCredentials, QuicTiming, node_server_name, quinn_configs};
+use duplex_transport::certs::{Credentials, QuicTiming, node_server_name, quinn_configs};
 use duplex_transport::detector::DetectorAction;
 use duplex_transport::quic::close_code;
 use duplex_transport::wire::{Frame, FrameDecoder, Hello};
@@ -45,7 +45,7 @@ async fn raw_link(
     incarnation: u64,
     server: SocketAddr,
 ) -> (quinn::Endpoint, quinn::Connection, Lane, Lane) {
-    let creds = NodeCredentials::load(certs, claimed.node).expect("credentials");
+    let creds = Credentials::load_node(certs, claimed.node).expect("credentials");
     let (_, client_config) = quinn_configs(
         &creds,
         QuicTiming {
@@ -376,7 +376,7 @@ async fn raw_conn(
     node: u16,
     server: SocketAddr,
 ) -> (quinn::Endpoint, quinn::Connection) {
-    let creds = NodeCredentials::load(certs, node).expect("credentials");
+    let creds = Credentials::load_node(certs, node).expect("credentials");
     let (_, client_config) = quinn_configs(
         &creds,
         QuicTiming {

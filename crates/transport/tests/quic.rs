@@ -12,7 +12,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use duplex_transport::certs::{NodeCredentials, QuicTiming, node_server_name, quinn_configs};
+use duplex_transport::certs::{Credentials, QuicTiming, node_server_name, quinn_configs};
 use duplex_transport::quic::close_code;
 use duplex_transport::wire::{Frame, FrameDecoder, Hello, StreamId};
 use duplex_transport::{
@@ -104,7 +104,7 @@ async fn raw_client(
     quinn::SendStream,
     quinn::RecvStream,
 ) {
-    let creds = NodeCredentials::load(certs, node).expect("credentials");
+    let creds = Credentials::load_node(certs, node).expect("credentials");
     let (_, client_config) = quinn_configs(
         &creds,
         QuicTiming {
@@ -478,7 +478,7 @@ async fn requests_beyond_the_pending_bound_fail_with_a_clear_error() {
 async fn the_dialer_refuses_an_unknown_version_with_version_refused() {
     let certs = certs_dir();
     // A raw acceptor with node 2's certificate that answers every hello with version 9.
-    let creds = NodeCredentials::load(certs.path(), B.node).expect("credentials");
+    let creds = Credentials::load_node(certs.path(), B.node).expect("credentials");
     let (server_config, _) = quinn_configs(
         &creds,
         QuicTiming {
@@ -757,7 +757,7 @@ async fn handshakes_in_progress_are_bounded_and_silent_connections_closed() {
         raw_client(certs.path(), 3, server, A.node).await,
         raw_client(certs.path(), 3, server, A.node).await,
     ];
-    let creds = NodeCredentials::load(certs.path(), 3).expect("credentials");
+    let creds = Credentials::load_node(certs.path(), 3).expect("credentials");
     let (_, client_config) = quinn_configs(
         &creds,
         QuicTiming {

@@ -37,7 +37,6 @@ use duplex_pair::{ClientId, Reply};
 use duplex_testbed::bank::{LSG, MARKERS};
 use duplex_testbed::cluster::{Cluster, ClusterOptions, KillOnDrop, is_event, is_state};
 use duplex_testbed::{Better, Comparison, percentiles, print_comparisons};
-use duplex_transport::certs::NodeCredentials;
 use duplex_transport::{EndpointId, PeerAddrs, QuicConfig, QuicTransport, Transport};
 
 const HOME: EndpointId = EndpointId::new(1, 0);
@@ -144,7 +143,7 @@ async fn run_load(
     samples: mpsc::Sender<Sample>,
     endpoint_out: mpsc::Sender<Option<ClientEndpoint>>,
 ) -> Result<Vec<Sample>> {
-    let creds = NodeCredentials::load(&certs, local.node)?;
+    let creds = duplex_testbed::cluster::credentials(&certs, local)?;
     let config = QuicConfig::new(local, "127.0.0.1:0".parse()?, creds);
     let mut tasks = Vec::new();
     match work {

@@ -1,5 +1,7 @@
-//! A cluster's cert directory on disk: `ca.pem`, `ca.key`, `node-N.pem`, `node-N.key` (keys
-//! mode 0600) and `certs.lock`; how it is created, renewed and loaded, and what loading checks.
+//! A cluster's cert directory on disk: `ca.pem`, `ca.key`, `node-N.pem`, `node-N.key`,
+//! `client-NAME.pem`, `client-NAME.key` (keys mode 0600) and `certs.lock`; how it is created,
+//! renewed and loaded, and what loading checks. A client's pair is treated as a node's in every
+//! step below ("a leaf": a node's or a client's certificate with its key).
 //!
 //! Why it is written the way it is:
 //! - The processes of a local cluster start at once and each calls `ensure_cluster_certs`; they
@@ -9,7 +11,7 @@
 //!   and listing hold a shared lock, so they never see a node's new key with its old
 //!   certificate. The lock file is never deleted: deleting it would let two processes lock two
 //!   different files.
-//! - Each step writes a pair (the CA's key and certificate, or a node's): both files are first
+//! - Each step writes a pair (the CA's key and certificate, or a leaf's): both files are first
 //!   written under temporary names of the writer's own (`.NAME.PID-RANDOM.tmp`), synced, and
 //!   the directory synced; then each takes its name, the key first, with a directory sync after
 //!   each. CA files take their name with `link`, which fails if the name exists, so a CA file is
@@ -18,8 +20,8 @@
 //!   certificate complete under its temporary name.
 //! - Creation and renewal, under the lock and before anything else, finish what a crash
 //!   interrupted: a `ca.key` without `ca.pem` gets the temporary CA certificate that carries its
-//!   public key, and a `node-N.key` whose certificate is not its own gets the temporary
-//!   certificate that is. Then every temporary file is removed.
+//!   public key, and a `node-N.key` or `client-NAME.key` whose certificate is not its own gets
+//!   the temporary certificate that is. Then every temporary file is removed.
 //! - A CA key without its certificate (and without such a temporary one) is an error, never a
 //!   reason to make a new CA: node certificates that key issued may be in use, and a new CA
 //!   would cut them off.
@@ -28,8 +30,9 @@
 //! - Loading refuses a cert directory that group or others may write, a key that group or
 //!   others may access or that another user owns, a file that is not a regular file (opened
 //!   without blocking, so a FIFO cannot hang it), a key that is not its certificate's, a
-//!   certificate outside its validity, and a node certificate that does not chain to `ca.pem`
-//!   or does not name the node, with errors naming the file and the dates. It logs when each
+//!   certificate outside its validity, and a node (client) certificate that does not chain to
+//!   `ca.pem` or does not name the node (is not that client's client certificate), with errors
+//!   naming the file and the dates. Node 0 is the clients': no `node-0` pair is issued or loaded. It logs when each
 //!   certificate expires and warns when one expires within its warning period
 //!   (`CA_EXPIRY_WARNING_DAYS`, `EXPIRY_WARNING_DAYS`); `check_expiry` repeats that for a
 //!   running node.
@@ -50,7 +53,7 @@ use time::OffsetDateTime;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::{
-    CertError, ClusterCa, NodeCert, NodeCredentials, SECS_PER_DAY, node_server_name,
+    CLIENT_NODE, CertError, ClientName, ClusterCa, Credentials, Identity, IssuedCert, SECS_PER_DAY,
     parse_certificate, parse_key, verify_chain,
 };
 
@@ -75,12 +78,20 @@ const KEY_FORBIDDEN_MODE_BITS: u32 = 0o077;
 /// Permission bits a cert directory must not have: writing by group or others.
 const DIR_FORBIDDEN_MODE_BITS: u32 = 0o022;
 
-fn node_cert_file(node: u16) -> String {
-    format!("node-{node}.pem")
+/// A leaf's file names without their extension: `node-N`, `client-NAME`.
+fn leaf_file_stem(identity: &Identity) -> String {
+    match identity {
+        Identity::Node(node) => format!("node-{node}"),
+        Identity::Client(name) => format!("client-{name}"),
+    }
 }
 
-fn node_key_file(node: u16) -> String {
-    format!("node-{node}.key")
+fn cert_file(identity: &Identity) -> String {
+    format!("{}.pem", leaf_file_stem(identity))
+}
+
+fn key_file(identity: &Identity) -> String {
+    format!("{}.key", leaf_file_stem(identity))
 }
 
 /// A point in time shown as a UTC date and time, e.g. `2026-04-20 09:30:00 UTC`.
@@ -219,16 +230,18 @@ impl CertFileSummary {
 /// What `read_cert_dir` found: the certificates it could read, and every problem it found.
 #[derive(Debug, Default)]
 pub struct CertDirListing {
-    /// The CA certificate first, then node certificates by node number.
+    /// The CA certificate first, then node certificates by node number, then client
+    /// certificates by name.
     pub certs: Vec<CertFileSummary>,
-    /// A directory writable by others, a certificate that does not parse, and for each node
-    /// certificate: its key missing, accessible by others, or not its key, or (when both are
-    /// valid now) the certificate not chaining to `ca.pem`.
+    /// A directory writable by others, a certificate that does not parse, and for each node or
+    /// client certificate: its key missing, accessible by others, or not its key, or (when both
+    /// are valid now) the certificate not chaining to `ca.pem` or not naming its holder; a
+    /// `node-0` pair (node 0 is the clients').
     pub problems: Vec<CertError>,
 }
 
-/// The CA certificate and every node certificate in `dir`, with the problems found at `now`.
-/// Other files are ignored. Fails only when the directory cannot be read or locked.
+/// The CA certificate and every node and client certificate in `dir`, with the problems found
+/// at `now`. Other files are ignored. Fails only when the directory cannot be read or locked.
 pub fn read_cert_dir(dir: &Path, now: SystemTime) -> Result<CertDirListing, CertError> {
     let read_err = |error| CertError::Read {
         path: dir.to_path_buf(),
@@ -239,22 +252,23 @@ pub fn read_cert_dir(dir: &Path, now: SystemTime) -> Result<CertDirListing, Cert
         listing.problems.push(problem);
     }
     let _lock = lock_cert_dir(dir, LockMode::Shared)?;
-    let mut files: Vec<(Option<u16>, PathBuf)> = Vec::new();
+    let mut files: Vec<(Option<Identity>, PathBuf)> = Vec::new();
     for entry in fs::read_dir(dir).map_err(read_err)? {
         let entry = entry.map_err(read_err)?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
         if name == CA_CERT_FILE {
             files.push((None, entry.path()));
-        } else if let Some(node) = node_of_cert_file(name) {
-            files.push((Some(node), entry.path()));
+        } else if let Some(identity) = identity_of_cert_file(name) {
+            files.push((Some(identity), entry.path()));
         }
     }
-    // The CA (`None`) sorts first, so node certificates can be checked against it.
+    // The CA (`None`) sorts first, so leaves can be checked against it; then nodes by number,
+    // then clients by name.
     files.sort();
     let mut ca: Option<(CertificateDer<'static>, Validity)> = None;
-    for (node, path) in files {
-        let warning_days = match node {
+    for (identity, path) in files {
+        let warning_days = match identity {
             None => CA_EXPIRY_WARNING_DAYS,
             Some(_) => EXPIRY_WARNING_DAYS,
         };
@@ -265,11 +279,11 @@ pub fn read_cert_dir(dir: &Path, now: SystemTime) -> Result<CertDirListing, Cert
                 continue;
             }
         };
-        match node {
+        match identity {
             None => ca = Some((der, summary.validity)),
-            Some(node) => {
+            Some(identity) => {
                 if let Err(problem) =
-                    check_node_pair(dir, node, &der, summary.validity, ca.as_ref(), now)
+                    check_leaf_pair(dir, &identity, &der, summary.validity, ca.as_ref(), now)
                 {
                     listing.problems.push(problem);
                 }
@@ -280,12 +294,15 @@ pub fn read_cert_dir(dir: &Path, now: SystemTime) -> Result<CertDirListing, Cert
     Ok(listing)
 }
 
-/// The node number of a node certificate's file name (`node-7.pem`), if it is one.
-fn node_of_cert_file(name: &str) -> Option<u16> {
-    name.strip_prefix("node-")
-        .and_then(|rest| rest.strip_suffix(".pem"))
-        .and_then(|number| number.parse::<u16>().ok())
-        .filter(|node| node_cert_file(*node) == name)
+/// Whose certificate file `name` is (`node-7.pem`, `client-web-1.pem`), if it is a leaf's.
+fn identity_of_cert_file(name: &str) -> Option<Identity> {
+    let stem = name.strip_suffix(".pem")?;
+    let identity = if let Some(number) = stem.strip_prefix("node-") {
+        Identity::Node(number.parse::<u16>().ok()?)
+    } else {
+        Identity::Client(ClientName::new(stem.strip_prefix("client-")?).ok()?)
+    };
+    (cert_file(&identity) == name).then_some(identity)
 }
 
 fn summarize(
@@ -309,27 +326,31 @@ fn summarize(
     Ok((der, summary))
 }
 
-/// `show`'s checks of a node certificate: its key is there, private and its own, and (when it
-/// and the CA are valid at `now`) it chains to the CA and names the node.
-fn check_node_pair(
+/// `show`'s checks of a node or client certificate: it is not node 0's, its key is there,
+/// private and its own, and (when it and the CA are valid at `now`) it chains to the CA and
+/// names its holder.
+fn check_leaf_pair(
     dir: &Path,
-    node: u16,
+    identity: &Identity,
     cert: &CertificateDer<'static>,
     validity: Validity,
     ca: Option<&(CertificateDer<'static>, Validity)>,
     now: SystemTime,
 ) -> Result<(), CertError> {
-    let cert_path = dir.join(node_cert_file(node));
-    let key_path = dir.join(node_key_file(node));
+    if *identity == Identity::Node(CLIENT_NODE) {
+        return Err(CertError::NodeZeroIsForClients);
+    }
+    let cert_path = dir.join(cert_file(identity));
+    let key_path = dir.join(key_file(identity));
     let key = parse_key(&read_secret(&key_path)?, &key_path)?;
     check_key_matches(&key, &key_path, cert, &cert_path)?;
     let valid_now = |v: Validity| v.not_before <= now && now <= v.not_after;
     match ca {
         Some((ca, ca_validity)) if valid_now(*ca_validity) && valid_now(validity) => {
-            verify_chain(ca, cert, node, now).map_err(|reason| CertError::NotIssuedByCa {
+            verify_chain(ca, cert, identity, now).map_err(|reason| CertError::NotIssuedByCa {
                 cert: cert_path,
                 ca: dir.join(CA_CERT_FILE),
-                name: node_server_name(node),
+                name: identity.certificate_name(),
                 reason,
             })
         }
@@ -341,8 +362,25 @@ fn check_node_pair(
 /// finishing what a crash interrupted. Safe to call from several processes at once: they end
 /// with one CA. Never replaces a CA file; a CA key without its certificate is
 /// `CertError::CaCertMissing`. The CA key is read only when a node certificate has to be
-/// issued, so it may be kept elsewhere once every node has one.
+/// issued, so it may be kept elsewhere once every node has one. Node 0 is the clients'
+/// (`NodeZeroIsForClients`, before anything is written): use `ensure_client_cert`.
 pub fn ensure_cluster_certs(dir: &Path, nodes: &[u16]) -> Result<(), CertError> {
+    if nodes.contains(&CLIENT_NODE) {
+        return Err(CertError::NodeZeroIsForClients);
+    }
+    let leaves: Vec<Identity> = nodes.iter().map(|node| Identity::Node(*node)).collect();
+    ensure_certs(dir, &leaves)
+}
+
+/// Creates the CA (if there is none yet) and client `name`'s certificate
+/// (`client-NAME.pem`, `client-NAME.key`) in `dir` unless it exists, as `ensure_cluster_certs`
+/// does for nodes, with the same lock and crash safety.
+pub fn ensure_client_cert(dir: &Path, name: &ClientName) -> Result<(), CertError> {
+    ensure_certs(dir, &[Identity::Client(name.clone())])
+}
+
+/// `ensure_cluster_certs` for any leaves.
+fn ensure_certs(dir: &Path, leaves: &[Identity]) -> Result<(), CertError> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -381,9 +419,9 @@ pub fn ensure_cluster_certs(dir: &Path, nodes: &[u16]) -> Result<(), CertError> 
         }
     };
     let mut missing = Vec::new();
-    for &node in nodes {
-        if !exists(&dir.join(node_cert_file(node)))? {
-            missing.push(node);
+    for identity in leaves {
+        if !exists(&dir.join(cert_file(identity)))? {
+            missing.push(identity);
         }
     }
     let Some(&first) = missing.first() else {
@@ -397,8 +435,8 @@ pub fn ensure_cluster_certs(dir: &Path, nodes: &[u16]) -> Result<(), CertError> 
         },
     };
     let signer = ca.signer(now, &ca_cert_path, &ca_key_path)?;
-    for node in missing {
-        publish_node(dir, &signer.issue(node, now)?)?;
+    for identity in missing {
+        publish_leaf(dir, &signer.issue(identity, now)?)?;
     }
     Ok(())
 }
@@ -408,6 +446,18 @@ pub fn ensure_cluster_certs(dir: &Path, nodes: &[u16]) -> Result<(), CertError> 
 /// the new certificate under a temporary name; the next `ensure_cluster_certs` or renewal
 /// finishes it. A running node keeps its old certificate until it restarts.
 pub fn renew_node_cert(dir: &Path, node: u16) -> Result<(), CertError> {
+    if node == CLIENT_NODE {
+        return Err(CertError::NodeZeroIsForClients);
+    }
+    renew_cert(dir, &Identity::Node(node))
+}
+
+/// `renew_node_cert` for client `name`.
+pub fn renew_client_cert(dir: &Path, name: &ClientName) -> Result<(), CertError> {
+    renew_cert(dir, &Identity::Client(name.clone()))
+}
+
+fn renew_cert(dir: &Path, identity: &Identity) -> Result<(), CertError> {
     check_dir(dir)?;
     let _lock = lock_cert_dir(dir, LockMode::Exclusive)?;
     finish_interrupted(dir)?;
@@ -416,32 +466,86 @@ pub fn renew_node_cert(dir: &Path, node: u16) -> Result<(), CertError> {
     let ca_key_path = dir.join(CA_KEY_FILE);
     let ca = ClusterCa {
         cert_pem: read(&ca_cert_path)?,
-        key_pem: read_ca_key(&ca_key_path, node)?,
+        key_pem: read_ca_key(&ca_key_path, identity)?,
     };
     let cert = ca
         .signer(now, &ca_cert_path, &ca_key_path)?
-        .issue(node, now)?;
-    publish_node(dir, &cert)
+        .issue(identity, now)?;
+    publish_leaf(dir, &cert)
 }
 
-/// The CA key, needed to issue `node`.
-fn read_ca_key(path: &Path, node: u16) -> Result<String, CertError> {
+/// The CA key, needed to issue `identity`.
+fn read_ca_key(path: &Path, identity: &Identity) -> Result<String, CertError> {
     read_secret(path).map_err(|e| match e {
         CertError::Read { path, error } if error.kind() == io::ErrorKind::NotFound => {
-            CertError::CaKeyNeeded { key: path, node }
+            CertError::CaKeyNeeded {
+                key: path,
+                identity: identity.clone(),
+            }
         }
         other => other,
     })
 }
 
-impl NodeCredentials {
+impl Credentials {
     /// Loads node `node`'s credentials from a cert directory made by `ensure_cluster_certs`,
-    /// with the checks of `load_at` at the current time; logs when the CA and node certificates
-    /// expire (info) and its warnings (warn). A running node re-checks with `check_expiry`.
+    /// with the checks of `load_node_at` at the current time; logs when the CA and node
+    /// certificates expire (info) and its warnings (warn). A running node re-checks with
+    /// `check_expiry`.
+    pub fn load_node(dir: &Path, node: u16) -> Result<Self, CertError> {
+        Credentials::load_logged(dir, Identity::Node(node))
+    }
+
+    /// Loads client `name`'s credentials from a cert directory made by `ensure_client_cert`, as
+    /// `load_node` does a node's. A client re-checks with `check_client_expiry`.
+    pub fn load_client(dir: &Path, name: &ClientName) -> Result<Self, CertError> {
+        Credentials::load_logged(dir, Identity::Client(name.clone()))
+    }
+
+    /// Loads node `node`'s credentials as they stand at `now`, under a shared lock on the cert
+    /// directory. Refuses a directory that group or others may write, a key that group or
+    /// others may access or that another user owns, a key that is not the certificate's, a CA
+    /// or node certificate that is not yet or no longer valid, and a node certificate that
+    /// does not chain to the CA or does not name node `node`; returns a warning for each of the
+    /// two certificates that expires within its warning period. Node 0 is the clients'
+    /// (`NodeZeroIsForClients`).
+    pub fn load_node_at(
+        dir: &Path,
+        node: u16,
+        now: SystemTime,
+    ) -> Result<(Self, Vec<ExpiryWarning>), CertError> {
+        Credentials::load_identity_at(dir, Identity::Node(node), now)
+    }
+
+    /// `load_node_at` for client `name`: its certificate must chain to the CA and be a client
+    /// certificate (SAN `client.duplex`, client-auth usage) with common name `name`.
+    pub fn load_client_at(
+        dir: &Path,
+        name: &ClientName,
+        now: SystemTime,
+    ) -> Result<(Self, Vec<ExpiryWarning>), CertError> {
+        Credentials::load_identity_at(dir, Identity::Client(name.clone()), now)
+    }
+
+    /// `load_node` under its old name.
     pub fn load(dir: &Path, node: u16) -> Result<Self, CertError> {
-        let (credentials, warnings) = NodeCredentials::load_at(dir, node, SystemTime::now())?;
+        Credentials::load_node(dir, node)
+    }
+
+    /// `load_node_at` under its old name.
+    pub fn load_at(
+        dir: &Path,
+        node: u16,
+        now: SystemTime,
+    ) -> Result<(Self, Vec<ExpiryWarning>), CertError> {
+        Credentials::load_node_at(dir, node, now)
+    }
+
+    fn load_logged(dir: &Path, identity: Identity) -> Result<Self, CertError> {
+        let (credentials, warnings) =
+            Credentials::load_identity_at(dir, identity, SystemTime::now())?;
         let ca_path = dir.join(CA_CERT_FILE);
-        let cert_path = dir.join(node_cert_file(node));
+        let cert_path = dir.join(cert_file(&credentials.identity));
         let not_after = |path: &Path, der: &[u8]| {
             Validity::of_certificate(der)
                 .map(|validity| UtcTime(validity.not_after))
@@ -450,8 +554,9 @@ impl NodeCredentials {
                     reason,
                 })
         };
+        let identity = credentials.identity.to_string();
         tracing::info!(
-            node,
+            %identity,
             "loaded {}: it expires at {}, the CA {} at {}",
             cert_path.display(),
             not_after(&cert_path, &credentials.cert)?,
@@ -459,27 +564,24 @@ impl NodeCredentials {
             not_after(&ca_path, &credentials.ca)?,
         );
         for warning in &warnings {
-            tracing::warn!(node, "{warning}");
+            tracing::warn!(%identity, "{warning}");
         }
         Ok(credentials)
     }
 
-    /// Loads node `node`'s credentials as they stand at `now`, under a shared lock on the cert
-    /// directory. Refuses a directory that group or others may write, a key that group or
-    /// others may access or that another user owns, a key that is not the certificate's, a CA
-    /// or node certificate that is not yet or no longer valid, and a node certificate that
-    /// does not chain to the CA or does not name node `node`; returns a warning for each of the
-    /// two certificates that expires within its warning period.
-    pub fn load_at(
+    fn load_identity_at(
         dir: &Path,
-        node: u16,
+        identity: Identity,
         now: SystemTime,
     ) -> Result<(Self, Vec<ExpiryWarning>), CertError> {
+        if identity == Identity::Node(CLIENT_NODE) {
+            return Err(CertError::NodeZeroIsForClients);
+        }
         check_dir(dir)?;
         let _lock = lock_cert_dir(dir, LockMode::Shared)?;
         let ca_path = dir.join(CA_CERT_FILE);
-        let cert_path = dir.join(node_cert_file(node));
-        let key_path = dir.join(node_key_file(node));
+        let cert_path = dir.join(cert_file(&identity));
+        let key_path = dir.join(key_file(&identity));
         let ca = parse_certificate(&read(&ca_path)?, &ca_path)?;
         let cert = parse_certificate(&read(&cert_path)?, &cert_path)?;
         let key = parse_key(&read_secret(&key_path)?, &key_path)?;
@@ -491,15 +593,15 @@ impl NodeCredentials {
             ],
             now,
         )?;
-        verify_chain(&ca, &cert, node, now).map_err(|reason| CertError::NotIssuedByCa {
+        verify_chain(&ca, &cert, &identity, now).map_err(|reason| CertError::NotIssuedByCa {
             cert: cert_path,
             ca: ca_path,
-            name: node_server_name(node),
+            name: identity.certificate_name(),
             reason,
         })?;
         Ok((
-            NodeCredentials {
-                node,
+            Credentials {
+                identity,
                 ca,
                 cert,
                 key,
@@ -520,9 +622,26 @@ pub fn check_expiry(
     node: u16,
     now: SystemTime,
 ) -> Result<Vec<ExpiryWarning>, CertError> {
+    check_expiry_of(dir, &Identity::Node(node), now)
+}
+
+/// `check_expiry` for client `name`'s certificate.
+pub fn check_client_expiry(
+    dir: &Path,
+    name: &ClientName,
+    now: SystemTime,
+) -> Result<Vec<ExpiryWarning>, CertError> {
+    check_expiry_of(dir, &Identity::Client(name.clone()), now)
+}
+
+fn check_expiry_of(
+    dir: &Path,
+    identity: &Identity,
+    now: SystemTime,
+) -> Result<Vec<ExpiryWarning>, CertError> {
     let _lock = lock_cert_dir(dir, LockMode::Shared)?;
     let ca_path = dir.join(CA_CERT_FILE);
-    let cert_path = dir.join(node_cert_file(node));
+    let cert_path = dir.join(cert_file(identity));
     let ca = parse_certificate(&read(&ca_path)?, &ca_path)?;
     let cert = parse_certificate(&read(&cert_path)?, &cert_path)?;
     check_validity(
@@ -751,11 +870,12 @@ fn publish_ca(dir: &Path, ca: &ClusterCa) -> Result<(), CertError> {
     sync_cert_dir(dir)
 }
 
-/// Publishes a node's pair: both files staged and the directory synced, then the key renamed
-/// over `node-N.key` and the certificate over `node-N.pem`, each followed by a directory sync.
-fn publish_node(dir: &Path, cert: &NodeCert) -> Result<(), CertError> {
-    let key = stage(dir, &node_key_file(cert.node), &cert.key_pem, KEY_MODE)?;
-    let cert = stage(dir, &node_cert_file(cert.node), &cert.cert_pem, CERT_MODE)?;
+/// Publishes a leaf's pair: both files staged and the directory synced, then the key renamed
+/// over `node-N.key` (`client-NAME.key`) and the certificate over `node-N.pem`
+/// (`client-NAME.pem`), each followed by a directory sync.
+fn publish_leaf(dir: &Path, cert: &IssuedCert) -> Result<(), CertError> {
+    let key = stage(dir, &key_file(&cert.identity), &cert.key_pem, KEY_MODE)?;
+    let cert = stage(dir, &cert_file(&cert.identity), &cert.cert_pem, CERT_MODE)?;
     sync_cert_dir(dir)?;
     for staged in [key, cert] {
         fs::rename(&staged.temp, &staged.path).map_err(|error| CertError::Write {
@@ -805,8 +925,8 @@ fn temp_files(dir: &Path) -> Result<Vec<(PathBuf, String)>, CertError> {
 
 /// Under the exclusive lock: finishes what a crash interrupted, then removes every temporary
 /// file. A `ca.key` without `ca.pem` gets the temporary `ca.pem` that carries its public key
-/// (never a new CA); a `node-N.key` whose `node-N.pem` is missing or not its own gets the
-/// temporary `node-N.pem` that is.
+/// (never a new CA); a `node-N.key` (`client-NAME.key`) whose certificate is missing or not its
+/// own gets the temporary certificate that is.
 fn finish_interrupted(dir: &Path) -> Result<(), CertError> {
     let temps = temp_files(dir)?;
     if temps.is_empty() {
@@ -833,10 +953,10 @@ fn finish_interrupted(dir: &Path) -> Result<(), CertError> {
         }
     }
     for (temp, target) in &temps {
-        let Some(node) = node_of_cert_file(target) else {
+        let Some(identity) = identity_of_cert_file(target) else {
             continue;
         };
-        let key_path = dir.join(node_key_file(node));
+        let key_path = dir.join(key_file(&identity));
         let cert_path = dir.join(target);
         if !exists(&key_path)? {
             continue;
@@ -851,7 +971,7 @@ fn finish_interrupted(dir: &Path) -> Result<(), CertError> {
             })?;
             sync_cert_dir(dir)?;
             tracing::warn!(
-                "finished issuing node {node} the pair that a crash interrupted: {} is now {}",
+                "finished issuing {identity} the pair that a crash interrupted: {} is now {}",
                 temp.display(),
                 cert_path.display()
             );
@@ -1027,10 +1147,10 @@ mod tests {
         ensure_cluster_certs(dir.path(), &[1]).expect("create");
         let node_cert = dir.path().join("node-1.pem");
         let (_, warnings) =
-            NodeCredentials::load_at(dir.path(), 1, issued + DAY * 334).expect("31 days left");
+            Credentials::load_node_at(dir.path(), 1, issued + DAY * 334).expect("31 days left");
         assert_eq!(warnings, Vec::new());
         let (_, warnings) =
-            NodeCredentials::load_at(dir.path(), 1, issued + DAY * 336).expect("29 days left");
+            Credentials::load_node_at(dir.path(), 1, issued + DAY * 336).expect("29 days left");
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert_eq!(warnings[0].path, node_cert);
         // 29 days less the moments between `issued` and the issue, in whole days.
@@ -1039,11 +1159,11 @@ mod tests {
             "{}",
             warnings[0]
         );
-        match NodeCredentials::load_at(dir.path(), 1, issued + DAY * 366) {
+        match Credentials::load_node_at(dir.path(), 1, issued + DAY * 366) {
             Err(CertError::Expired { path, .. }) => assert_eq!(path, node_cert),
             other => panic!("a year and a day later: {other:?}"),
         }
-        match NodeCredentials::load_at(dir.path(), 1, issued - DAY) {
+        match Credentials::load_node_at(dir.path(), 1, issued - DAY) {
             Err(CertError::NotYetValid { path, .. }) => {
                 assert_eq!(path, dir.path().join("ca.pem"));
             }
@@ -1085,12 +1205,15 @@ mod tests {
         assert_eq!(read("ca.pem"), ca);
         assert_ne!(read("node-1.pem"), cert);
         assert_ne!(read("node-1.key"), key);
-        NodeCredentials::load(dir.path(), 1).expect("the renewed pair loads");
+        Credentials::load_node(dir.path(), 1).expect("the renewed pair loads");
 
         fs::remove_file(dir.path().join("ca.key")).expect("CA key kept elsewhere");
         match renew_node_cert(dir.path(), 1) {
-            Err(CertError::CaKeyNeeded { key, node }) => {
-                assert_eq!((key, node), (dir.path().join("ca.key"), 1));
+            Err(CertError::CaKeyNeeded { key, identity }) => {
+                assert_eq!(
+                    (key, identity),
+                    (dir.path().join("ca.key"), Identity::Node(1))
+                );
             }
             other => panic!("renewing without the CA key: {other:?}"),
         }

@@ -149,9 +149,15 @@ impl Inner {
                             .status(peer)
                             .map(|s| s.paths_up)
                             .unwrap_or_default();
-                        peers.entries.entry(peer).or_default().paths_up = paths_up;
+                        // An entry is never made here: a forgotten client stays forgotten.
+                        if let Some(entry) = peers.entries.get_mut(&peer) {
+                            entry.paths_up = paths_up;
+                        }
                     }
                     self.push_control(Event::Peer(event));
+                    if let PeerEvent::Down { .. } = event {
+                        self.forget_client_if_gone(peer);
+                    }
                 }
                 DetectorAction::LocalStall { stalled } => {
                     let stalled_ms = u64::try_from(stalled.as_millis()).unwrap_or(u64::MAX);

@@ -79,6 +79,93 @@ impl Inner {
             .is_some_and(|e| e.addrs.is_some())
     }
 
+    /// Whether a hello from `peer` may be answered: it is in the cluster list, or it is a
+    /// client endpoint and this endpoint accepts clients (`accept_client` then bounds them).
+    pub(super) fn admits(&self, peer: EndpointId) -> bool {
+        self.in_cluster(peer) || (peer.is_client() && self.config.accept_clients)
+    }
+
+    /// Client endpoints accepted without being listed, known now.
+    fn accepted_clients(peers: &Peers) -> usize {
+        let clients = EndpointId::new(crate::addr::CLIENT_NODE, 0)
+            ..=EndpointId::new(crate::addr::CLIENT_NODE, u16::MAX);
+        peers
+            .entries
+            .range(clients)
+            .filter(|(_, e)| e.accepted_client)
+            .count()
+    }
+
+    /// Makes `peer` a known peer if it is a client endpoint that is not in the cluster list and
+    /// this endpoint accepts clients, within `max_clients` (`TooManyClients` beyond it), and
+    /// watches it on `path`. Called under the peers and detector locks when its link registers.
+    fn accept_client(
+        &self,
+        peers: &mut Peers,
+        detector: &mut FailureDetector,
+        peer: EndpointId,
+        path: Path,
+    ) -> Result<(), LinkError> {
+        if !peer.is_client() || !self.config.accept_clients {
+            return Ok(());
+        }
+        match peers.entries.get(&peer) {
+            Some(e) if e.addrs.is_some() => return Ok(()),
+            Some(e) if e.accepted_client => {}
+            _ => {
+                admit_client(
+                    self.local(),
+                    peer,
+                    Self::accepted_clients(peers),
+                    self.config.max_clients,
+                )?;
+                peers.entries.entry(peer).or_default().accepted_client = true;
+                info!(local = %self.local(), %peer, "client accepted without being listed");
+            }
+        }
+        detector.add_peer(peer, &[path]);
+        Ok(())
+    }
+
+    /// Whether one more unlisted client could be accepted now; checked before answering its
+    /// hello, so a refusal comes before any lane is set up (`accept_client` checks again,
+    /// atomically with registering).
+    pub(super) fn refuse_client_beyond_limit(&self, peer: EndpointId) -> Result<(), LinkError> {
+        if !peer.is_client() || !self.config.accept_clients {
+            return Ok(());
+        }
+        let peers = lock(&self.peers);
+        match peers.entries.get(&peer) {
+            Some(e) if e.addrs.is_some() || e.accepted_client => Ok(()),
+            _ => Ok(admit_client(
+                self.local(),
+                peer,
+                Self::accepted_clients(&peers),
+                self.config.max_clients,
+            )?),
+        }
+    }
+
+    /// Forgets a client accepted without being listed once it is down (or was never heard) and
+    /// has no link left: its entry, the detector's watch and its stream numbers. Keeps the
+    /// entries of unlisted clients within `max_clients` however many come and go.
+    pub(super) fn forget_client_if_gone(&self, peer: EndpointId) {
+        let mut peers = lock(&self.peers);
+        // Lock order: peers, then detector; nothing takes them the other way.
+        let mut detector = lock(&self.detector);
+        let gone = peers
+            .entries
+            .get(&peer)
+            .is_some_and(|e| e.accepted_client && e.links.is_empty())
+            && !detector.status(peer).is_some_and(|s| s.up);
+        if gone {
+            peers.entries.remove(&peer);
+            peers.streams.forget_peer(peer);
+            detector.remove_peer(peer);
+            debug!(local = %self.local(), %peer, "client forgotten: down and no link");
+        }
+    }
+
     /// Closes `conn` with the close code that says why, when the error is one we detected
     /// (bad frame, version, handshake, stale incarnation, a failed lane), and logs it; an
     /// error of the connection itself only ends the link.
@@ -92,9 +179,10 @@ impl Inner {
         let code = match e {
             LinkError::Frame(_) => close_code::BAD_FRAME,
             LinkError::Refused(HelloRefusal::Version(_)) => close_code::VERSION_REFUSED,
-            LinkError::Refused(HelloRefusal::NotInCluster { .. }) | LinkError::Handshake(_) => {
-                close_code::HANDSHAKE_FAILED
-            }
+            LinkError::Refused(
+                HelloRefusal::NotInCluster { .. } | HelloRefusal::TooManyClients { .. },
+            )
+            | LinkError::Handshake(_) => close_code::HANDSHAKE_FAILED,
             LinkError::Stale { .. } => close_code::STALE_INCARNATION,
             LinkError::Write(_) | LinkError::Read(_) | LinkError::Finished => {
                 info!(local = %self.local(), ?peer, %path, "link ended: {e}");
@@ -161,7 +249,8 @@ impl Inner {
         let incarnation = link.terms.incarnation;
         let mut peers = lock(&self.peers);
         // Lock order: peers, then detector; nothing takes them the other way.
-        let detector = lock(&self.detector);
+        let mut detector = lock(&self.detector);
+        self.accept_client(&mut peers, &mut detector, peer, path)?;
         let entry = peers.entries.entry(peer).or_default();
         Self::check_not_stale(Some(entry), Self::up_with(&detector, peer), incarnation)?;
         link.current.store(true, Ordering::Release);
@@ -208,6 +297,7 @@ impl Inner {
         let stale = match self.register_link(peer, path, link) {
             Ok(stale) => stale,
             Err(e) => {
+                self.forget_client_if_gone(peer);
                 self.close_for(&conn, Some(peer), path, &e);
                 return Err(e);
             }
@@ -276,6 +366,7 @@ impl Inner {
                 entry.links.remove(&path);
             }
         }
+        self.forget_client_if_gone(peer);
         if let Err(e) = &result {
             self.close_for(&conn, Some(peer), path, e);
         }
@@ -460,8 +551,9 @@ impl Inner {
         }
     }
 
-    /// The hello's claimed endpoint must belong to the node named by the client certificate
-    /// that authenticated the connection: a node may claim any of its own CPUs, no other node.
+    /// The hello's claimed endpoint must belong to the identity of the client certificate that
+    /// authenticated the connection (`verify_claimed_node`): a node may claim any of its own
+    /// CPUs, no other node and no client endpoint; a client certificate only client endpoints.
     pub(super) fn check_claim(conn: &Connection, claimed: EndpointId) -> Result<(), LinkError> {
         let refuse = |why: String| {
             LinkError::Handshake(format!("hello claims endpoint {claimed}, refused: {why}"))
@@ -475,7 +567,7 @@ impl Inner {
         let leaf = chain
             .first()
             .ok_or_else(|| refuse("empty client certificate chain".into()))?;
-        verify_node_certificate(leaf, claimed.node).map_err(refuse)
+        verify_claimed_node(leaf, claimed.node).map_err(refuse)
     }
 
     /// The acceptor's side of a handshake: TLS, then on each lane the dialer's hello and ours.
@@ -495,9 +587,10 @@ impl Inner {
                     self.local(),
                     self.config.protocol_version,
                     &hello,
-                    self.in_cluster(hello.from),
+                    self.admits(hello.from),
                 )?;
                 Self::check_claim(&conn, hello.from)?;
+                self.refuse_client_beyond_limit(hello.from)?;
                 self.refuse_stale(&hello)?;
                 let mut control = (send, recv, decoder);
                 control.0.write_all(&self.hello_frame(path)).await?;

@@ -13,7 +13,9 @@
 //!
 //! Who dials: for each pair, the endpoint with the lower id dials (and redials with backoff,
 //! to the peer's current address), the other accepts, and only endpoints in its cluster list
-//! (`add_peer`); so there is never more than one connection per pair and path. A newer
+//! (`add_peer`), or, with `QuicConfig::accept_clients`, any client endpoint `0.k` holding a
+//! client certificate, up to `QuicConfig::max_clients` at once (`accept_client`); so there is
+//! never more than one connection per pair and path. A newer
 //! connection from the same peer and path replaces the older one (the peer restarted), unless
 //! its hello names an older incarnation than the live one (`STALE_INCARNATION`). A replaced
 //! link stops at once, even with readers waiting for the application, and never feeds the
@@ -35,9 +37,18 @@
 //! in the detector from the connection's received packets, so a slow consumer never turns into
 //! a false `Down` on either side.
 //!
-//! Trust: the acceptor binds the hello's claimed node to the client certificate (its SAN must
-//! be `node-N.duplex` of the claimed node), so a cluster certificate of node 3 cannot pose as
-//! node 2; and a response is taken only from the peer the request went to.
+//! Trust: the acceptor binds the hello's claimed node to the client certificate
+//! (`certs::verify_claimed_node`): node N ≥ 1 needs `node-N.duplex`, a client endpoint `0.k` a
+//! client certificate (`client.duplex`) naming no node; so a cluster certificate of node 3
+//! cannot pose as node 2, a client cannot pose as a CPU, nor a CPU as a client; and a response
+//! is taken only from the peer the request went to.
+//!
+//! Clients accepted without being listed (`accept_clients`): the peer entry and the detector's
+//! watch are made when the client's first link registers, so the application gets `Up` and
+//! `Down` for it and `send`, `respond` and requests reach it over the accepted connection (a
+//! client is never dialled). Such an entry is forgotten (entry, detector state, stream numbers)
+//! once the client is down and has no link left, so entries stay within `max_clients` however
+//! many clients come and go; a client that comes back is a new peer (`Up` again).
 //!
 //! The code is split by job: `links` (dialling, accepting, hellos, each link's readers),
 //! `send` (send queues, the writer task, routing), `events` (the event queue and the detector's
@@ -67,14 +78,14 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::addr::{EndpointId, Path, PeerAddrs};
 use crate::certs::{
-    CertError, NodeCredentials, QuicTiming, node_server_name, quinn_configs,
-    verify_node_certificate,
+    CertError, Credentials, Identity, QuicTiming, node_server_name, quinn_configs,
+    verify_claimed_node,
 };
 use crate::core::{
     CallWaiter, EventQueue, HelloRefusal, Limits, LinkTerms, QueueFull, Received, RequestTable,
-    ResponseOutcome, StreamNumbers, Waiter, accept_hello, choose_path, received,
+    ResponseOutcome, StreamNumbers, Waiter, accept_hello, admit_client, choose_path, received,
 };
-use crate::detector::{DetectorAction, DetectorConfig, FailureDetector, PeerStatus};
+use crate::detector::{DetectorAction, DetectorConfig, FailureDetector, PeerEvent, PeerStatus};
 use crate::transport::{Event, RequestId, Transport, TransportError};
 use crate::wire::{
     self, CONTROL_FRAME_MAX_BYTES, FRAME_HEADER_MAX_BYTES, Frame, FrameDecoder, FrameError, Hello,
@@ -117,13 +128,19 @@ const READ_CHUNK_BYTES: usize = 256 << 10;
 const HEAR_EVERY: Duration = Duration::from_millis(1);
 /// Local stalls are logged at warn at most this often (the rest at debug); each is an event.
 const STALL_WARN_EVERY_MS: u64 = 1000;
+/// Default of `QuicConfig::max_clients`: client endpoints accepted without being in the
+/// cluster list, at once. Each costs a peer entry and, while connected, a link (see
+/// `docs/transport.md`, Memory ceilings).
+pub const MAX_CLIENTS: usize = 1024;
 
 #[derive(Debug, Clone)]
 pub struct QuicConfig {
     pub local: EndpointId,
     pub main_bind: SocketAddr,
     pub failsafe_bind: Option<SocketAddr>,
-    pub credentials: NodeCredentials,
+    /// The endpoint's certificate and key: a node's for a CPU `N.k`, a client's for a client
+    /// endpoint `0.k` (`bind` refuses any other pairing).
+    pub credentials: Credentials,
     pub detector: DetectorConfig,
     pub limits: Limits,
     pub reconnect_backoff_min_ms: u64,
@@ -138,10 +155,18 @@ pub struct QuicConfig {
     /// This process's boot id, carried in every hello. It must rise across restarts of the
     /// endpoint; the default is the wall-clock time at `new` in nanoseconds.
     pub incarnation: u64,
+    /// Accept client endpoints `0.k` that are not in the cluster list (their certificate must
+    /// be a client certificate), adding each as a peer when its link comes up. Default false:
+    /// only listed endpoints are accepted.
+    pub accept_clients: bool,
+    /// Most client endpoints accepted that way at once (`MAX_CLIENTS` by default); beyond it a
+    /// new client is refused (`HANDSHAKE_FAILED`, "already serves N clients"). Clients in the
+    /// cluster list do not count.
+    pub max_clients: usize,
 }
 
 impl QuicConfig {
-    pub fn new(local: EndpointId, main_bind: SocketAddr, credentials: NodeCredentials) -> Self {
+    pub fn new(local: EndpointId, main_bind: SocketAddr, credentials: Credentials) -> Self {
         let boot = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
@@ -158,6 +183,8 @@ impl QuicConfig {
             max_incoming_handshakes: 64,
             protocol_version: PROTOCOL_VERSION,
             incarnation: boot,
+            accept_clients: false,
+            max_clients: MAX_CLIENTS,
         }
     }
 }
@@ -175,6 +202,14 @@ pub enum QuicError {
     Cert(#[from] CertError),
     #[error("quinn transport limits of {local}: {reason}")]
     Limits { local: EndpointId, reason: String },
+    #[error(
+        "endpoint {local} cannot use the credentials of {identity}: a CPU N.k needs node N's \
+         certificate, a client endpoint 0.k a client certificate"
+    )]
+    WrongIdentity {
+        local: EndpointId,
+        identity: Identity,
+    },
 }
 
 /// Why a link's session ended; logged with the peer and path.
@@ -248,6 +283,9 @@ struct PeerEntry {
     /// Paths the detector hears the peer on, copied at every change it reports.
     paths_up: Vec<Path>,
     dialing: bool,
+    /// A client endpoint accepted without being in the cluster list (`accept_clients`): it
+    /// counts against `max_clients` and is forgotten once down without a link.
+    accepted_client: bool,
 }
 
 #[derive(Debug, Default)]
@@ -365,10 +403,7 @@ fn quinn_transport(config: &QuicConfig) -> Result<quinn::TransportConfig, QuicEr
 /// predecessor gave out and resets those connections, so their dialers redial at once and meet
 /// the new incarnation instead of waiting for quinn's idle timeout (at least a second). Only
 /// holders of the node key can derive them, so nobody else can reset a connection.
-fn incarnation_stable_keys(
-    credentials: &NodeCredentials,
-    local: EndpointId,
-) -> (ring::hmac::Key, u64) {
+fn incarnation_stable_keys(credentials: &Credentials, local: EndpointId) -> (ring::hmac::Key, u64) {
     let node_key =
         ring::hmac::Key::new(ring::hmac::HMAC_SHA256, credentials.key.secret_pkcs8_der());
     let derive =
@@ -386,6 +421,12 @@ impl QuicTransport {
     /// Binds the endpoint's sockets and starts accepting, detecting and dialling.
     /// Must run inside a tokio runtime.
     pub async fn bind(config: QuicConfig) -> Result<Self, QuicError> {
+        if !config.credentials.identity.may_claim(config.local.node) {
+            return Err(QuicError::WrongIdentity {
+                local: config.local,
+                identity: config.credentials.identity.clone(),
+            });
+        }
         let timing = QuicTiming {
             idle_timeout_ms: (config.detector.detection_time_ms * 4).max(1000),
             keep_alive_interval_ms: Some(config.detector.keepalive_interval_ms.max(1)),
@@ -491,14 +532,17 @@ impl QuicTransport {
         })
     }
 
-    /// Puts `peer` in the cluster list (only listed endpoints are accepted) at `addrs`. If our
-    /// id is the lower, we dial it on each of its paths we also have; a later call with new
-    /// addresses (the peer restarted elsewhere) is used at the next redial.
+    /// Puts `peer` in the cluster list (only listed endpoints are accepted, and with
+    /// `accept_clients` client endpoints) at `addrs`. If our id is the lower, we dial it on each
+    /// of its paths we also have; a later call with new addresses (the peer restarted
+    /// elsewhere) is used at the next redial. A client endpoint dials the CPUs it uses this way.
     pub fn add_peer(&self, peer: EndpointId, addrs: PeerAddrs) {
         let start_dial = {
             let mut peers = lock(&self.inner.peers);
             let entry = peers.entries.entry(peer).or_default();
             entry.addrs = Some(addrs);
+            // Listed from now on: no longer counted against `max_clients` nor forgotten.
+            entry.accepted_client = false;
             let dial = self.inner.local() < peer && !entry.dialing;
             entry.dialing |= dial;
             dial
