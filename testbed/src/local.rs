@@ -169,6 +169,7 @@ impl LocalCluster {
     pub async fn connect(&self) -> Result<Cluster> {
         let options = ConnectOptions {
             certs: self.dir.path().join("certs"),
+            client_name: "local".into(),
             timeouts: ClientOptions::default(),
         };
         let cluster = Cluster::connect(self.config.clone(), options).await?;

@@ -486,6 +486,18 @@ async fn bad_requests_get_clear_errors_and_the_cpu_stays_up() {
         let err = t.put(b"apple", b"1").await.expect_err("cross-LSG");
         assert!(matches!(err, ClientError::CrossLsg { .. }), "{err}");
         t.abort().await?;
+        // A client without a certificate of the cluster CA gets no connection.
+        let err = Cluster::connect(
+            local.config.clone(),
+            duplex_client::ConnectOptions {
+                certs: local.dir().join("certs"),
+                client_name: "stranger".into(),
+                timeouts: duplex_host::ClientOptions::default(),
+            },
+        )
+        .await
+        .expect_err("no certificate");
+        assert!(matches!(err, ClientError::Credentials(_)), "{err}");
         // The CPU still serves.
         let status = cluster.endpoint().status(primary, Duration::from_secs(5)).await?;
         assert!(status.lsgs.iter().any(|l| l.role == "owner"));

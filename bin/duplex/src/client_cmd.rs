@@ -22,6 +22,10 @@ pub struct ClusterArgs {
     /// The cluster's certificate directory (default: `certs` beside the config file).
     #[arg(long)]
     pub certs: Option<PathBuf>,
+    /// The client certificate to use (`client-NAME.pem` in the cert directory; `duplex local
+    /// up` issues `local`, `duplex certs client` others).
+    #[arg(long, default_value = "local")]
+    pub client: String,
 }
 
 impl ClusterArgs {
@@ -44,6 +48,7 @@ pub async fn connect(args: &ClusterArgs) -> Result<Cluster> {
     let config = ClusterConfig::load(&args.config)?;
     let options = ConnectOptions {
         certs: args.certs(),
+        client_name: args.client.clone(),
         timeouts: ClientOptions::default(),
     };
     Ok(Cluster::connect(config, options).await?)

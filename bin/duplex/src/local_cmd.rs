@@ -23,7 +23,7 @@ use clap::{Args, Subcommand};
 use duplex_host::node::{Ended, end_local_cpu};
 use duplex_node::ClusterConfig;
 use duplex_transport::EndpointId;
-use duplex_transport::certs::ensure_cluster_certs;
+use duplex_transport::certs::{ClientName, ensure_client_cert, ensure_cluster_certs};
 
 use crate::client_cmd::{self, ClusterArgs};
 
@@ -89,6 +89,9 @@ pub fn run(command: LocalCommand) -> Result<()> {
     }
 }
 
+/// The client certificate `up` issues, which the other commands use by default.
+pub const LOCAL_CLIENT: &str = "local";
+
 pub fn config_path(dir: &Path) -> PathBuf {
     dir.join("cluster.toml")
 }
@@ -97,6 +100,7 @@ pub fn cluster_args(dir: &Path) -> ClusterArgs {
     ClusterArgs {
         config: config_path(dir),
         certs: None,
+        client: LOCAL_CLIENT.to_string(),
     }
 }
 
@@ -255,9 +259,10 @@ pub fn up(args: &UpArgs) -> Result<usize> {
         fs::write(&config_file, text)?;
     }
     let config = ClusterConfig::load(&config_file)?;
-    let mut cert_nodes: Vec<u16> = vec![0];
-    cert_nodes.extend(config.nodes().iter().map(|n| n.id));
+    let cert_nodes: Vec<u16> = config.nodes().iter().map(|n| n.id).collect();
     ensure_cluster_certs(&dir.join("certs"), &cert_nodes).context("the cluster's certificates")?;
+    ensure_client_cert(&dir.join("certs"), &ClientName::new(LOCAL_CLIENT)?)
+        .context("the local client's certificate")?;
     let duplexd = duplexd_path(args.duplexd.as_ref())?;
     let mut started = 0;
     for node in config.nodes() {

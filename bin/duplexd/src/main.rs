@@ -27,8 +27,8 @@ use clap::{Parser, ValueEnum};
 use duplex_host::{Cpu, Exit, Report};
 use duplex_lsg::MANIFEST_NAME;
 use duplex_node::ClusterConfig;
-use duplex_transport::certs::NodeCredentials;
-use duplex_transport::{EndpointId, Path as NetPath, PeerAddrs, QuicConfig, QuicTransport};
+use duplex_transport::certs::Credentials;
+use duplex_transport::{EndpointId, Path as NetPath, QuicConfig, QuicTransport};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tracing::info;
 
@@ -59,9 +59,6 @@ struct Args {
     #[arg(long)]
     faults_on_stdin: bool,
 }
-
-/// Client endpoints `0.0 ..` that may connect.
-const CLIENT_SLOTS: u16 = 256;
 
 fn main() {
     let args = Args::parse();
@@ -125,11 +122,13 @@ async fn run(args: Args) -> Result<Exit> {
         Some(dir) => dir.clone(),
         None => args.config.parent().unwrap_or(Path::new(".")).join("certs"),
     };
-    let credentials = NodeCredentials::load(&certs, args.node)
+    let credentials = Credentials::load_node(&certs, args.node)
         .with_context(|| format!("loading node {}'s certificates", args.node))?;
     let mut quic = QuicConfig::new(local, cpu.main, credentials);
     quic.failsafe_bind = cpu.failsafe;
     quic.detector = config.detector_config();
+    // Clients dial in with a client certificate of the cluster CA; nobody lists them.
+    quic.accept_clients = true;
     let transport = QuicTransport::bind(quic)
         .await
         .with_context(|| format!("binding CPU {local} at {}", cpu.main))?;
@@ -137,14 +136,6 @@ async fn run(args: Args) -> Result<Exit> {
         if peer != local {
             transport.add_peer(peer, addrs);
         }
-    }
-    // Clients dial us (their ids are lower); the address is never used.
-    let unused = PeerAddrs {
-        main: "127.0.0.1:9".parse()?,
-        failsafe: None,
-    };
-    for c in 0..CLIENT_SLOTS {
-        transport.add_peer(EndpointId::new(0, c), unused);
     }
     if let Some(addr) = cpu.metrics {
         metrics_exporter_prometheus::PrometheusBuilder::new()

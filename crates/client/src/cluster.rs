@@ -10,7 +10,7 @@ use duplex_host::{ClientEndpoint, ClientOptions, CpuStatus, Session};
 use duplex_lsg::LsgId;
 use duplex_node::ClusterConfig;
 use duplex_pair::ClientId;
-use duplex_transport::certs::NodeCredentials;
+use duplex_transport::certs::{ClientName, Credentials};
 use duplex_transport::{EndpointId, QuicConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -19,14 +19,13 @@ use tracing::info;
 use crate::error::ClientError;
 use crate::txn::Transaction;
 
-/// Client endpoints are `0.0 ..` up to this (the CPUs accept these).
-const CLIENT_SLOTS: u16 = 256;
-
 /// How to connect.
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
     /// The cluster's certificate directory, holding this client's certificate.
     pub certs: PathBuf,
+    /// The client certificate's name (`client-NAME.pem` in `certs`).
+    pub client_name: String,
     pub timeouts: ClientOptions,
 }
 
@@ -56,8 +55,12 @@ impl Cluster {
             .map_or(0, |d| d.as_nanos() as u64)
             ^ (u64::from(std::process::id()) << 32);
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let local = EndpointId::new(0, rng.random_range(0..CLIENT_SLOTS));
-        let credentials = NodeCredentials::load(&options.certs, 0)
+        // Client endpoints are `0.k`; a random k keeps two client processes apart (one that
+        // drew the same k would replace the other's links until it reconnects).
+        let local = EndpointId::new(0, rng.random::<u16>());
+        let name = ClientName::new(&options.client_name)
+            .map_err(|e| ClientError::Credentials(e.to_string()))?;
+        let credentials = Credentials::load_client(&options.certs, &name)
             .map_err(|e| ClientError::Credentials(e.to_string()))?;
         let quic = QuicConfig::new(
             local,
