@@ -18,27 +18,24 @@ use duplex_lsg::LsgId;
 use duplex_node::ClusterConfig;
 use duplex_transport::EndpointId;
 
-/// Where `duplex` and `duplexd` are.
+/// Where `duplex` and `duplexd` are: `DUPLEX_BIN_DIR`, or the running executable's directory
+/// (a benchmark in `target/release`) or its parent (a test in `target/debug/deps`).
 pub fn bin_dir() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("DUPLEX_BIN_DIR") {
         return Ok(PathBuf::from(dir));
     }
     let exe = std::env::current_exe()?;
-    // target/debug/deps/test-binary -> target/debug
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("the test binary's directory")?
-        .to_path_buf();
-    for name in ["duplex", "duplexd"] {
-        if !dir.join(name).exists() {
-            bail!(
-                "{} is missing: build the binaries first (`cargo build -p duplex -p duplexd`, or run `cargo test --workspace`)",
-                dir.join(name).display()
-            );
+    let here = exe.parent().context("the executable's directory")?;
+    let candidates = [Some(here), here.parent()];
+    for dir in candidates.into_iter().flatten() {
+        if ["duplex", "duplexd"].iter().all(|b| dir.join(b).exists()) {
+            return Ok(dir.to_path_buf());
         }
     }
-    Ok(dir)
+    bail!(
+        "no duplex and duplexd beside {}: build them first (`cargo build -p duplex -p duplexd`, or run `cargo test --workspace`)",
+        exe.display()
+    )
 }
 
 #[derive(Debug, Clone)]
@@ -132,6 +129,17 @@ impl LocalCluster {
                 "duplex kill failed: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
+        }
+        Ok(at)
+    }
+
+    /// SIGKILLs `cpus` directly (pid files read first, so the signals go out back to back);
+    /// returns when the first was sent. For measurements: `kill_cpu` spawns `duplex kill`.
+    pub fn kill_now(&self, cpus: &[EndpointId]) -> Result<Instant> {
+        let pids: Vec<i32> = cpus.iter().map(|c| self.pid_of(*c)).collect::<Result<_>>()?;
+        let at = Instant::now();
+        for pid in pids {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)?;
         }
         Ok(at)
     }
