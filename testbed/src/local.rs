@@ -136,10 +136,16 @@ impl LocalCluster {
     /// SIGKILLs `cpus` directly (pid files read first, so the signals go out back to back);
     /// returns when the first was sent. For measurements: `kill_cpu` spawns `duplex kill`.
     pub fn kill_now(&self, cpus: &[EndpointId]) -> Result<Instant> {
-        let pids: Vec<i32> = cpus.iter().map(|c| self.pid_of(*c)).collect::<Result<_>>()?;
+        let pids: Vec<i32> = cpus
+            .iter()
+            .map(|c| self.pid_of(*c))
+            .collect::<Result<_>>()?;
         let at = Instant::now();
         for pid in pids {
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)?;
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            )?;
         }
         Ok(at)
     }
@@ -157,6 +163,23 @@ impl LocalCluster {
             .with_context(|| format!("opening {}", fifo.display()))?;
         writeln!(f, "{line}")?;
         Ok(())
+    }
+
+    /// CPU `cpu`'s metrics page (Prometheus text format), fetched over plain HTTP/1.0.
+    pub fn metrics(&self, cpu: EndpointId) -> Result<String> {
+        use std::io::Read;
+        let addr = self
+            .config
+            .node(cpu.node)
+            .and_then(|n| n.cpus.iter().find(|c| c.id == cpu.cpu))
+            .and_then(|c| c.metrics)
+            .context("the CPU has no metrics address")?;
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text)?;
+        Ok(text)
     }
 
     /// The pid in CPU `cpu`'s pid file.

@@ -135,6 +135,23 @@ async fn a_killed_primary_cpu_is_taken_over_by_its_same_node_half_mid_bank() {
         assert!(timeline.ready_unix_ms >= timeline.recovered_unix_ms);
         wait_commits(&progress, at_kill, 50, WAIT).await?;
         finish_bank(&cluster, &stop, run).await?;
+        // The new owner's metrics say so (gauges are set every second).
+        let mut text = String::new();
+        for _ in 0..50 {
+            text = local.metrics(owner)?;
+            if text.contains("duplex_lsg_owner{lsg=\"1\"} 1") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for want in [
+            "duplex_lsg_owner{lsg=\"1\"} 1",
+            "duplex_takeovers_total{lsg=\"1\",start=\"warm\"} 1",
+            "duplex_commits_total{lsg=\"1\"}",
+            "duplex_lsg_epoch{lsg=\"1\"} 2",
+        ] {
+            assert!(text.contains(want), "metrics lack {want}:\n{text}");
+        }
         cluster.close();
         Ok(())
     })

@@ -64,7 +64,12 @@ async fn wait_normal(cluster: &Cluster) -> Result<(EndpointId, u64)> {
     Ok((owner, status.epoch.0))
 }
 
-async fn bank_point(cluster: &Cluster, accounts: usize, clients: usize, seconds: u64) -> Result<Point> {
+async fn bank_point(
+    cluster: &Cluster,
+    accounts: usize,
+    clients: usize,
+    seconds: u64,
+) -> Result<Point> {
     let run = bank::run(
         cluster,
         accounts,
@@ -93,12 +98,18 @@ enum Kill {
 /// the primary (or its node) is SIGKILLed; the time until the first commit whose receipt
 /// carries a higher owner epoch. The killed CPUs are restarted and the LSG brought back to
 /// normal before the next trial.
-async fn takeover_trial(local: &LocalCluster, cluster: &Cluster, kill: Kill, trial: usize) -> Result<f64> {
+async fn takeover_trial(
+    local: &LocalCluster,
+    cluster: &Cluster,
+    kill: Kill,
+    trial: usize,
+) -> Result<f64> {
     let (primary, epoch) = wait_normal(cluster).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let first_new = Arc::new(std::sync::Mutex::new(None::<Instant>));
     let writer = {
-        let (cluster, stop, first_new) = (cluster.clone(), Arc::clone(&stop), Arc::clone(&first_new));
+        let (cluster, stop, first_new) =
+            (cluster.clone(), Arc::clone(&stop), Arc::clone(&first_new));
         tokio::spawn(async move {
             let session = cluster.session();
             let mut n = 0u64;
@@ -217,7 +228,9 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let seconds = args.seconds.unwrap_or(if args.quick { 2 } else { 10 });
     let trials = args.trials.unwrap_or(if args.quick { 3 } else { 10 });
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let mut duplex: Vec<(bool, usize, Point)> = Vec::new();
     let mut cpu_ms = Vec::new();
     let mut node_ms = Vec::new();
@@ -256,7 +269,11 @@ fn main() -> Result<()> {
             return Err(e);
         }
     }
-    let pg = if args.no_postgres { None } else { postgres(&args, seconds)? };
+    let pg = if args.no_postgres {
+        None
+    } else {
+        postgres(&args, seconds)?
+    };
     let mut comparisons = Vec::new();
     for (paranoid, clients, p) in &duplex {
         let mode = if *paranoid { "paranoid" } else { "normal" };
@@ -290,10 +307,26 @@ fn main() -> Result<()> {
     // takes over a process pair.
     let (cpu_p50, cpu_p99) = percentiles(&mut cpu_ms);
     let (node_p50, node_p99) = percentiles(&mut node_ms);
-    eprintln!("CPU kill to first commit on the new primary: p50 {cpu_p50:.1} ms, p99 {cpu_p99:.1} ms ({trials} trials)");
-    eprintln!("node kill to first commit on the new primary: p50 {node_p50:.1} ms, p99 {node_p99:.1} ms ({trials} trials)");
-    comparisons.push(Comparison::new("takeover_cpu_kill_p99_vs_aim_20ms", cpu_p99, 20.0, "ms", Better::Lower));
-    comparisons.push(Comparison::new("takeover_node_kill_p99_vs_aim_100ms", node_p99, 100.0, "ms", Better::Lower));
+    eprintln!(
+        "CPU kill to first commit on the new primary: p50 {cpu_p50:.1} ms, p99 {cpu_p99:.1} ms ({trials} trials)"
+    );
+    eprintln!(
+        "node kill to first commit on the new primary: p50 {node_p50:.1} ms, p99 {node_p99:.1} ms ({trials} trials)"
+    );
+    comparisons.push(Comparison::new(
+        "takeover_cpu_kill_p99_vs_aim_20ms",
+        cpu_p99,
+        20.0,
+        "ms",
+        Better::Lower,
+    ));
+    comparisons.push(Comparison::new(
+        "takeover_node_kill_p99_vs_aim_100ms",
+        node_p99,
+        100.0,
+        "ms",
+        Better::Lower,
+    ));
     print_comparisons(&comparisons);
     Ok(())
 }
