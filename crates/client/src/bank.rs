@@ -23,8 +23,10 @@ use crate::cluster::{ClientSession, Cluster};
 use crate::error::ClientError;
 
 pub const START_BALANCE: i64 = 1_000;
-/// Accounts written per transaction when the bank is created.
+/// Accounts written per transaction when the bank is created ...
 const INIT_BATCH: usize = 200;
+/// ... by this many sessions at once.
+const INIT_SESSIONS: usize = 8;
 /// Rows per scan page when the bank is read.
 const READ_PAGE: u32 = 5_000;
 /// Attempts of one transfer before it is given up.
@@ -74,7 +76,8 @@ fn balance(v: &[u8]) -> Option<i64> {
     Some(i64::from_le_bytes(v.try_into().ok()?))
 }
 
-/// Creates the bank's accounts unless the first one exists.
+/// Creates the bank's accounts unless the first one exists; batches of accounts go in
+/// parallel sessions, each batch retried after an abort or a takeover.
 pub async fn init(cluster: &Cluster, accounts: usize) -> Result<bool, ClientError> {
     let session = cluster.session();
     let mut t = session.transaction();
@@ -83,13 +86,60 @@ pub async fn init(cluster: &Cluster, accounts: usize) -> Result<bool, ClientErro
     if exists {
         return Ok(false);
     }
-    for chunk in (0..accounts).collect::<Vec<_>>().chunks(INIT_BATCH) {
-        let mut t = session.transaction();
-        for a in chunk {
-            t.put(&account_key(*a), &START_BALANCE.to_le_bytes())
-                .await?;
+    let batches: Vec<Vec<usize>> = (0..accounts)
+        .collect::<Vec<_>>()
+        .chunks(INIT_BATCH)
+        .map(<[usize]>::to_vec)
+        .collect();
+    let batches = Arc::new(std::sync::Mutex::new(batches));
+    let mut tasks = Vec::new();
+    for _ in 0..INIT_SESSIONS {
+        let (cluster, batches) = (cluster.clone(), Arc::clone(&batches));
+        tasks.push(tokio::spawn(async move {
+            let session = cluster.session();
+            loop {
+                let batch = match batches.lock() {
+                    Ok(mut b) => b.pop(),
+                    Err(_) => None,
+                };
+                let Some(batch) = batch else { return Ok(()) };
+                let mut last = None;
+                for _ in 0..MAX_ATTEMPTS {
+                    let mut t = session.transaction();
+                    let written = async {
+                        for a in &batch {
+                            t.put(&account_key(*a), &START_BALANCE.to_le_bytes()).await?;
+                        }
+                        Ok::<_, ClientError>(())
+                    }
+                    .await;
+                    let result = match written {
+                        Ok(()) => t.commit().await.map(|_| ()),
+                        Err(e) => {
+                            let _ = t.abort().await;
+                            Err(e)
+                        }
+                    };
+                    match result {
+                        Ok(()) => {
+                            last = None;
+                            break;
+                        }
+                        Err(e) if retryable(&e) => last = Some(e),
+                        Err(e) => return Err(e),
+                    }
+                }
+                if let Some(e) = last {
+                    return Err(e);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        match t.await {
+            Ok(r) => r?,
+            Err(e) => return Err(ClientError::Config(format!("an init task failed: {e}"))),
         }
-        t.commit().await?;
     }
     Ok(true)
 }

@@ -182,14 +182,15 @@ async fn takeover_trial(
 fn postgres(args: &Args, seconds: u64) -> Result<Option<Vec<Value>>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let script = root.join("scripts/pg-standby");
+    // Empty, and handed to the unprivileged server user by the script.
     let dir = tempfile::Builder::new().prefix("duplex-pg-").tempdir()?;
-    // The data directories must be reachable by the unprivileged server user.
-    let pg_dir = dir.path().join("pg");
+    let pg_dir = dir.path().to_path_buf();
     let (primary_port, standby_port) = (55432u16, 55433u16);
     let started = Command::new(&script)
         .arg("start")
         .arg(&pg_dir)
         .args([primary_port.to_string(), standby_port.to_string()])
+        .stdout(std::process::Stdio::null())
         .status()
         .context("running scripts/pg-standby")?;
     if started.code() == Some(3) {
@@ -205,6 +206,7 @@ fn postgres(args: &Args, seconds: u64) -> Result<Option<Vec<Value>>> {
         let clients: Vec<String> = CLIENTS.iter().map(|c| c.to_string()).collect();
         let out = Command::new(pg_bench)
             .args(["--host", "127.0.0.1", "--port", &primary_port.to_string()])
+            .args(["--user", "bench"])
             .args(["--accounts", &args.accounts.to_string()])
             .args(["--clients", &clients.join(",")])
             .args(["--seconds", &seconds.to_string(), "--seed", "1"])
