@@ -5,8 +5,8 @@
 //! The tests run one at a time: six processes per cluster already share two cores, and a
 //! starved CPU would be declared down.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -26,11 +26,8 @@ const BANK: LsgId = LsgId(1);
 const ACCOUNTS: usize = 200;
 const WAIT: Duration = Duration::from_secs(20);
 
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
-}
+/// Held by the running test (each test has a runtime of its own; the lock is runtime-agnostic).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn cpu(node: u16, cpu: u16) -> EndpointId {
     EndpointId::new(node, cpu)
@@ -111,7 +108,7 @@ async fn with_logs<T>(local: &LocalCluster, f: impl std::future::Future<Output =
 
 #[tokio::test]
 async fn a_killed_primary_cpu_is_taken_over_by_its_same_node_half_mid_bank() {
-    let _serial = serial();
+    let _serial = ONE_AT_A_TIME.lock().await;
     let local = LocalCluster::up(LocalOptions::default()).expect("cluster up");
     with_logs(&local, async {
         let cluster = local.connect().await?;
@@ -160,7 +157,7 @@ async fn a_killed_primary_cpu_is_taken_over_by_its_same_node_half_mid_bank() {
 
 #[tokio::test]
 async fn a_killed_node_is_taken_over_by_its_backup_node_mid_bank() {
-    let _serial = serial();
+    let _serial = ONE_AT_A_TIME.lock().await;
     let local = LocalCluster::up(LocalOptions::default()).expect("cluster up");
     with_logs(&local, async {
         let cluster = local.connect().await?;
@@ -198,7 +195,7 @@ async fn a_killed_node_is_taken_over_by_its_backup_node_mid_bank() {
 
 #[tokio::test]
 async fn a_home_node_cut_off_from_its_backup_node_goes_primary_only_and_its_death_loses_nothing() {
-    let _serial = serial();
+    let _serial = ONE_AT_A_TIME.lock().await;
     let local = LocalCluster::up(LocalOptions {
         faults: true,
         ..LocalOptions::default()
@@ -264,7 +261,7 @@ async fn send_raw(
 
 #[tokio::test]
 async fn a_commit_resent_after_a_takeover_is_answered_from_the_table_not_run_again() {
-    let _serial = serial();
+    let _serial = ONE_AT_A_TIME.lock().await;
     let local = LocalCluster::up(LocalOptions::default()).expect("cluster up");
     with_logs(&local, async {
         let cluster = local.connect().await?;
@@ -362,7 +359,7 @@ fn lsg_reply(reply: CpuReply) -> Result<ClientReply> {
 
 #[tokio::test]
 async fn a_stopped_primary_is_ended_and_taken_over_and_never_answers_after_it_wakes() {
-    let _serial = serial();
+    let _serial = ONE_AT_A_TIME.lock().await;
     let local = LocalCluster::up(LocalOptions::default()).expect("cluster up");
     with_logs(&local, async {
         let cluster = local.connect().await?;
@@ -396,7 +393,7 @@ async fn a_stopped_primary_is_ended_and_taken_over_and_never_answers_after_it_wa
 
 #[tokio::test]
 async fn after_every_cpu_is_killed_the_cluster_comes_back_from_its_trails() {
-    let _serial = serial();
+    let _serial = ONE_AT_A_TIME.lock().await;
     let local = LocalCluster::up(LocalOptions::default()).expect("cluster up");
     with_logs(&local, async {
         let cluster = local.connect().await?;
@@ -431,7 +428,7 @@ async fn after_every_cpu_is_killed_the_cluster_comes_back_from_its_trails() {
 
 #[tokio::test]
 async fn bad_requests_get_clear_errors_and_the_cpu_stays_up() {
-    let _serial = serial();
+    let _serial = ONE_AT_A_TIME.lock().await;
     let local = LocalCluster::up(LocalOptions::default()).expect("cluster up");
     with_logs(&local, async {
         let cluster = local.connect().await?;
@@ -496,9 +493,19 @@ async fn bad_requests_get_clear_errors_and_the_cpu_stays_up() {
             matches!(&misrouted, CpuReply::Lsg(ClientReply::Error(OpError::Malformed { reason })) if reason.contains("outside volume bank-accounts")),
             "{misrouted:?}"
         );
-        let huge = vec![7u8; 4 << 20];
-        let err = t.put(b"bank/a/00002", &huge).await.expect_err("too large");
-        assert!(err.to_string().contains("exceeds the limit"), "{err}");
+        // Over the LSG's value limit: refused by the owner, the transaction goes on.
+        let big = vec![7u8; (1 << 20) + 1];
+        match t.put(b"bank/a/00002", &big).await {
+            Err(e) if e.to_string().contains("exceeds the limit") => {}
+            other => bail!("an oversized value: {other:?}"),
+        }
+        // Far over any limit: refused before it is decoded.
+        let huge = Bytes::from(vec![7u8; 4 << 20]);
+        let reply = transport.call(primary, huge, Duration::from_secs(10)).await?;
+        match CpuReply::decode(&reply) {
+            Ok(CpuReply::Malformed { reason }) if reason.contains("exceeds the limit") => {}
+            other => bail!("a huge request: {other:?}"),
+        }
         // A key that spans another LSG: a clear error, not a silent two-LSG commit.
         let err = t.put(b"apple", b"1").await.expect_err("cross-LSG");
         assert!(matches!(err, ClientError::CrossLsg { .. }), "{err}");
@@ -515,9 +522,10 @@ async fn bad_requests_get_clear_errors_and_the_cpu_stays_up() {
         .await
         .expect_err("no certificate");
         assert!(matches!(err, ClientError::Credentials(_)), "{err}");
-        // The CPU still serves.
+        // The CPU still serves, and was never taken over.
         let status = cluster.endpoint().status(primary, Duration::from_secs(5)).await?;
-        assert!(status.lsgs.iter().any(|l| l.role == "owner"));
+        let bank = status.lsgs.iter().find(|l| l.lsg == BANK).context("LSG 1's role")?;
+        assert_eq!((bank.role.as_str(), bank.epoch.0), ("owner", 1));
         cluster.close();
         Ok(())
     })

@@ -108,7 +108,8 @@ pub async fn init(cluster: &Cluster, accounts: usize) -> Result<bool, ClientErro
                     let mut t = session.transaction();
                     let written = async {
                         for a in &batch {
-                            t.put(&account_key(*a), &START_BALANCE.to_le_bytes()).await?;
+                            t.put(&account_key(*a), &START_BALANCE.to_le_bytes())
+                                .await?;
                         }
                         Ok::<_, ClientError>(())
                     }

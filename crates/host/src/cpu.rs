@@ -33,6 +33,8 @@ use crate::wire::{CpuReply, CpuRequest, CpuStatus};
 
 /// Events handled before the actions they caused are run, at most.
 const MAX_EVENTS_PER_TURN: usize = 64;
+/// Room for a request's envelope around its key and value.
+const REQUEST_OVERHEAD_BYTES: usize = 4096;
 /// How often the status gauges (`duplex_lsg_*`) are brought up to date.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -322,7 +324,32 @@ impl Cpu {
         }
     }
 
+    /// The largest request any of this CPU's LSGs can take: a key and a value at their limits
+    /// and the envelope around them.
+    fn max_request_bytes(&self) -> usize {
+        self.hosts
+            .values()
+            .map(|h| {
+                let limits = h.lsg_config();
+                limits.max_key_bytes + limits.max_value_bytes + REQUEST_OVERHEAD_BYTES
+            })
+            .max()
+            .unwrap_or(REQUEST_OVERHEAD_BYTES)
+    }
+
     fn on_request(&mut self, from: EndpointId, id: RequestId, payload: &[u8]) {
+        // Refused before decoding: a client sending huge requests must not hold this thread
+        // (and with it the heartbeats that keep the CPU alive in its peers' eyes).
+        let max = self.max_request_bytes();
+        if payload.len() > max {
+            metrics::counter!("duplex_malformed_requests_total").increment(1);
+            let reason = format!(
+                "a request of {} bytes exceeds the limit of {max} bytes (largest key and value)",
+                payload.len()
+            );
+            self.respond(from, id, &CpuReply::Malformed { reason });
+            return;
+        }
         let request = match CpuRequest::decode(payload) {
             Ok(r) => r,
             Err(reason) => {

@@ -525,6 +525,10 @@ impl Host {
         self.config.lsg_id
     }
 
+    pub(crate) fn lsg_config(&self) -> duplex_lsg::LsgConfig {
+        self.config.lsg_config
+    }
+
     /// How often this role wants a tick.
     pub(crate) fn tick_every(&self) -> Duration {
         match self.role {
