@@ -104,12 +104,43 @@ pub fn cluster_args(dir: &Path) -> ClusterArgs {
     }
 }
 
-fn free_udp_port() -> Result<u16> {
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+/// Free loopback ports, each different from every other handed out (the config refuses an
+/// address used twice, and UDP and TCP number their ports apart). The sockets are held until
+/// the config is written, so the kernel does not hand a port out twice meanwhile.
+#[derive(Default)]
+struct Ports {
+    held_udp: Vec<UdpSocket>,
+    held_tcp: Vec<TcpListener>,
+    used: std::collections::BTreeSet<u16>,
 }
 
-fn free_tcp_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// Attempts to find a port not handed out yet.
+const PORT_ATTEMPTS: usize = 100;
+
+impl Ports {
+    fn udp(&mut self) -> Result<u16> {
+        for _ in 0..PORT_ATTEMPTS {
+            let s = UdpSocket::bind("127.0.0.1:0")?;
+            let port = s.local_addr()?.port();
+            self.held_udp.push(s);
+            if self.used.insert(port) {
+                return Ok(port);
+            }
+        }
+        bail!("no free UDP port on 127.0.0.1")
+    }
+
+    fn tcp(&mut self) -> Result<u16> {
+        for _ in 0..PORT_ATTEMPTS {
+            let s = TcpListener::bind("127.0.0.1:0")?;
+            let port = s.local_addr()?.port();
+            self.held_tcp.push(s);
+            if self.used.insert(port) {
+                return Ok(port);
+            }
+        }
+        bail!("no free TCP port on 127.0.0.1")
+    }
 }
 
 fn toml_string(s: &str) -> String {
@@ -126,6 +157,7 @@ fn generate(dir: &Path, nodes: u16, cpus: u16, paranoid: bool) -> Result<String>
     }
     let dir = fs::canonicalize(dir)?;
     let shared = dir.join("shared");
+    let mut ports = Ports::default();
     let mut t = String::new();
     let durability = if paranoid { "paranoid" } else { "normal" };
     writeln!(
@@ -147,8 +179,8 @@ fn generate(dir: &Path, nodes: u16, cpus: u16, paranoid: bool) -> Result<String>
             writeln!(
                 t,
                 "    {{ id = {c}, main = \"127.0.0.1:{}\", metrics = \"127.0.0.1:{}\" }},",
-                free_udp_port()?,
-                free_tcp_port()?
+                ports.udp()?,
+                ports.tcp()?
             )?;
         }
         writeln!(t, "]\n")?;
