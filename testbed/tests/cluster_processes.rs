@@ -333,6 +333,24 @@ async fn a_commit_resent_after_a_takeover_is_answered_from_the_table_not_run_aga
             put_again.is_err() || !matches!(put_again, Ok(ClientReply::Written)),
             "the transaction ended: {put_again:?}"
         );
+        // Many requests in flight on one session: 16 transactions begun at once, each answered.
+        let many = cluster.endpoint().session_in(lsg, ClientId(0xBEEF));
+        let begins = (0..16).map(|_| many.request(None, Op::Begin));
+        let mut txs = std::collections::BTreeSet::new();
+        for answer in join_all(begins).await {
+            match answer?.reply {
+                ClientReply::Began(tx) => txs.insert(tx),
+                r => bail!("a begin answered {r:?}"),
+            };
+        }
+        assert_eq!(txs.len(), 16, "16 requests in flight, 16 transactions");
+        let commits = txs.iter().map(|tx| many.request(Some(*tx), Op::Commit));
+        for answer in join_all(commits).await {
+            assert!(matches!(
+                answer?.reply,
+                ClientReply::Outcome(Reply::Committed(_))
+            ));
+        }
         let session = cluster.session();
         let mut t = session.transaction();
         let now = t
@@ -347,6 +365,30 @@ async fn a_commit_resent_after_a_takeover_is_answered_from_the_table_not_run_aga
         Ok(())
     })
     .await;
+}
+
+/// Runs `futures` concurrently on this task; their outputs in order.
+async fn join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut pending: Vec<_> = futures.map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = pending.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut waiting = false;
+        for (slot, f) in out.iter_mut().zip(pending.iter_mut()) {
+            if slot.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *slot = Some(v),
+                    std::task::Poll::Pending => waiting = true,
+                }
+            }
+        }
+        if waiting {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().flatten().collect()
 }
 
 fn lsg_reply(reply: CpuReply) -> Result<ClientReply> {
