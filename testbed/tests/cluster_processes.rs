@@ -206,18 +206,33 @@ async fn a_home_node_cut_off_from_its_backup_node_goes_primary_only_and_its_deat
         bank::init(&cluster, ACCOUNTS).await?;
         let (progress, stop, run) = start_bank(&cluster, 4, 30, 13);
         wait_commits(&progress, 0, 50, WAIT).await?;
-        for home in [cpu(1, 0), cpu(1, 1)] {
-            for backup in [cpu(2, 0), cpu(2, 1)] {
-                local.fault(home, &format!("partition {backup}"))?;
-                local.fault(backup, &format!("partition {home}"))?;
+        let cut = |what: &str| -> Result<()> {
+            for home in [cpu(1, 0), cpu(1, 1)] {
+                for backup in [cpu(2, 0), cpu(2, 1)] {
+                    local.fault(home, &format!("{what} {backup}"))?;
+                    local.fault(backup, &format!("{what} {home}"))?;
+                }
             }
-        }
-        // Alive but cut off: never taken over, primary-only instead.
+            Ok(())
+        };
+        cut("partition")?;
+        // Alive but cut off: never taken over, primary-only instead ...
         let (owner, _) = wait_owner(&cluster, BANK, WAIT, |_, l| {
             l.state.as_deref() == Some("PrimaryOnly")
         })
         .await?;
         assert_eq!(owner, cpu(1, 0));
+        // ... and back to normal once the backup node is reachable and caught up.
+        cut("heal")?;
+        wait_owner(&cluster, BANK, WAIT, |c, l| {
+            c == owner && l.state.as_deref() == Some("Normal") && l.epoch.0 == 1
+        })
+        .await?;
+        cut("partition")?;
+        wait_owner(&cluster, BANK, WAIT, |c, l| {
+            c == owner && l.state.as_deref() == Some("PrimaryOnly")
+        })
+        .await?;
         let at_cut = progress.committed.load(Ordering::Relaxed);
         wait_commits(&progress, at_cut, 100, WAIT).await?;
         let flushed_before = progress.flushed.load(Ordering::Relaxed);
