@@ -129,7 +129,11 @@ async fn a_killed_primary_cpu_is_taken_over_by_its_same_node_half_mid_bank() {
         let timeline = status.takeovers.last().context("a takeover timeline")?;
         assert_eq!(timeline.start.as_deref(), Some("warm"));
         assert!(timeline.detected_unix_ms <= timeline.fenced_unix_ms);
-        assert!(timeline.ready_unix_ms >= timeline.recovered_unix_ms);
+        let (recovered, ready) = (
+            timeline.recovered_unix_ms.context("recovered")?,
+            timeline.ready_unix_ms.context("ready")?,
+        );
+        assert!(timeline.fenced_unix_ms <= recovered && recovered <= ready);
         wait_commits(&progress, at_kill, 50, WAIT).await?;
         finish_bank(&cluster, &stop, run).await?;
         // The new owner's metrics say so (gauges are set every second).
@@ -567,6 +571,41 @@ async fn bad_requests_get_clear_errors_and_the_cpu_stays_up() {
         let err = t.put(b"apple", b"1").await.expect_err("cross-LSG");
         assert!(matches!(err, ClientError::CrossLsg { .. }), "{err}");
         t.abort().await?;
+        // Prepare has no coordinator yet: refused, so no client can lock records for ever.
+        let prepare = send_raw(&cluster, primary, BANK, ClientRequest {
+            client: ClientId(6),
+            seq: RequestSeq(4),
+            seen_below: RequestSeq(1),
+            tx: Some(tx),
+            op: Op::Prepare { coordinator: BANK },
+        })
+        .await?;
+        assert!(
+            matches!(&prepare, CpuReply::Lsg(ClientReply::Error(OpError::Malformed { reason })) if reason.contains("coordinator")),
+            "{prepare:?}"
+        );
+        // A client posing as a primary (a notice) or fencing the backups (a pair message) is
+        // ignored: the backups still follow the real primary and it stays in normal state.
+        let fake = duplex_host::Notice::Primary { lsg: BANK, epoch: duplex_lsg::OwnerEpoch(1000) };
+        let fence = duplex_pair::PairMessage::Fence {
+            tag: duplex_pair::PairTag { lsg: BANK, epoch: duplex_lsg::OwnerEpoch(1000), incarnation: 1 },
+            from: duplex_lsg::Lsn(1),
+        };
+        for backup in [cpu(1, 1), cpu(2, 0)] {
+            transport.send(backup, Bytes::from(fake.encode()?))?;
+            transport.stream_send(backup, duplex_host::PAIR_STREAM, Bytes::from(fence.encode()?))?;
+        }
+        // Commits that need both backups' acknowledgements go through meanwhile.
+        for n in 0..20u32 {
+            let mut w = session.transaction();
+            w.put(format!("bank/t/probe/{n}").as_bytes(), b"p").await?;
+            w.commit().await?;
+        }
+        for backup in [cpu(1, 1), cpu(2, 0)] {
+            let status = cluster.endpoint().status(backup, Duration::from_secs(5)).await?;
+            let role = status.lsgs.iter().find(|l| l.lsg == BANK).context("LSG 1's role")?;
+            assert_eq!((role.primary, role.epoch.0), (Some(primary), 1), "{backup}: {role:?}");
+        }
         // A client without a certificate of the cluster CA gets no connection.
         let err = Cluster::connect(
             local.config.clone(),

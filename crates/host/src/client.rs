@@ -333,6 +333,22 @@ async fn pump(shared: Arc<Shared>) {
     }
 }
 
+/// Removes a request from the session's outstanding set when it ends, however it ends.
+struct Outstanding<'a> {
+    session: &'a Session,
+    seq: u64,
+}
+
+impl Drop for Outstanding<'_> {
+    fn drop(&mut self) {
+        let mut out = match self.session.outstanding.lock() {
+            Ok(out) => out,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        out.remove(&self.seq);
+    }
+}
+
 /// One client id's requests in one LSG, any number in flight (see the module docs).
 #[derive(Debug)]
 pub struct Session {
@@ -355,23 +371,23 @@ impl Session {
 
     /// Sends one request (a new sequence number) until it is answered by the primary.
     pub async fn request(&self, tx: Option<TxId>, op: Op) -> Result<Answer, ClientError> {
-        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        let seen_below = match self.outstanding.lock() {
-            Ok(mut out) => {
-                out.insert(seq);
-                out.first().copied().unwrap_or(seq)
-            }
-            Err(_) => seq.min(1),
+        // The number and the low mark are taken together: a request numbered later never
+        // tells the owner that an earlier one, not yet sent, was answered.
+        let (seq, seen_below) = {
+            let mut out = match self.outstanding.lock() {
+                Ok(out) => out,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+            out.insert(seq);
+            (seq, out.first().copied().unwrap_or(seq))
         };
+        // Unanswered until this guard drops: also when the caller stops waiting.
+        let _outstanding = Outstanding { session: self, seq };
         let span = debug_span!("session_request", lsg = %self.lsg, client = self.id.0, seq);
-        let result = self
-            .send_until_answered(seq, seen_below, tx, op)
+        self.send_until_answered(seq, seen_below, tx, op)
             .instrument(span)
-            .await;
-        if let Ok(mut out) = self.outstanding.lock() {
-            out.remove(&seq);
-        }
-        result
+            .await
     }
 
     async fn send_until_answered(

@@ -289,6 +289,12 @@ impl Cpu {
             Event::Request {
                 from, id, payload, ..
             } => self.on_request(from, id, &payload),
+            // Pair messages and notices are the CPUs' own: a client may not join the pair
+            // protocol (it would fence backups or pose as a primary).
+            Event::Stream { from, .. } | Event::Message { from, .. } if from.is_client() => {
+                metrics::counter!("duplex_malformed_requests_total").increment(1);
+                warn!(%from, "a client sent a pair message or notice: dropped");
+            }
             Event::Stream { from, payload, .. } => match PairMessage::decode(&payload) {
                 Ok(message) => {
                     if let Some(host) = self.hosts.get_mut(&message.tag().lsg) {
@@ -375,10 +381,14 @@ impl Cpu {
         lsg: LsgId,
         request: ClientRequest,
     ) {
-        metrics::counter!("duplex_client_requests_total", "lsg" => lsg.to_string()).increment(1);
         match self.hosts.get_mut(&lsg) {
-            Some(host) => host.on_client_request(from, id, request),
+            Some(host) => {
+                metrics::counter!("duplex_client_requests_total", "lsg" => lsg.to_string())
+                    .increment(1);
+                host.on_client_request(from, id, request);
+            }
             None => {
+                metrics::counter!("duplex_client_requests_total", "lsg" => "unknown").increment(1);
                 let reason = format!("CPU {} runs no role of LSG {lsg}", self.local);
                 let reply = CpuReply::Redirect {
                     lsg,

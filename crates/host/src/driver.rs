@@ -636,6 +636,15 @@ impl Host {
             seq = request.seq.0,
         );
         let _entered = span.enter();
+        if let Op::Prepare { .. } = request.op {
+            // No coordinator exists yet: a prepared transaction would hold its locks until a
+            // decision nobody can give.
+            let reason =
+                "prepare is for a two-phase commit coordinator, which is not built yet".to_string();
+            let reply = CpuReply::Lsg(ClientReply::Error(OpError::Malformed { reason }));
+            self.respond(from, id, &reply);
+            return;
+        }
         if let Some(reason) = self.outside_range(&request.op) {
             let reply = CpuReply::Lsg(ClientReply::Error(OpError::Malformed { reason }));
             self.respond(from, id, &reply);
@@ -694,7 +703,7 @@ impl Host {
 
     pub(crate) fn on_pair_message(&mut self, from: EndpointId, message: PairMessage) {
         let now = self.now();
-        if message.tag().lsg != self.config.lsg_id {
+        if message.tag().lsg != self.config.lsg_id || !self.config.cpus.contains(&from) {
             return;
         }
         match &mut self.role {
@@ -741,7 +750,11 @@ impl Host {
 
     pub(crate) fn on_notice(&mut self, from: EndpointId, notice: Notice) {
         let Notice::Primary { lsg, epoch } = notice;
-        if lsg != self.config.lsg_id || epoch < self.epoch_seen || from == self.config.local {
+        if lsg != self.config.lsg_id
+            || epoch < self.epoch_seen
+            || from == self.config.local
+            || !self.config.cpus.contains(&from)
+        {
             return;
         }
         match &mut self.role {

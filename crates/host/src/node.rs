@@ -241,9 +241,23 @@ mod tests {
         );
         fs::write(pid_file(&dir, cpu), "garbage").expect("write");
         assert!(end_local_cpu(&dir, cpu).is_err());
-        // A pid whose start time does not match is another process: not killed.
-        fs::write(pid_file(&dir, cpu), "1 12345\n").expect("write");
+        // A live pid whose start time does not match is another process: not killed.
+        let mut other = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = other.id();
+        fs::write(pid_file(&dir, cpu), format!("{pid} 12345\n")).expect("write");
         assert_eq!(end_local_cpu(&dir, cpu), Ok(Ended::NotRunning));
+        assert!(
+            other.try_wait().expect("try_wait").is_none(),
+            "the other process lives"
+        );
+        // With its real start time it is killed.
+        let start = start_time(i32::try_from(pid).expect("pid")).expect("start time");
+        fs::write(pid_file(&dir, cpu), format!("{pid} {start}\n")).expect("write");
+        assert!(matches!(end_local_cpu(&dir, cpu), Ok(Ended::Killed { .. })));
+        let _ = other.wait();
         let _ = fs::remove_dir_all(&dir);
     }
 }

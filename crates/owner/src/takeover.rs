@@ -102,10 +102,12 @@ impl Copies {
         self.waiting_for.is_empty()
     }
 
-    /// Stops waiting for `peer` (it went down); what it sent so far is dropped.
+    /// Stops waiting for `peer` (it went down): a copy it was still sending is dropped, one it
+    /// completed is kept (the records are here now, whatever became of the sender).
     pub fn give_up_on(&mut self, peer: EndpointId) {
-        self.waiting_for.remove(&peer);
-        self.chains.retain(|(from, _)| *from != peer);
+        if self.waiting_for.remove(&peer) {
+            self.chains.retain(|(from, _)| *from != peer);
+        }
     }
 
     /// One `FenceAck` part from `from`, whose stream was of `epoch`. Returns true when it
@@ -529,6 +531,8 @@ mod tests {
             "a copy nobody asked for is ignored"
         );
         copies.give_up_on(c);
+        // a went down after its copy was complete: the copy is here, it still counts.
+        copies.give_up_on(a);
         assert!(!copies.all_in(), "b's copy is still arriving");
         let complete = copies.into_complete();
         assert_eq!(complete.len(), 1, "b's partial copy cannot vouch");

@@ -307,14 +307,16 @@ impl ClusterConfig {
     }
 
     /// The CPUs that run LSG `lsg`'s roles, in order of preference (`HostConfig::cpus`): the
-    /// home node's, then the backup node's, each list rotated by the LSG's place in the file,
+    /// home node's, then the backup node's, each list rotated by the LSG's id less one,
     /// so the primaries and backup halves of several LSGs spread over a node's CPUs. The first
     /// is where the LSG is created and its primary starts.
     pub fn lsg_cpus(&self, lsg: LsgId) -> Vec<EndpointId> {
-        let Some(index) = self.lsgs.iter().position(|l| l.id == lsg) else {
+        let Some(lsg) = self.lsgs.iter().find(|l| l.id == lsg) else {
             return Vec::new();
         };
-        let lsg = &self.lsgs[index];
+        // By id, not by place in the file: CPUs reading two versions of the file, one with an
+        // LSG added in the middle, still agree on every running LSG's placement.
+        let index = usize::try_from(lsg.id.0.saturating_sub(1)).unwrap_or(0);
         [lsg.home, lsg.backup]
             .iter()
             .filter_map(|&n| self.node(n))
