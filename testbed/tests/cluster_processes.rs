@@ -493,7 +493,11 @@ async fn bad_requests_get_clear_errors_and_the_cpu_stays_up() {
     let local = LocalCluster::up(LocalOptions::default()).expect("cluster up");
     with_logs(&local, async {
         let cluster = local.connect().await?;
-        let (primary, _) = wait_owner(&cluster, BANK, WAIT, |_, _| true).await?;
+        // Both halves joined: the backups know the primary.
+        let (primary, _) = wait_owner(&cluster, BANK, WAIT, |_, l| {
+            l.state.as_deref() == Some("Normal") && l.home_counts
+        })
+        .await?;
         let transport = cluster.endpoint().transport();
         // Garbage.
         let garbage = transport
