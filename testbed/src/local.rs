@@ -105,6 +105,22 @@ impl LocalCluster {
         start(&self.bin, self.dir.path(), &self.options)
     }
 
+    /// `duplex local down`: every CPU stopped (SIGTERM, then SIGKILL after a bound).
+    pub fn stop(&self) -> Result<()> {
+        let out = self
+            .duplex()
+            .args(["local", "down", "--dir"])
+            .arg(self.dir.path())
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "duplex local down failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
     /// `duplex kill --cpu N.K`.
     pub fn kill_cpu(&self, cpu: EndpointId) -> Result<Instant> {
         self.kill(&["--cpu", &cpu.to_string()])

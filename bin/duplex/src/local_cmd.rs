@@ -20,10 +20,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use duplex_host::node::{Ended, end_local_cpu};
+use duplex_host::node::{Ended, end_local_cpu, signal_local_cpu};
 use duplex_node::ClusterConfig;
 use duplex_transport::EndpointId;
 use duplex_transport::certs::{ClientName, ensure_client_cert, ensure_cluster_certs};
+use nix::sys::signal::Signal;
 
 use crate::client_cmd::{self, ClusterArgs};
 
@@ -349,20 +350,38 @@ pub fn up(args: &UpArgs) -> Result<usize> {
     Ok(started)
 }
 
-/// Ends every CPU of the local cluster in `dir`; returns how many were running.
+/// How long `down` waits for the CPUs to flush and exit before it kills them.
+const STOP_WAIT: Duration = Duration::from_secs(5);
+
+/// Stops every CPU of the local cluster in `dir`: SIGTERM (each owner makes its trail durable
+/// and the CPU exits), then SIGKILL for any still running after `STOP_WAIT`. Returns how many
+/// were running.
 pub fn down(args: &DirArgs) -> Result<usize> {
     let config = ClusterConfig::load(&config_path(&args.dir))?;
-    let mut ended = 0;
+    let mut asked = Vec::new();
     for node in config.nodes() {
         for cpu in node.endpoints() {
-            match end_local_cpu(&node.data_dir, cpu) {
-                Ok(Ended::Killed { .. }) => ended += 1,
+            match signal_local_cpu(&node.data_dir, cpu, Signal::SIGTERM) {
+                Ok(Ended::Killed { .. }) => asked.push((node.data_dir.clone(), cpu)),
                 Ok(Ended::NotRunning) => {}
                 Err(e) => eprintln!("CPU {cpu}: {e}"),
             }
         }
     }
-    Ok(ended)
+    let deadline = std::time::Instant::now() + STOP_WAIT;
+    while asked.iter().any(|(dir, cpu)| running(dir, *cpu)) && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for (dir, cpu) in &asked {
+        if running(dir, *cpu) {
+            eprintln!("CPU {cpu} did not stop within {STOP_WAIT:?}: killed");
+            if let Err(e) = end_local_cpu(dir, *cpu) {
+                eprintln!("CPU {cpu}: {e}");
+            }
+        }
+    }
+    Ok(asked.len())
 }
 
 #[cfg(test)]

@@ -14,9 +14,10 @@
 //! Clients connect with a client certificate of the cluster CA. Reports (ready, owner, takeover,
 //! state changes) go to stdout as JSON lines with the LSG; logs go to stderr (`RUST_LOG`,
 //! `--log-format json` for structured logs). With `--faults-on-stdin`, `partition N.C` and
-//! `heal N.C` lines cut and mend this CPU's paths to another (drills and tests only). Exits 3
-//! when an owner stops (fenced, or its storage failed): the CPU halts, its LSGs are taken over
-//! by their backups.
+//! `heal N.C` lines cut and mend this CPU's paths to another (drills and tests only). SIGTERM
+//! stops the CPU after making every owner's trail durable (exit 0), so a stopped cluster keeps
+//! every commit it acknowledged; SIGKILL is a crash. Exits 3 when an owner stops (fenced, or its
+//! storage failed): the CPU halts, its LSGs are taken over by their backups.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -207,7 +208,13 @@ async fn run(args: Args) -> Result<Exit> {
         );
     }
     info!(cpu = %local, roles, "running");
-    let exit = cpu_loop.run().await?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("listening for SIGTERM")?;
+    let exit = cpu_loop
+        .run_until(async move {
+            terminate.recv().await;
+        })
+        .await?;
     // Let the last lines and replies leave before the process ends.
     tokio::time::sleep(Duration::from_millis(1)).await;
     Ok(exit)

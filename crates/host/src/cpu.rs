@@ -186,7 +186,18 @@ impl Cpu {
     }
 
     /// Runs the CPU until an owner stops or the transport closes.
-    pub async fn run(mut self) -> Result<Exit, HostError> {
+    pub async fn run(self) -> Result<Exit, HostError> {
+        self.run_until(std::future::pending()).await
+    }
+
+    /// Runs the CPU until an owner stops, the transport closes, or `stop` completes (the
+    /// operator's stop: every owner's trail is made durable first, and the CPU ends with
+    /// [`Exit::Closed`]).
+    pub async fn run_until(
+        mut self,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<Exit, HostError> {
+        tokio::pin!(stop);
         node::write_pid_file(&self.run_dir, self.local).map_err(|source| HostError::Io {
             what: format!("writing the pid file in {}", self.run_dir.display()),
             source,
@@ -204,6 +215,13 @@ impl Cpu {
                 biased;
                 Some((lsg, internal)) = self.internal_rx.recv() => self.on_internal(lsg, internal),
                 Some(node) = self.node_dead_rx.recv() => self.on_node_dead(node),
+                () = &mut stop => {
+                    info!(cpu = %self.local, "stopping: every owner's trail is made durable");
+                    for host in self.hosts.values_mut() {
+                        host.flush_for_stop();
+                    }
+                    return Ok(Exit::Closed);
+                }
                 event = transport.next_event() => match event {
                     Some(event) => self.on_event(event),
                     None => return Ok(Exit::Closed),

@@ -171,6 +171,13 @@ pub enum Ended {
 /// Ends the process running local CPU `cpu` (see the module docs), if the pid file names a live
 /// one. Never kills this process.
 pub fn end_local_cpu(run_dir: &Path, cpu: EndpointId) -> Result<Ended, String> {
+    signal_local_cpu(run_dir, cpu, Signal::SIGKILL)
+}
+
+/// Sends `signal` to the process running local CPU `cpu`, with the checks of
+/// [`end_local_cpu`] (`Ended::Killed` then means "signalled"). `duplex local down` asks with
+/// SIGTERM first, which makes the CPU flush its trails and exit.
+pub fn signal_local_cpu(run_dir: &Path, cpu: EndpointId, signal: Signal) -> Result<Ended, String> {
     let path = pid_file(run_dir, cpu);
     let text = match fs::read_to_string(&path) {
         Ok(t) => t,
@@ -193,10 +200,10 @@ pub fn end_local_cpu(run_dir: &Path, cpu: EndpointId) -> Result<Ended, String> {
     if start_time(pid) != Some(start) {
         return Ok(Ended::NotRunning);
     }
-    match kill(Pid::from_raw(pid), Signal::SIGKILL) {
+    match kill(Pid::from_raw(pid), signal) {
         Ok(()) => Ok(Ended::Killed { pid }),
         Err(nix::errno::Errno::ESRCH) => Ok(Ended::NotRunning),
-        Err(e) => Err(format!("killing CPU {cpu} (pid {pid}): {e}")),
+        Err(e) => Err(format!("sending {signal} to CPU {cpu} (pid {pid}): {e}")),
     }
 }
 

@@ -455,6 +455,26 @@ impl Host {
         }
     }
 
+    /// A stop asked for by the operator: an owner sends what its outbox holds and makes its
+    /// trail durable, so every commit it acknowledged from memory survives the whole cluster
+    /// stopping. Waits on the disk: only for the last thing the process does.
+    pub(crate) fn flush_for_stop(&mut self) {
+        let Role::Owner(o) = &mut self.role else {
+            return;
+        };
+        for (to, held) in o.outbox.take_all() {
+            send_pair(&self.transport, to, &held);
+        }
+        match o.owner.lsg().audit().flush() {
+            Ok(lsn) => {
+                info!(lsg = %self.config.lsg_id, durable = %lsn, "trail flushed for the stop")
+            }
+            Err(e) => {
+                warn!(lsg = %self.config.lsg_id, error = %e, "the trail could not be flushed for the stop")
+            }
+        }
+    }
+
     /// Why the CPU must end, once: the owner stopped or a takeover failed.
     pub(crate) fn take_exit(&mut self) -> Option<Exit> {
         self.exit.take()
