@@ -10,6 +10,12 @@
 //! saw their replies (`acknowledge_below`), or the table evicted them to stay within its limit.
 //! A resend of a forgotten request gets [`Lookup::Forgotten`], a clear error, never a second
 //! execution. Low marks ride in checkpoint records with the entries.
+//!
+//! A client that is idle and has seen every reply it was sent (no entries kept, and its low mark
+//! is its own acknowledgement, not an eviction) needs no low mark: a client never resends a
+//! request below what it acknowledged. Such clients are dropped when a checkpoint is taken
+//! ([`MessageTable::forget_idle_clients`]) and left out of checkpoint records, so the low marks
+//! of every client that ever connected do not pile up in each checkpoint.
 
 use std::collections::BTreeMap;
 
@@ -54,6 +60,8 @@ enum Slot {
 struct ClientEntries {
     /// Requests below this are forgotten.
     low: u64,
+    /// The client said it saw every reply below this (`acknowledge_below`).
+    acked: u64,
     slots: BTreeMap<u64, Slot>,
     done: usize,
 }
@@ -143,6 +151,27 @@ impl MessageTable {
 
     /// The client saw every reply below `seq`: forget them.
     pub fn acknowledge_below(&mut self, client: ClientId, seq: RequestSeq) {
+        if let Some(c) = self.clients.get_mut(&client) {
+            c.acked = c.acked.max(seq.0);
+        }
+        self.forget_below(client, seq);
+    }
+
+    /// Whether `c` needs no entry at all: nothing kept, and its low mark is its own
+    /// acknowledgement (see the module docs).
+    fn idle_and_seen(c: &ClientEntries) -> bool {
+        c.slots.is_empty() && c.acked >= c.low
+    }
+
+    /// Drops the clients that need no entry (see the module docs); returns how many.
+    pub fn forget_idle_clients(&mut self) -> usize {
+        let before = self.clients.len();
+        self.clients.retain(|_, c| !Self::idle_and_seen(c));
+        before - self.clients.len()
+    }
+
+    /// Forgets `client`'s requests below `seq`: acknowledged, or evicted to stay in the limits.
+    fn forget_below(&mut self, client: ClientId, seq: RequestSeq) {
         let Some(c) = self.clients.get_mut(&client) else {
             return;
         };
@@ -166,7 +195,7 @@ impl MessageTable {
             && c.done > per_client
         {
             let seq = self.nth_done_after_oldest(client, c.done - per_client);
-            self.acknowledge_below(client, RequestSeq(seq));
+            self.forget_below(client, RequestSeq(seq));
         }
         let mut rounds = 0usize;
         while self.done > self.limits.max_entries.max(1) && rounds < self.clients.len() + 1 {
@@ -177,7 +206,7 @@ impl MessageTable {
             };
             let excess = (self.done - self.limits.max_entries.max(1)).min(c.done);
             let seq = self.nth_done_after_oldest(busiest, excess);
-            self.acknowledge_below(busiest, RequestSeq(seq));
+            self.forget_below(busiest, RequestSeq(seq));
         }
     }
 
@@ -198,7 +227,7 @@ impl MessageTable {
         let mut entries = Vec::with_capacity(self.done);
         let mut lows = Vec::new();
         for (&client, c) in &self.clients {
-            if c.low > 0 {
+            if c.low > 0 && !Self::idle_and_seen(c) {
                 lows.push((client, RequestSeq(c.low)));
             }
             for (&seq, slot) in &c.slots {
@@ -304,6 +333,50 @@ mod tests {
     }
 
     const REPLY: Reply = Reply::Aborted(AbortReason::Requested);
+
+    #[test]
+    fn idle_clients_that_saw_every_reply_are_dropped_and_evicted_ones_are_kept() {
+        let limits = MessageTableLimits {
+            max_entries: 100,
+            max_entries_per_client: 1,
+        };
+        let mut t = MessageTable::new(limits);
+        let key = |client, seq| RequestKey {
+            client: ClientId(client),
+            seq: RequestSeq(seq),
+        };
+        let reply = Reply::Aborted(crate::ids::AbortReason::Requested);
+        // Client 1 saw its reply: idle, nothing to keep.
+        t.finish(key(1, 1), reply);
+        t.acknowledge_below(ClientId(1), RequestSeq(2));
+        // Client 2's first reply was evicted by the per-client limit, unseen: its low mark
+        // must stay, or a resend would run again.
+        t.finish(key(2, 1), reply);
+        t.finish(key(2, 2), reply);
+        t.acknowledge_below(ClientId(2), RequestSeq(1));
+        let (_, lows) = t.entries();
+        assert_eq!(
+            lows,
+            vec![(ClientId(2), RequestSeq(2))],
+            "client 1 needs no low mark"
+        );
+        assert_eq!(t.forget_idle_clients(), 1);
+        assert_eq!(
+            t.lookup(key(1, 1)),
+            Lookup::New,
+            "client 1 is forgotten whole"
+        );
+        assert_eq!(
+            t.lookup(key(2, 1)),
+            Lookup::Forgotten { low: RequestSeq(2) }
+        );
+        assert_eq!(t.lookup(key(2, 2)), Lookup::Done(reply));
+        // Once client 2 acknowledges past its eviction and its last reply, it goes too.
+        t.acknowledge_below(ClientId(2), RequestSeq(3));
+        assert_eq!(t.forget_idle_clients(), 1);
+        assert!(t.is_empty());
+        t.validate().expect("valid");
+    }
 
     #[test]
     fn a_request_is_new_then_pending_then_answered_and_never_new_again() {

@@ -66,6 +66,9 @@ impl<S: Store, C: Clone + std::fmt::Debug> LsgOwner<S, C> {
             }))
             .collect();
         let oldest_active = active.iter().map(|a| a.first_lsn).min();
+        // Clients that are idle and saw every reply need no low mark: dropped, so the
+        // checkpoint does not carry every client that ever connected.
+        self.table.forget_idle_clients();
         let (mut messages, message_lows) = self.table.entries();
         // Commits written but not yet acknowledged are answered by their records, which this
         // checkpoint follows: recovery from it must find their replies too.
