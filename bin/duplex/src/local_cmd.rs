@@ -20,9 +20,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use duplex_host::node::{Ended, end_local_cpu, signal_local_cpu};
+use duplex_host::node::{Ended, end_local_cpu, local_cpu_running, signal_local_cpu};
 use duplex_node::ClusterConfig;
-use duplex_transport::EndpointId;
 use duplex_transport::certs::{ClientName, ensure_client_cert, ensure_cluster_certs};
 use nix::sys::signal::Signal;
 
@@ -260,27 +259,6 @@ fn duplexd_path(explicit: Option<&PathBuf>) -> Result<PathBuf> {
     )
 }
 
-/// Whether CPU `cpu`'s pid file in `run_dir` names a live process.
-fn running(run_dir: &Path, cpu: EndpointId) -> bool {
-    let path = run_dir.join(format!("cpu-{}.{}.pid", cpu.node, cpu.cpu));
-    let Ok(text) = fs::read_to_string(path) else {
-        return false;
-    };
-    let Some(pid) = text
-        .split_whitespace()
-        .next()
-        .and_then(|p| p.parse::<i32>().ok())
-    else {
-        return false;
-    };
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // A zombie (state Z) is dead.
-    stat.rsplit_once(')')
-        .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
-}
-
 /// Starts the local cluster in `args.dir` (see the module docs); returns the CPUs started.
 pub fn up(args: &UpArgs) -> Result<usize> {
     let dir = &args.dir.dir;
@@ -300,7 +278,7 @@ pub fn up(args: &UpArgs) -> Result<usize> {
     let mut started = 0;
     for node in config.nodes() {
         for cpu in node.endpoints() {
-            if running(&node.data_dir, cpu) {
+            if local_cpu_running(&node.data_dir, cpu) {
                 continue;
             }
             let log = |ext: &str| -> Result<fs::File> {
@@ -369,12 +347,13 @@ pub fn down(args: &DirArgs) -> Result<usize> {
         }
     }
     let deadline = std::time::Instant::now() + STOP_WAIT;
-    while asked.iter().any(|(dir, cpu)| running(dir, *cpu)) && std::time::Instant::now() < deadline
+    while asked.iter().any(|(dir, cpu)| local_cpu_running(dir, *cpu))
+        && std::time::Instant::now() < deadline
     {
         std::thread::sleep(Duration::from_millis(20));
     }
     for (dir, cpu) in &asked {
-        if running(dir, *cpu) {
+        if local_cpu_running(dir, *cpu) {
             eprintln!("CPU {cpu} did not stop within {STOP_WAIT:?}: killed");
             if let Err(e) = end_local_cpu(dir, *cpu) {
                 eprintln!("CPU {cpu}: {e}");

@@ -132,13 +132,18 @@ fn pid_file(run_dir: &Path, cpu: EndpointId) -> PathBuf {
     run_dir.join(format!("cpu-{}.{}.pid", cpu.node, cpu.cpu))
 }
 
-/// The start time of process `pid` in clock ticks since boot, from `/proc/PID/stat`.
+/// The start time of process `pid` in clock ticks since boot, from `/proc/PID/stat`, unless it
+/// is a zombie (dead, its locks released, waiting to be reaped).
 fn start_time(pid: i32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses: fields follow the last ')'.
     let after = stat.rsplit_once(')')?.1;
+    let mut fields = after.split_whitespace();
     // Field 3 (state) is the first after the name; the start time is field 22.
-    after.split_whitespace().nth(22 - 3)?.parse().ok()
+    if fields.next()? == "Z" {
+        return None;
+    }
+    fields.nth(22 - 4)?.parse().ok()
 }
 
 /// Writes this process's pid file for `cpu` (under a temporary name, then renamed).
@@ -174,14 +179,32 @@ pub fn end_local_cpu(run_dir: &Path, cpu: EndpointId) -> Result<Ended, String> {
     signal_local_cpu(run_dir, cpu, Signal::SIGKILL)
 }
 
+/// Whether the pid file of local CPU `cpu` names a live process: the pid's start time matches
+/// (not a reused pid) and it is not a zombie.
+pub fn local_cpu_running(run_dir: &Path, cpu: EndpointId) -> bool {
+    matches!(live_pid(run_dir, cpu), Ok(Some(_)))
+}
+
 /// Sends `signal` to the process running local CPU `cpu`, with the checks of
 /// [`end_local_cpu`] (`Ended::Killed` then means "signalled"). `duplex local down` asks with
 /// SIGTERM first, which makes the CPU flush its trails and exit.
 pub fn signal_local_cpu(run_dir: &Path, cpu: EndpointId, signal: Signal) -> Result<Ended, String> {
+    let Some(pid) = live_pid(run_dir, cpu)? else {
+        return Ok(Ended::NotRunning);
+    };
+    match kill(Pid::from_raw(pid), signal) {
+        Ok(()) => Ok(Ended::Killed { pid }),
+        Err(nix::errno::Errno::ESRCH) => Ok(Ended::NotRunning),
+        Err(e) => Err(format!("sending {signal} to CPU {cpu} (pid {pid}): {e}")),
+    }
+}
+
+/// The live process named by `cpu`'s pid file, never this process (see the module docs).
+fn live_pid(run_dir: &Path, cpu: EndpointId) -> Result<Option<i32>, String> {
     let path = pid_file(run_dir, cpu);
     let text = match fs::read_to_string(&path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Ended::NotRunning),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("reading {}: {e}", path.display())),
     };
     let mut words = text.split_whitespace();
@@ -195,16 +218,9 @@ pub fn signal_local_cpu(run_dir: &Path, cpu: EndpointId, signal: Signal) -> Resu
         ));
     };
     if i64::from(pid) == i64::from(std::process::id()) || pid <= 1 {
-        return Ok(Ended::NotRunning);
+        return Ok(None);
     }
-    if start_time(pid) != Some(start) {
-        return Ok(Ended::NotRunning);
-    }
-    match kill(Pid::from_raw(pid), signal) {
-        Ok(()) => Ok(Ended::Killed { pid }),
-        Err(nix::errno::Errno::ESRCH) => Ok(Ended::NotRunning),
-        Err(e) => Err(format!("sending {signal} to CPU {cpu} (pid {pid}): {e}")),
-    }
+    Ok((start_time(pid) == Some(start)).then_some(pid))
 }
 
 #[cfg(test)]
@@ -263,7 +279,18 @@ mod tests {
         // With its real start time it is killed.
         let start = start_time(i32::try_from(pid).expect("pid")).expect("start time");
         fs::write(pid_file(&dir, cpu), format!("{pid} {start}\n")).expect("write");
+        assert!(local_cpu_running(&dir, cpu));
         assert!(matches!(end_local_cpu(&dir, cpu), Ok(Ended::Killed { .. })));
+        // Killed and not yet reaped: a zombie is not running, and is not signalled again.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while local_cpu_running(&dir, cpu) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            !local_cpu_running(&dir, cpu),
+            "a killed process is not running"
+        );
+        assert_eq!(end_local_cpu(&dir, cpu), Ok(Ended::NotRunning));
         let _ = other.wait();
         let _ = fs::remove_dir_all(&dir);
     }
