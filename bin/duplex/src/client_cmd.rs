@@ -230,10 +230,7 @@ pub fn kill(args: &ClusterArgs, node: Option<u16>, cpu: Option<&str>) -> Result<
             .with_context(|| format!("no node {n}"))?
             .endpoints()
             .collect(),
-        (None, Some(c)) => {
-            let (n, k) = c.split_once('.').context("a CPU is N.K")?;
-            vec![EndpointId::new(n.parse()?, k.parse()?)]
-        }
+        (None, Some(c)) => vec![c.parse::<EndpointId>().map_err(anyhow::Error::msg)?],
         _ => bail!("give --node N or --cpu N.K"),
     };
     for cpu in targets {

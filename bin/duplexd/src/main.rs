@@ -29,8 +29,7 @@ use duplex_host::{Cpu, Exit, Report};
 use duplex_lsg::MANIFEST_NAME;
 use duplex_node::ClusterConfig;
 use duplex_transport::certs::Credentials;
-use duplex_transport::{EndpointId, Path as NetPath, QuicConfig, QuicTransport};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use duplex_transport::{EndpointId, QuicConfig, QuicTransport};
 use tracing::info;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -103,11 +102,6 @@ fn print(value: &serde_json::Value) {
     let _ = out.flush();
 }
 
-fn parse_id(s: &str) -> Result<EndpointId> {
-    let (n, c) = s.split_once('.').context("a CPU is N.C")?;
-    Ok(EndpointId::new(n.parse()?, c.parse()?))
-}
-
 async fn run(args: Args) -> Result<Exit> {
     let config = ClusterConfig::load(&args.config)?;
     let local = EndpointId::new(args.node, args.cpu);
@@ -146,24 +140,7 @@ async fn run(args: Args) -> Result<Exit> {
         info!(%addr, "metrics in Prometheus text format");
     }
     if args.faults_on_stdin {
-        let t = transport.clone();
-        tokio::spawn(async move {
-            let mut stdin = BufReader::new(tokio::io::stdin()).lines();
-            while let Ok(Some(line)) = stdin.next_line().await {
-                let words: Vec<&str> = line.split_whitespace().collect();
-                let result = match words.as_slice() {
-                    ["partition", id] => {
-                        parse_id(id).map(|id| t.faults().partition(id, &NetPath::ALL))
-                    }
-                    ["heal", id] => parse_id(id).map(|id| t.faults().heal(id, &NetPath::ALL)),
-                    [] => Ok(()),
-                    _ => Err(anyhow::anyhow!("unknown command {line:?}")),
-                };
-                if let Err(e) = result {
-                    eprintln!("duplexd: {e:#}");
-                }
-            }
-        });
+        duplex_host::faults::obey_fault_lines_on_stdin(transport.clone());
     }
     let mut cpu_loop = Cpu::new(transport, &node.data_dir)?;
     let mut roles = 0;

@@ -20,6 +20,7 @@
 //!   that is stopped or hung before another takes its LSG over.
 //! - `create`: creating an LSG with its volumes and first rows.
 //! - `notice`: the host's own messages (who is primary).
+//! - `faults`: `partition` / `heal` lines on stdin, for drills and process tests.
 //! - `client`: a client endpoint and sessions that find the primary and resend after a takeover.
 
 pub mod client;
@@ -27,6 +28,7 @@ pub mod config;
 pub mod cpu;
 pub mod create;
 pub mod driver;
+pub mod faults;
 pub mod node;
 pub mod notice;
 pub mod storage;

@@ -36,6 +36,20 @@ impl fmt::Display for EndpointId {
     }
 }
 
+/// `NODE.CPU`, as `Display` writes it.
+impl std::str::FromStr for EndpointId {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("{s:?} is not an endpoint: expected NODE.CPU, e.g. 1.0");
+        let (node, cpu) = s.split_once('.').ok_or_else(bad)?;
+        Ok(EndpointId::new(
+            node.parse().map_err(|_| bad())?,
+            cpu.parse().map_err(|_| bad())?,
+        ))
+    }
+}
+
 /// Which of a peer's two links a frame travelled on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Path {

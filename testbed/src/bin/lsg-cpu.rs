@@ -21,8 +21,7 @@ use clap::{Parser, ValueEnum};
 use duplex_host::{Cpu, Exit, HostConfig, Report, Timing};
 use duplex_testbed::bank;
 use duplex_transport::certs::NodeCredentials;
-use duplex_transport::{DetectorConfig, EndpointId, Path, PeerAddrs, QuicConfig, QuicTransport};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use duplex_transport::{DetectorConfig, EndpointId, PeerAddrs, QuicConfig, QuicTransport};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Role {
@@ -62,14 +61,9 @@ struct Args {
     detection_time_ms: u64,
 }
 
-fn parse_id(s: &str) -> Result<EndpointId> {
-    let (n, c) = s.split_once('.').context("an endpoint is NODE.CPU")?;
-    Ok(EndpointId::new(n.parse()?, c.parse()?))
-}
-
 fn parse_peer(s: &str) -> Result<(EndpointId, SocketAddr)> {
     let (id, addr) = s.split_once('=').context("a peer is N.C=ADDR")?;
-    Ok((parse_id(id)?, addr.parse()?))
+    Ok((id.parse().map_err(anyhow::Error::msg)?, addr.parse()?))
 }
 
 fn print(value: &impl serde::Serialize) {
@@ -152,26 +146,7 @@ async fn run(args: Args) -> Result<Exit> {
         key_ranges: Vec::new(),
     };
     print(&serde_json::json!({"event": "bound", "main": transport.local_addrs()?.main}));
-    {
-        let t = transport.clone();
-        tokio::spawn(async move {
-            let mut stdin = BufReader::new(tokio::io::stdin()).lines();
-            while let Ok(Some(line)) = stdin.next_line().await {
-                let words: Vec<&str> = line.split_whitespace().collect();
-                let result = match words.as_slice() {
-                    ["partition", id] => {
-                        parse_id(id).map(|id| t.faults().partition(id, &Path::ALL))
-                    }
-                    ["heal", id] => parse_id(id).map(|id| t.faults().heal(id, &Path::ALL)),
-                    [] => Ok(()),
-                    _ => Err(anyhow::anyhow!("unknown command {line:?}")),
-                };
-                if let Err(e) = result {
-                    eprintln!("lsg-cpu: {e:#}");
-                }
-            }
-        });
-    }
+    duplex_host::faults::obey_fault_lines_on_stdin(transport.clone());
     let report: Box<dyn FnMut(Report)> = Box::new(|r: Report| print(&r));
     let mut cpu = Cpu::new(transport, &config.run_dir)?;
     match args.role {
