@@ -16,7 +16,7 @@ use duplex_client::{ClientError, Cluster};
 use duplex_host::{CpuReply, CpuRequest};
 use duplex_lsg::LsgId;
 use duplex_owner::{ClientReply, ClientRequest, Op, OpError};
-use duplex_pair::{ClientId, CommitState, Reply, RequestSeq};
+use duplex_pair::{ClientId, CommitState, Reply, RequestSeq, TxId};
 use duplex_testbed::local::{LocalCluster, LocalOptions, wait_owner};
 use duplex_transport::{EndpointId, Transport};
 use nix::sys::signal::{Signal, kill};
@@ -311,14 +311,7 @@ async fn a_commit_resent_after_a_takeover_is_answered_from_the_table_not_run_aga
             l.state.as_deref() == Some("Normal") && l.home_counts
         })
         .await?;
-        let client = ClientId(0xC0FFEE);
-        let request = |seq: u64, tx, op| ClientRequest {
-            client,
-            seq: RequestSeq(seq),
-            seen_below: RequestSeq(1),
-            tx,
-            op,
-        };
+        let request = |seq: u64, tx, op| raw(0xC0FFEE, seq, tx, op);
         let ClientReply::Began(tx) =
             lsg_reply(send_raw(&cluster, primary, lsg, request(1, None, Op::Begin)).await?)?
         else {
@@ -429,6 +422,18 @@ async fn join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> V
     out.into_iter().flatten().collect()
 }
 
+/// A client request as the library would number it: client `client`, sequence `seq`, every
+/// earlier reply seen.
+fn raw(client: u64, seq: u64, tx: Option<TxId>, op: Op) -> ClientRequest {
+    ClientRequest {
+        client: ClientId(client),
+        seq: RequestSeq(seq),
+        seen_below: RequestSeq(1),
+        tx,
+        op,
+    }
+}
+
 fn lsg_reply(reply: CpuReply) -> Result<ClientReply> {
     match reply {
         CpuReply::Lsg(ClientReply::Error(e)) => Err(anyhow::anyhow!("refused: {e}")),
@@ -524,54 +529,24 @@ async fn bad_requests_get_clear_errors_and_the_cpu_stays_up() {
             .await?;
         assert!(matches!(CpuReply::decode(&garbage), Ok(CpuReply::Malformed { .. })));
         // An LSG this CPU does not run: redirected.
-        let other = send_raw(&cluster, primary, LsgId(2), ClientRequest {
-            client: ClientId(5),
-            seq: RequestSeq(1),
-            seen_below: RequestSeq(1),
-            tx: None,
-            op: Op::Begin,
-        })
+        let other = send_raw(&cluster, primary, LsgId(2), raw(5, 1, None, Op::Begin))
         .await?;
         assert!(matches!(other, CpuReply::Redirect { .. }), "{other:?}");
         // A backup redirects to the primary it knows.
-        let backup = send_raw(&cluster, cpu(1, 1), BANK, ClientRequest {
-            client: ClientId(5),
-            seq: RequestSeq(1),
-            seen_below: RequestSeq(1),
-            tx: None,
-            op: Op::Begin,
-        })
+        let backup = send_raw(&cluster, cpu(1, 1), BANK, raw(5, 1, None, Op::Begin))
         .await?;
         assert!(matches!(backup, CpuReply::Redirect { primary: Some(p), .. } if p == primary), "{backup:?}");
         // An unknown volume and an oversized value: refused, nothing written.
         let session = cluster.session();
         let mut t = session.transaction();
         t.put(b"bank/a/00001", b"x").await?;
-        let ClientReply::Began(tx) = lsg_reply(send_raw(&cluster, primary, BANK, ClientRequest {
-            client: ClientId(6),
-            seq: RequestSeq(1),
-            seen_below: RequestSeq(1),
-            tx: None,
-            op: Op::Begin,
-        }).await?)? else {
+        let ClientReply::Began(tx) = lsg_reply(send_raw(&cluster, primary, BANK, raw(6, 1, None, Op::Begin)).await?)? else {
             bail!("begin");
         };
-        let unknown = send_raw(&cluster, primary, BANK, ClientRequest {
-            client: ClientId(6),
-            seq: RequestSeq(2),
-            seen_below: RequestSeq(1),
-            tx: Some(tx),
-            op: Op::Put { volume: "nope".into(), key: b"k".to_vec(), value: b"v".to_vec() },
-        })
+        let unknown = send_raw(&cluster, primary, BANK, raw(6, 2, Some(tx), Op::Put { volume: "nope".into(), key: b"k".to_vec(), value: b"v".to_vec() }))
         .await?;
         assert!(matches!(unknown, CpuReply::Lsg(ClientReply::Error(OpError::UnknownVolume { .. }))), "{unknown:?}");
-        let misrouted = send_raw(&cluster, primary, BANK, ClientRequest {
-            client: ClientId(6),
-            seq: RequestSeq(3),
-            seen_below: RequestSeq(1),
-            tx: Some(tx),
-            op: Op::Put { volume: "bank-accounts".into(), key: b"zebra".to_vec(), value: b"v".to_vec() },
-        })
+        let misrouted = send_raw(&cluster, primary, BANK, raw(6, 3, Some(tx), Op::Put { volume: "bank-accounts".into(), key: b"zebra".to_vec(), value: b"v".to_vec() }))
         .await?;
         assert!(
             matches!(&misrouted, CpuReply::Lsg(ClientReply::Error(OpError::Malformed { reason })) if reason.contains("outside volume bank-accounts")),
@@ -595,13 +570,7 @@ async fn bad_requests_get_clear_errors_and_the_cpu_stays_up() {
         assert!(matches!(err, ClientError::CrossLsg { .. }), "{err}");
         t.abort().await?;
         // Prepare has no coordinator yet: refused, so no client can lock records for ever.
-        let prepare = send_raw(&cluster, primary, BANK, ClientRequest {
-            client: ClientId(6),
-            seq: RequestSeq(4),
-            seen_below: RequestSeq(1),
-            tx: Some(tx),
-            op: Op::Prepare { coordinator: BANK },
-        })
+        let prepare = send_raw(&cluster, primary, BANK, raw(6, 4, Some(tx), Op::Prepare { coordinator: BANK }))
         .await?;
         assert!(
             matches!(&prepare, CpuReply::Lsg(ClientReply::Error(OpError::Malformed { reason })) if reason.contains("coordinator")),
